@@ -1,0 +1,188 @@
+"""Upcycling options: what to build from the dense MLP, and how the router will route.
+
+Names follow Megatron-core where it has one (``num_moe_experts``, ``moe_router_topk``,
+``moe_router_pre_softmax``, ``moe_router_score_function``, ``moe_expert_capacity_factor``,
+``moe_token_drop_policy``, ``moe_layer_freq``); the upcycling knobs follow the papers:
+
+- granularity G = dense FFN / expert FFN, R = E / G copies of the dense MLP
+  (He et al., "Upcycling Large Language Models into Mixture of Experts", arXiv 2410.07524);
+- weight scaling ``megatron`` (Megatron-core ``upcycling_utils``: s**(1/3) on each SwiGLU matrix)
+  or ``exact`` (the whole factor on the down projection, function-preserving for any activation);
+- Drop-Upcycling ratio r (Nakamura et al., arXiv 2502.19261);
+- expert noise (mergekit-moe's per-expert noise).
+
+``step0_report`` says whether the MoE computes the dense function at step 0 and, if not, exactly why.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Optional, Sequence, Union
+
+from ..errors import UpcycleError
+
+ROUTER_INITS = ("normal", "zeros", "virtual_group")
+SCALINGS = ("exact", "megatron", "none")
+SCORE_FUNCTIONS = ("softmax", "sigmoid")
+DROP_POLICIES = ("probs", "position")
+
+
+@dataclass(frozen=True)
+class UpcycleOptions:
+    """Everything the core needs to turn one dense MLP into E experts and a router."""
+
+    num_moe_experts: int
+    moe_router_topk: int
+    granularity: int = 1
+    scaling: str = "exact"
+    router_init: Optional[str] = None  # None: virtual_group when G > 1, else normal
+    router_std: float = 0.02
+    noise_std: float = 0.0
+    drop_ratio: float = 0.0
+    moe_layers: Union[str, Sequence[int]] = "all"  # "all", "every:N" or a list of layer indices
+    seed: int = 1234
+    # Routing semantics, recorded in the output config.
+    moe_router_score_function: str = "softmax"
+    moe_router_pre_softmax: bool = False
+    norm_topk_prob: Optional[bool] = None  # None: renormalize unless pre-softmax
+    moe_expert_capacity_factor: Optional[float] = None  # None = dropless
+    moe_token_drop_policy: str = "probs"
+    moe_pad_expert_input_to_capacity: bool = False
+    moe_aux_loss_coeff: float = 1e-2
+    extra: dict = field(default_factory=dict)
+
+    # ---- derived -------------------------------------------------------------------------------
+    @property
+    def copies(self) -> int:
+        """R = E / G: how many whole copies of the dense MLP the experts are cut from."""
+        return self.num_moe_experts // self.granularity
+
+    @property
+    def router_init_resolved(self) -> str:
+        if self.router_init is not None:
+            return self.router_init
+        return "virtual_group" if self.granularity > 1 else "normal"
+
+    @property
+    def renormalize(self) -> bool:
+        """Whether the k routing weights of a token sum to 1."""
+        if self.norm_topk_prob is not None:
+            return self.norm_topk_prob
+        if self.moe_router_score_function == "sigmoid":
+            return self.moe_router_topk > 1  # Megatron normalizes sigmoid scores when k > 1
+        return not self.moe_router_pre_softmax  # top-k then softmax sums to 1 by construction
+
+    def scale_factor(self) -> float:
+        """The weight-scaling factor s of He et al.: G with renormalized weights, R*G*G/k otherwise."""
+        if self.scaling == "none" or self.granularity == 1 and self.renormalize:
+            return 1.0
+        if self.renormalize:
+            return float(self.granularity)
+        return self.copies * self.granularity * self.granularity / self.moe_router_topk
+
+    def validate(self, ffn_hidden_size: Optional[int] = None, num_layers: Optional[int] = None) -> "UpcycleOptions":
+        """Raise UpcycleError on an impossible combination; return self for chaining."""
+        E, k, G = self.num_moe_experts, self.moe_router_topk, self.granularity
+        if E < 1:
+            raise UpcycleError(f"--num-experts {E} must be at least 1.")
+        if not 1 <= k <= E:
+            raise UpcycleError(f"--topk {k} must be between 1 and --num-experts {E}; lower --topk or raise --num-experts.")
+        if G < 1:
+            raise UpcycleError(f"--granularity {G} must be at least 1.")
+        if E % G:
+            raise UpcycleError(f"--num-experts {E} is not a multiple of --granularity {G}: each copy of the dense MLP is cut into G experts; choose E = R*G.")
+        if ffn_hidden_size is not None and ffn_hidden_size % G:
+            raise UpcycleError(f"--granularity {G} does not divide the dense FFN size {ffn_hidden_size}; choose a divisor of {ffn_hidden_size}.")
+        if self.scaling not in SCALINGS:
+            raise UpcycleError(f"--scaling {self.scaling!r} is not one of {', '.join(SCALINGS)}.")
+        if self.router_init_resolved not in ROUTER_INITS:
+            raise UpcycleError(f"--router-init {self.router_init!r} is not one of {', '.join(ROUTER_INITS)}.")
+        if self.moe_router_score_function not in SCORE_FUNCTIONS:
+            raise UpcycleError(f"score function {self.moe_router_score_function!r} is not one of {', '.join(SCORE_FUNCTIONS)}.")
+        if self.moe_token_drop_policy not in DROP_POLICIES:
+            raise UpcycleError(f"drop policy {self.moe_token_drop_policy!r} is not one of {', '.join(DROP_POLICIES)}.")
+        if not 0.0 <= self.drop_ratio <= 1.0:
+            raise UpcycleError(f"--drop-ratio {self.drop_ratio} is outside [0, 1]; it is the fraction of each expert's units re-initialized.")
+        if self.noise_std < 0 or self.router_std < 0:
+            raise UpcycleError("--noise-std and --router-std must be >= 0.")
+        cf = self.moe_expert_capacity_factor
+        if cf is not None and cf <= 0:
+            raise UpcycleError(f"--capacity-factor {cf} must be > 0 (omit it for dropless routing).")
+        if num_layers is not None:
+            resolve_moe_layers(self.moe_layers, num_layers)
+        return self
+
+    def replace(self, **changes) -> "UpcycleOptions":
+        return dataclasses.replace(self, **changes)
+
+    def to_record(self) -> dict:
+        """What goes into the output config under ``upcycling`` (JSON-safe)."""
+        rec = dataclasses.asdict(self)
+        rec.pop("extra")
+        rec["router_init"] = self.router_init_resolved
+        rec["norm_topk_prob"] = self.renormalize
+        rec["scale_factor"] = self.scale_factor()
+        rec["moe_layers"] = self.moe_layers if isinstance(self.moe_layers, str) else list(self.moe_layers)
+        exact, reason = step0_report(self)
+        rec["step0_equivalent"] = exact
+        rec["step0_note"] = reason
+        rec.update(self.extra)
+        return rec
+
+
+def resolve_moe_layers(spec: Union[str, Sequence[int]], num_layers: int) -> list[int]:
+    """``all`` | ``every:N`` (Megatron ``moe_layer_freq=N``: layers i with i % N == 0) | list -> sorted indices."""
+    if isinstance(spec, str):
+        s = spec.strip()
+        if s == "all":
+            return list(range(num_layers))
+        if s.startswith("every:"):
+            try:
+                n = int(s.split(":", 1)[1])
+            except ValueError:
+                n = 0
+            if n < 1:
+                raise UpcycleError(f"--moe-layers {spec!r}: N in every:N must be a positive integer.")
+            return [i for i in range(num_layers) if i % n == 0]
+        try:
+            spec = [int(p) for p in s.split(",") if p.strip()]
+        except ValueError:
+            raise UpcycleError(f"--moe-layers {spec!r} is not 'all', 'every:N' or a comma list of layer indices.") from None
+    layers = sorted(set(int(i) for i in spec))
+    bad = [i for i in layers if not 0 <= i < num_layers]
+    if bad or not layers:
+        raise UpcycleError(f"--moe-layers {list(spec)} names no layer or layers outside 0..{num_layers - 1}; pick indices below {num_layers}.")
+    return layers
+
+
+def step0_report(opts: UpcycleOptions) -> tuple[bool, str]:
+    """(True, why) if the upcycled MoE computes the dense function at step 0, else (False, exactly why).
+
+    The argument: with renormalized routing weights w (sum 1) and experts e = shard j of copy i,
+    MoE(x) = sum_sel w_e * s * shard_j(x). For G = 1 every shard is the whole MLP, so MoE(x) = s * dense(x).
+    For G > 1 a virtual-group router gives the G shards of one copy the same logit; when k is a multiple
+    of G the top-k holds whole copies, each shard weighted w_i / G, and sum_j shard_j(x) = dense(x)
+    (SwiGLU acts per intermediate unit), so MoE(x) = s / G * dense(x): exact when the factor s = G sits on
+    the linear down projection.
+    """
+    E, k, G = opts.num_moe_experts, opts.moe_router_topk, opts.granularity
+    if opts.noise_std > 0:
+        return False, f"expert noise (std {opts.noise_std}) perturbs every expert away from the dense MLP."
+    if opts.drop_ratio > 0:
+        return False, f"Drop-Upcycling re-initializes {opts.drop_ratio:.0%} of each expert's units."
+    if not opts.renormalize:
+        return False, ("routing weights are not renormalized (softmax then top-k / sigmoid): the output is scaled by "
+                       f"the sum of the k kept scores (< 1), times the scaling factor {opts.scale_factor():g}.")
+    if G == 1:
+        return True, "every expert is the dense MLP and the k routing weights sum to 1."
+    if opts.router_init_resolved != "virtual_group":
+        return False, f"G={G} experts need a virtual-group router (the G shards of a copy must share a row); got {opts.router_init_resolved}."
+    if k % G:
+        return False, f"top-{k} is not a multiple of G={G}: a token sees only {k % G or k} of the G shards of a copy."
+    if opts.scaling != "exact":
+        if opts.scaling == "none":
+            return False, f"no weight scaling: the output is 1/G = 1/{G} of the dense MLP."
+        return False, (f"megatron scaling puts s^(1/3) = {G ** (1 / 3):.4f} on gate, up and down; SiLU is not "
+                       "homogeneous, so the output only approximates the dense MLP (use --scaling exact).")
+    return True, f"virtual-group router, top-{k} holds whole copies, and the factor {G} sits on the down projection."
