@@ -1,0 +1,119 @@
+"""``nemo-upcycle``: convert a dense Llama into an HF Mixtral MoE, and verify step-0 equivalence.
+
+  nemo-upcycle convert SRC OUT --num-experts E --topk K [--granularity G] [--router-init ...]
+                       [--scaling exact|megatron] [--pre-softmax] [--drop-ratio R] [--noise-std S]
+                       [--moe-layers all|every:N|i,j,..] [--seed N] [--dtype auto|float32|bfloat16|float16]
+  nemo-upcycle verify DENSE MOE [--text FILE] [--atol A] [--min-top1 F]
+
+Exit codes: 0 success, 1 verification failed, 2 bad input (one line on stderr naming the fix).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from .errors import UpcycleError
+
+
+def _add_convert(sub) -> None:
+    p = sub.add_parser("convert", help="upcycle a dense Llama (HF directory or .gguf) into an HF Mixtral directory")
+    p.add_argument("src", help="dense HF Llama directory or .gguf file")
+    p.add_argument("out", help="output directory (must not exist unless --overwrite)")
+    p.add_argument("--num-experts", "-E", type=int, required=True, help="E, number of experts")
+    p.add_argument("--topk", "-k", type=int, required=True, help="experts per token")
+    p.add_argument("--granularity", "-G", type=int, default=1, help="dense FFN / expert FFN (default 1: whole copies)")
+    p.add_argument("--router-init", choices=["normal", "zeros", "virtual_group"], default=None,
+                   help="default: virtual_group when G > 1, else normal")
+    p.add_argument("--router-std", type=float, default=0.02)
+    p.add_argument("--scaling", choices=["exact", "megatron", "none"], default="exact",
+                   help="granular weight scaling: exact (factor on down_proj) or megatron (s^(1/3) on each matrix)")
+    p.add_argument("--pre-softmax", action="store_true", help="softmax then top-k (Megatron moe_router_pre_softmax)")
+    p.add_argument("--norm-topk-prob", action=argparse.BooleanOptionalAction, default=None,
+                   help="renormalize the top-k weights (default: yes unless --pre-softmax)")
+    p.add_argument("--score-function", choices=["softmax", "sigmoid"], default="softmax")
+    p.add_argument("--capacity-factor", type=float, default=None, help="recorded for training; default dropless")
+    p.add_argument("--drop-policy", choices=["probs", "position"], default="probs")
+    p.add_argument("--drop-ratio", type=float, default=0.0, help="Drop-Upcycling: fraction of units re-initialized")
+    p.add_argument("--noise-std", type=float, default=0.0, help="Gaussian noise added to every expert weight")
+    p.add_argument("--moe-layers", default="all", help="all | every:N | comma list of layer indices")
+    p.add_argument("--aux-loss-coeff", type=float, default=1e-2)
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--dtype", default="auto", help="auto (the source's) | float32 | bfloat16 | float16")
+    p.add_argument("--shard-size-mb", type=int, default=2048)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _add_verify(sub) -> None:
+    p = sub.add_parser("verify", help="check that the MoE computes the dense model's logits at step 0")
+    p.add_argument("dense", help="dense HF Llama directory or .gguf file")
+    p.add_argument("moe", help="upcycled HF Mixtral directory")
+    p.add_argument("--text", type=Path, default=None, help="a text file to run (default: a built-in paragraph)")
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--atol", type=float, default=1e-3, help="largest accepted |logit difference| (fp32)")
+    p.add_argument("--min-top1", type=float, default=1.0, help="smallest accepted top-1 agreement")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nemo-upcycle", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_convert(sub)
+    _add_verify(sub)
+    return parser
+
+
+def run_convert(a: argparse.Namespace) -> int:
+    from .convert import convert
+    from .core.options import UpcycleOptions
+
+    opts = UpcycleOptions(
+        num_moe_experts=a.num_experts, moe_router_topk=a.topk, granularity=a.granularity, scaling=a.scaling,
+        router_init=a.router_init, router_std=a.router_std, noise_std=a.noise_std, drop_ratio=a.drop_ratio,
+        moe_layers=a.moe_layers, seed=a.seed, moe_router_score_function=a.score_function,
+        moe_router_pre_softmax=a.pre_softmax, norm_topk_prob=a.norm_topk_prob,
+        moe_expert_capacity_factor=a.capacity_factor, moe_token_drop_policy=a.drop_policy,
+        moe_aux_loss_coeff=a.aux_loss_coeff,
+    ).validate()
+    res = convert(a.src, a.out, opts, dtype=a.dtype, overwrite=a.overwrite,
+                  max_shard_bytes=a.shard_size_mb << 20, progress=not a.no_progress)
+    rec = res.config["upcycling"]
+    print(f"wrote {res.out_dir}: {res.num_tensors} tensors, {res.bytes_written / 2**20:.1f} MiB, "
+          f"E={opts.num_moe_experts} top-{opts.moe_router_topk} G={opts.granularity}")
+    print(f"step-0 equivalent: {'yes' if rec['step0_equivalent'] else 'no'} ({rec['step0_note']})")
+    return 0
+
+
+def run_verify(a: argparse.Namespace) -> int:
+    from .verify import verify
+
+    text = None
+    if a.text is not None:
+        try:
+            text = a.text.read_text()
+        except OSError as e:
+            raise UpcycleError(f"cannot read --text {a.text}: {e.strerror}; pass a readable text file.") from None
+    r = verify(a.dense, a.moe, text, a.max_tokens)
+    ok = r.passed(a.atol, a.min_top1)
+    print(f"tokens            {r.tokens}")
+    print(f"max |dlogit|      {r.max_abs:.3e}   (tolerance {a.atol:g})")
+    print(f"mean |dlogit|     {r.mean_abs:.3e}")
+    print(f"top-1 agreement   {r.top1:.4f}   (minimum {a.min_top1:g})")
+    print(f"upcycling record  {r.note}")
+    print("PASS: the MoE computes the dense function at step 0" if ok else "FAIL: the MoE differs from the dense model")
+    return 0 if ok else 1
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return {"convert": run_convert, "verify": run_verify}[args.command](args)
+    except UpcycleError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

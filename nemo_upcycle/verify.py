@@ -1,0 +1,130 @@
+"""Step-0 verification: does the upcycled MoE compute the dense model's function?
+
+Both models are loaded by transformers (dense: ``LlamaForCausalLM`` from an HF directory or a GGUF file;
+MoE: ``MixtralForCausalLM``), in fp32 on the CPU, and run on the same tokens. Reported: max and mean
+absolute logit difference and top-1 agreement. HF Mixtral always renormalizes its top-k weights; when the
+checkpoint's ``upcycling`` record says the routing is different (softmax then top-k without
+renormalization, or sigmoid), each sparse block is given that routing (``core.routing``) so the check
+measures the model that training will actually see.
+"""
+
+from __future__ import annotations
+
+import types
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .core.routing import route
+from .errors import UpcycleError
+
+DEFAULT_TEXT = (
+    "The upcycled mixture of experts starts from the dense model: every expert is a copy of its feed-forward "
+    "block, and the router decides which of them each token visits. At the first step the two models should "
+    "agree on every logit, up to rounding. 1 2 3 4 5, and so on: numbers, punctuation; and names like Llama."
+)
+
+
+@dataclass
+class VerifyResult:
+    max_abs: float
+    mean_abs: float
+    top1: float
+    tokens: int
+    note: str
+
+    def passed(self, atol: float, min_top1: float) -> bool:
+        return self.max_abs <= atol and self.top1 >= min_top1
+
+
+def load_dense(path: str | Path):
+    from transformers import LlamaForCausalLM
+
+    p = Path(path)
+    if not p.exists():
+        raise UpcycleError(f"{p} does not exist; pass the dense HF Llama directory or .gguf file.")
+    if p.is_file() and p.suffix.lower() == ".gguf":
+        return LlamaForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=torch.float32)
+    if not (p / "config.json").is_file():
+        raise UpcycleError(f"{p} has no config.json; pass the dense HF Llama directory or .gguf file.")
+    return LlamaForCausalLM.from_pretrained(str(p), dtype=torch.float32)
+
+
+def load_moe(path: str | Path):
+    from transformers import MixtralForCausalLM
+
+    p = Path(path)
+    if not (p / "config.json").is_file():
+        raise UpcycleError(f"{p} has no config.json; pass the upcycled HF Mixtral directory written by convert.")
+    model = MixtralForCausalLM.from_pretrained(str(p), dtype=torch.float32)
+    apply_recorded_routing(model)
+    return model
+
+
+def apply_recorded_routing(model) -> bool:
+    """Give every sparse block the routing recorded under ``config.upcycling``; True if it differs from HF's."""
+    rec = getattr(model.config, "upcycling", None) or {}
+    score = rec.get("moe_router_score_function", "softmax")
+    pre = bool(rec.get("moe_router_pre_softmax", False))
+    renorm = rec.get("norm_topk_prob", True)
+    if score == "softmax" and (renorm or not pre):
+        return False  # HF Mixtral's own routing (softmax, top-k, renormalize) is the recorded one
+    for module in model.modules():
+        if module.__class__.__name__ == "MixtralSparseMoeBlock":
+            module.forward = types.MethodType(_routed_forward(score, pre, renorm), module)
+    return True
+
+
+def _routed_forward(score: str, pre: bool, renorm: bool):
+    def forward(self, hidden_states: torch.Tensor):
+        B, T, D = hidden_states.shape
+        x = hidden_states.view(-1, D)  # (B*T, D)
+        logits = self.gate(x)  # (B*T, E)
+        probs, indices = route(logits, self.top_k, score, pre, renorm)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            tok, slot = torch.nonzero(indices == e, as_tuple=True)
+            if tok.numel():
+                out.index_add_(0, tok, expert(x[tok]) * probs[tok, slot, None].to(x.dtype))
+        return out.view(B, T, D), logits
+    return forward
+
+
+def tokenize(moe_dir: Path, dense_path: Path, text: str, max_tokens: int = 256) -> torch.Tensor:
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(moe_dir))
+    except Exception:
+        if dense_path.suffix.lower() == ".gguf":
+            tok = AutoTokenizer.from_pretrained(str(dense_path.parent), gguf_file=dense_path.name)
+        else:
+            tok = AutoTokenizer.from_pretrained(str(dense_path))
+    ids = tok(text, return_tensors="pt").input_ids[:, :max_tokens]
+    if ids.numel() == 0:
+        raise UpcycleError("the verification text tokenizes to nothing; pass a --text file with some words in it.")
+    return ids
+
+
+@torch.no_grad()
+def compare(dense, moe, input_ids: torch.Tensor) -> tuple[float, float, float]:
+    a = dense(input_ids).logits.float()
+    b = moe(input_ids).logits.float()
+    if a.shape != b.shape:
+        raise UpcycleError(f"dense logits {list(a.shape)} and MoE logits {list(b.shape)} differ in shape; "
+                           "are these the dense model and its upcycled MoE?")
+    d = (a - b).abs()
+    top1 = (a.argmax(-1) == b.argmax(-1)).float().mean().item()
+    return d.max().item(), d.mean().item(), top1
+
+
+def verify(dense_path, moe_path, text: Optional[str] = None, max_tokens: int = 256) -> VerifyResult:
+    dense_path, moe_path = Path(dense_path).expanduser(), Path(moe_path).expanduser()
+    moe = load_moe(moe_path)
+    dense = load_dense(dense_path)
+    ids = tokenize(moe_path, dense_path, text or DEFAULT_TEXT, max_tokens)
+    mx, mean, top1 = compare(dense, moe, ids)
+    note = (getattr(moe.config, "upcycling", None) or {}).get("step0_note", "no upcycling record in config.json")
+    return VerifyResult(mx, mean, top1, ids.numel(), note)

@@ -1,0 +1,45 @@
+"""Helpers for tests: tiny random dense Llama checkpoints at odd sizes, written by transformers itself."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+# Odd sizes on purpose (transformers' own tests do the same): hidden 36, 6 heads of 6, GQA 6:2,
+# FFN 44 (divisible by 1, 2, 4), vocab 99, 3 layers.
+TINY = dict(hidden_size=36, intermediate_size=44, num_hidden_layers=3, num_attention_heads=6,
+            num_key_value_heads=2, vocab_size=99, max_position_embeddings=64, rms_norm_eps=1e-5,
+            rope_theta=500000.0)
+
+
+def make_llama(path: Path, seed: int = 0, tied: bool = False, **overrides) -> Path:
+    """Save a random LlamaForCausalLM (fp32 safetensors) with weights large enough to make routing matter."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(**{**TINY, "tie_word_embeddings": tied, **overrides})
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # the default init (std 0.02) makes every layer near-identity; widen it
+        for name, p in model.named_parameters():
+            if p.ndim == 2:
+                p.normal_(0.0, 0.2)
+    model.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def load_llama(path: Path):
+    from transformers import LlamaForCausalLM
+
+    return LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def load_mixtral(path: Path):
+    from transformers import MixtralForCausalLM
+
+    return MixtralForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+@torch.no_grad()
+def max_logit_diff(a, b, ids: torch.Tensor) -> float:
+    return (a(ids).logits - b(ids).logits).abs().max().item()
