@@ -12,10 +12,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
 from .errors import UpcycleError
+
+# torch.cuda imports the deprecated pynvml on every start; its FutureWarning would break the one-line errors.
+warnings.filterwarnings("ignore", message="The pynvml package is deprecated", category=FutureWarning)
 
 
 def _add_convert(sub) -> None:

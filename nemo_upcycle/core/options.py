@@ -74,10 +74,15 @@ class UpcycleOptions:
         return not self.moe_router_pre_softmax  # top-k then softmax sums to 1 by construction
 
     def scale_factor(self) -> float:
-        """The weight-scaling factor s of He et al.: G with renormalized weights, R*G*G/k otherwise."""
-        if self.scaling == "none" or self.granularity == 1 and self.renormalize:
+        """The weight-scaling factor s of He et al.: G with renormalized weights, R*G*G/k otherwise.
+
+        ``megatron`` mode takes the choice from ``moe_router_pre_softmax`` alone, as Megatron-core does;
+        ``exact`` mode from whether the k weights really sum to 1 (``renormalize``).
+        """
+        if self.scaling == "none":
             return 1.0
-        if self.renormalize:
+        plain = not self.moe_router_pre_softmax if self.scaling == "megatron" else self.renormalize
+        if plain:
             return float(self.granularity)
         return self.copies * self.granularity * self.granularity / self.moe_router_topk
 

@@ -1,0 +1,1 @@
+"""Hugging Face I/O: dense Llama readers (HF directory, GGUF) and the Mixtral writer."""
