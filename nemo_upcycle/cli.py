@@ -101,7 +101,7 @@ def run_verify(a: argparse.Namespace) -> int:
             raise UpcycleError(f"cannot read --text {a.text}: {e.strerror}; pass a readable text file.") from None
     r = verify(a.dense, a.moe, text, a.max_tokens)
     ok = r.passed(a.atol, a.min_top1)
-    print(f"tokens            {r.tokens}")
+    print(f"tokens            {r.tokens} ({r.token_source})")
     print(f"max |dlogit|      {r.max_abs:.3e}   (tolerance {a.atol:g})")
     print(f"mean |dlogit|     {r.mean_abs:.3e}")
     print(f"top-1 agreement   {r.top1:.4f}   (minimum {a.min_top1:g})")

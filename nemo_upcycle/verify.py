@@ -34,6 +34,7 @@ class VerifyResult:
     top1: float
     tokens: int
     note: str
+    token_source: str = ""
 
     def passed(self, atol: float, min_top1: float) -> bool:
         return self.max_abs <= atol and self.top1 >= min_top1
@@ -92,20 +93,27 @@ def _routed_forward(score: str, pre: bool, renorm: bool):
     return forward
 
 
-def tokenize(moe_dir: Path, dense_path: Path, text: str, max_tokens: int = 256) -> torch.Tensor:
+def tokenize(moe_dir: Path, dense_path: Path, text: str, vocab_size: int, max_tokens: int = 256) -> tuple[torch.Tensor, str]:
+    """Token ids of ``text`` with the MoE's (or the dense model's) tokenizer; without one, seeded random ids."""
     from transformers import AutoTokenizer
 
-    try:
-        tok = AutoTokenizer.from_pretrained(str(moe_dir))
-    except Exception:
-        if dense_path.suffix.lower() == ".gguf":
-            tok = AutoTokenizer.from_pretrained(str(dense_path.parent), gguf_file=dense_path.name)
-        else:
-            tok = AutoTokenizer.from_pretrained(str(dense_path))
+    if _has_tokenizer(moe_dir):
+        tok, where = AutoTokenizer.from_pretrained(str(moe_dir)), "MoE tokenizer"
+    elif dense_path.suffix.lower() == ".gguf":
+        tok, where = AutoTokenizer.from_pretrained(str(dense_path.parent), gguf_file=dense_path.name), "GGUF tokenizer"
+    elif _has_tokenizer(dense_path):
+        tok, where = AutoTokenizer.from_pretrained(str(dense_path)), "dense tokenizer"
+    else:
+        g = torch.Generator().manual_seed(0)
+        return torch.randint(0, vocab_size, (1, max_tokens), generator=g), "no tokenizer: seeded random token ids"
     ids = tok(text, return_tensors="pt").input_ids[:, :max_tokens]
     if ids.numel() == 0:
         raise UpcycleError("the verification text tokenizes to nothing; pass a --text file with some words in it.")
-    return ids
+    return ids, where
+
+
+def _has_tokenizer(d: Path) -> bool:
+    return d.is_dir() and any((d / f).is_file() for f in ("tokenizer.json", "tokenizer.model"))
 
 
 @torch.no_grad()
@@ -124,7 +132,7 @@ def verify(dense_path, moe_path, text: Optional[str] = None, max_tokens: int = 2
     dense_path, moe_path = Path(dense_path).expanduser(), Path(moe_path).expanduser()
     moe = load_moe(moe_path)
     dense = load_dense(dense_path)
-    ids = tokenize(moe_path, dense_path, text or DEFAULT_TEXT, max_tokens)
+    ids, where = tokenize(moe_path, dense_path, text or DEFAULT_TEXT, moe.config.vocab_size, max_tokens)
     mx, mean, top1 = compare(dense, moe, ids)
     note = (getattr(moe.config, "upcycling", None) or {}).get("step0_note", "no upcycling record in config.json")
-    return VerifyResult(mx, mean, top1, ids.numel(), note)
+    return VerifyResult(mx, mean, top1, ids.numel(), note, where)

@@ -143,3 +143,18 @@ def test_noise_and_drop_change_experts_differently(tiny_llama, tmp_path, token_i
     assert all(k.sum().item() == 22 for k in kept), "r=0.5 of 44 units must be re-initialized in every expert"
     assert not torch.equal(kept[0], kept[1]), "each expert must drop its own units"
     assert max_logit_diff(load_llama(tiny_llama), moe, token_ids) > FAIL
+
+
+def test_verify_cli_exit_codes(tiny_llama, tmp_path, capsys):
+    from nemo_upcycle.cli import main
+
+    good, noisy = tmp_path / "good", tmp_path / "noisy"
+    assert main(["convert", str(tiny_llama), str(good), "-E", "4", "-k", "2", "--no-progress"]) == 0
+    assert main(["convert", str(tiny_llama), str(noisy), "-E", "4", "-k", "2", "--noise-std", "0.05",
+                 "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "step-0 equivalent: no (expert noise" in out
+    assert main(["verify", str(tiny_llama), str(good), "--atol", "1e-5"]) == 0
+    assert "PASS" in capsys.readouterr().out
+    assert main(["verify", str(tiny_llama), str(noisy), "--atol", "1e-5"]) == 1
+    assert "FAIL" in capsys.readouterr().out

@@ -33,7 +33,7 @@ def test_verify_command_passes(upcycled, capsys):
 def test_logits_match_and_negative_control(upcycled):
     src = smollm2_gguf()
     moe, dense = load_moe(upcycled), load_dense(src)
-    ids = tokenize(upcycled, src, DEFAULT_TEXT)
+    ids, _ = tokenize(upcycled, src, DEFAULT_TEXT, moe.config.vocab_size)
     mx, mean, top1 = compare(dense, moe, ids)
     assert mx < 1e-3 and top1 == 1.0, (mx, top1)
     with torch.no_grad():
