@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 
 from .core.options import UpcycleOptions, resolve_moe_layers
-from .core.upcycle import expert_weights, router_weight
+from .core.upcycle import LayerExperts, router_weight
 from .errors import UpcycleError
 from .hf.mixtral import layout, mixtral_config, source_keys
 from .hf.safetensors_stream import ShardedWriter
@@ -101,12 +101,12 @@ def convert(src_path, out_dir, opts: UpcycleOptions, *, dtype: Optional[str] = N
     try:
         writer = ShardedWriter(tmp, specs, max_shard_bytes)
         consumed: list[str] = []
-        dense: dict[str, torch.Tensor] = {}  # the current layer's dense MLP
+        experts = LayerExperts(lambda i: read_dense_mlp(src, i), opts)
         with tqdm(total=sum(s.nbytes for s in specs), unit="B", unit_scale=True, desc="upcycle",
                   disable=not progress) as bar:
             for spec, recipe in plan:
                 consumed += source_keys(recipe)
-                writer.write(spec.name, _produce(src, recipe, opts, dense, spec.dtype))
+                writer.write(spec.name, _produce(src, recipe, opts, experts, spec.dtype))
                 bar.update(spec.nbytes)
         writer.close()
         _check_consumed(src, consumed)
@@ -120,23 +120,20 @@ def convert(src_path, out_dir, opts: UpcycleOptions, *, dtype: Optional[str] = N
     return ConvertResult(out, writer.bytes_written, len(specs), config)
 
 
-def _produce(src: DenseSource, recipe: tuple, opts: UpcycleOptions, dense: dict, dtype: torch.dtype) -> torch.Tensor:
+def read_dense_mlp(src: DenseSource, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    p = f"model.layers.{layer}.mlp."
+    return src.get(p + "gate_proj.weight"), src.get(p + "up_proj.weight"), src.get(p + "down_proj.weight")
+
+
+def _produce(src: DenseSource, recipe: tuple, opts: UpcycleOptions, experts: LayerExperts,
+             dtype: torch.dtype) -> torch.Tensor:
     kind = recipe[0]
     if kind == "copy":
         return src.get(recipe[1])
-    layer = recipe[1]
     if kind == "router":
-        return router_weight(src.config["hidden_size"], opts, layer, dtype)
+        return router_weight(src.config["hidden_size"], opts, recipe[1], dtype)
     _, layer, e, which = recipe
-    if dense.get("layer") != layer:  # first expert of a new layer: read its dense MLP once, drop the last
-        dense.clear()
-        p = f"model.layers.{layer}.mlp."
-        dense.update(layer=layer, gate=src.get(p + "gate_proj.weight"), up=src.get(p + "up_proj.weight"),
-                     down=src.get(p + "down_proj.weight"))
-    if dense.get("expert") != e:
-        dense["expert"] = e
-        dense["weights"] = expert_weights(dense["gate"], dense["up"], dense["down"], opts, layer, e)
-    w = dense["weights"]
+    w = experts.get(layer, e)
     return {"w1": w.gate, "w3": w.up, "w2": w.down}[which]
 
 

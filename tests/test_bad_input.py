@@ -117,7 +117,7 @@ def test_failure_midway_leaves_nothing(tmp_path, tiny_llama, monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(conv, "expert_weights", boom)
+    monkeypatch.setattr(conv, "read_dense_mlp", boom)
     with pytest.raises(RuntimeError, match="disk on fire"):
         conv.convert(tiny_llama, tmp_path / "moe", UpcycleOptions(4, 2), progress=False)
     assert list(tmp_path.iterdir()) == []

@@ -2,9 +2,9 @@
 
 from .options import UpcycleOptions, resolve_moe_layers, step0_report
 from .routing import moe_mlp, route, swiglu_expert
-from .upcycle import ExpertWeights, expert_weights, iter_experts, router_weight, scaling_exponents, upcycle_mlp
+from .upcycle import ExpertWeights, LayerExperts, expert_weights, iter_experts, router_weight, scaling_exponents, upcycle_mlp
 
 __all__ = [
     "UpcycleOptions", "resolve_moe_layers", "step0_report", "route", "moe_mlp", "swiglu_expert",
-    "ExpertWeights", "expert_weights", "iter_experts", "router_weight", "scaling_exponents", "upcycle_mlp",
+    "ExpertWeights", "LayerExperts", "expert_weights", "iter_experts", "router_weight", "scaling_exponents", "upcycle_mlp",
 ]

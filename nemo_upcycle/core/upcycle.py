@@ -149,3 +149,26 @@ def upcycle_mlp(gate_FD, up_FD, down_DF, opts: UpcycleOptions, layer: int, *, ga
     """All experts and the router of one layer at once (convenience for small models and tests)."""
     experts = [w for _, w in iter_experts(gate_FD, up_FD, down_DF, opts, layer, gated=gated)]
     return router_weight(gate_FD.shape[1], opts, layer, gate_FD.dtype, router_base), experts
+
+
+class LayerExperts:
+    """Experts of one layer at a time, reading each dense MLP once: ``experts.get(layer, e)``.
+
+    ``read_mlp(layer)`` returns the dense (gate_FD, up_FD, down_DF); it is called once per layer, and the
+    previous layer's tensors are dropped, so memory stays at one dense MLP plus one expert. Used by the HF
+    conversion (all experts) and by online upcycling (each expert-parallel rank asks only for its own).
+    """
+
+    def __init__(self, read_mlp, opts: UpcycleOptions, *, gated: bool = True):
+        self.read_mlp, self.opts, self.gated = read_mlp, opts, gated
+        self._layer: Optional[int] = None
+        self._dense: tuple = ()
+        self._last: tuple[Optional[int], Optional[ExpertWeights]] = (None, None)
+
+    def get(self, layer: int, expert: int) -> ExpertWeights:
+        if layer != self._layer:
+            self._dense, self._last = (), (None, None)  # drop the old layer before reading the new one
+            self._dense, self._layer = tuple(self.read_mlp(layer)), layer
+        if self._last[0] != expert:
+            self._last = (expert, expert_weights(*self._dense, self.opts, layer, expert, gated=self.gated))
+        return self._last[1]
