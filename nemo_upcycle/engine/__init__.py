@@ -1,0 +1,1 @@
+"""The adapter package: the only place that imports NeMo and Megatron-core."""

@@ -1,0 +1,142 @@
+"""NeMo 2 config dataclasses for upcycled Llama 3 MoEs.
+
+Each extends a NeMo Llama config (``Llama3Config``, ``Llama31Config``, ``Llama32Config1B`` ...) with the MoE
+fields under their Megatron-core names and the upcycling fields of the core (prefixed ``upcycle_``).
+Defaults differ from Megatron's where Megatron's would mislead an upcycling run: ``moe_aux_loss_coeff``
+is 1e-2 (Megatron's 0 means no load balancing at all; REFERENCE.md), the dispatcher is alltoall (NeMo's
+Mixtral default), and ``moe_ffn_hidden_size`` is derived from the granularity.
+
+``UpcycledLlamaConfig.from_dense(hf_config, ...)`` builds one sized like any dense HF Llama (SmolLM2, a
+tiny test model); the named sizes are one-line subclasses, as in NeMo's own ``mixtral.py``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Callable, List, Optional, Union
+
+from nemo.collections.llm.gpt.model.llama import (
+    Llama3Config,
+    Llama3Config8B,
+    Llama31Config,
+    Llama31Config8B,
+    Llama32Config1B,
+    Llama32Config3B,
+)
+
+from ..core.options import UpcycleOptions
+from ..errors import UpcycleError
+from .spec import moe_layer_spec
+
+
+@dataclass
+class MoEUpcycleFields:
+    """The MoE and upcycling fields shared by every upcycled config (mixed in before a NeMo Llama config)."""
+
+    num_moe_experts: Optional[int] = 8
+    moe_router_topk: int = 2
+    moe_ffn_hidden_size: Optional[int] = None  # None: ffn_hidden_size // upcycle_granularity
+    moe_router_pre_softmax: bool = False
+    moe_router_score_function: str = "softmax"
+    moe_expert_capacity_factor: Optional[float] = None
+    moe_token_drop_policy: str = "probs"
+    moe_pad_expert_input_to_capacity: bool = False
+    moe_aux_loss_coeff: Union[float, List[float]] = 1e-2
+    moe_z_loss_coeff: Optional[float] = None
+    moe_router_load_balancing_type: Union[str, List[str]] = "aux_loss"
+    moe_token_dispatcher_type: str = "alltoall"
+    moe_grouped_gemm: bool = False
+    moe_layer_freq: Union[int, List[int]] = 1
+    # upcycling (nemo_upcycle.core.UpcycleOptions)
+    upcycle_granularity: int = 1
+    upcycle_scaling: str = "exact"
+    upcycle_router_init: Optional[str] = None
+    upcycle_router_std: float = 0.02
+    upcycle_noise_std: float = 0.0
+    upcycle_drop_ratio: float = 0.0
+    upcycle_seed: int = 1234
+    # which layer spec: "auto" (TE + grouped GEMM where TE imports and CUDA is there), "te" or "local"
+    spec_backend: str = "auto"
+    transformer_layer_spec: Union[object, Callable] = moe_layer_spec
+
+    def __post_init__(self):
+        G = self.upcycle_granularity
+        if self.moe_ffn_hidden_size is None and self.num_moe_experts:
+            if G < 1 or self.ffn_hidden_size % G:
+                raise UpcycleError(f"upcycle_granularity {G} does not divide ffn_hidden_size {self.ffn_hidden_size}; choose a divisor.")
+            self.moe_ffn_hidden_size = self.ffn_hidden_size // G
+        super().__post_init__()
+
+    def upcycle_options(self) -> UpcycleOptions:
+        """The core's options; validated against the dense sizes."""
+        n = self.num_layers
+        freq = self.moe_layer_freq
+        layers = (f"every:{freq}" if freq != 1 else "all") if isinstance(freq, int) else [i for i, m in enumerate(freq) if m]
+        return UpcycleOptions(
+            num_moe_experts=self.num_moe_experts, moe_router_topk=self.moe_router_topk,
+            granularity=self.upcycle_granularity, scaling=self.upcycle_scaling, router_init=self.upcycle_router_init,
+            router_std=self.upcycle_router_std, noise_std=self.upcycle_noise_std, drop_ratio=self.upcycle_drop_ratio,
+            moe_layers=layers, seed=self.upcycle_seed, moe_router_score_function=self.moe_router_score_function,
+            moe_router_pre_softmax=self.moe_router_pre_softmax,
+            moe_expert_capacity_factor=self.moe_expert_capacity_factor,
+            moe_token_drop_policy=self.moe_token_drop_policy,
+            moe_pad_expert_input_to_capacity=self.moe_pad_expert_input_to_capacity,
+            moe_aux_loss_coeff=self.moe_aux_loss_coeff if isinstance(self.moe_aux_loss_coeff, float) else 0.0,
+        ).validate(ffn_hidden_size=self.ffn_hidden_size, num_layers=n)
+
+
+@dataclass
+class UpcycledLlamaConfig(MoEUpcycleFields, Llama3Config):
+    """Llama 3 architecture, any size (set the sizes, or use ``from_dense``)."""
+
+    @classmethod
+    def from_dense(cls, hf: dict, **overrides) -> "UpcycledLlamaConfig":
+        """Sizes from a dense HF Llama config dict; Llama 3.1 rope scaling picks the 3.1 variant."""
+        H = hf["num_attention_heads"]
+        sizes = dict(
+            num_layers=hf["num_hidden_layers"], hidden_size=hf["hidden_size"], ffn_hidden_size=hf["intermediate_size"],
+            num_attention_heads=H, num_query_groups=hf.get("num_key_value_heads") or H,
+            kv_channels=hf.get("head_dim") or hf["hidden_size"] // H, layernorm_epsilon=hf.get("rms_norm_eps", 1e-6),
+            rotary_base=hf.get("rope_theta", 10000.0), seq_length=min(hf.get("max_position_embeddings", 2048), 8192),
+            vocab_size=hf["vocab_size"], share_embeddings_and_output_weights=bool(hf.get("tie_word_embeddings")),
+        )
+        rope = hf.get("rope_scaling") or {}
+        kind = rope.get("rope_type", rope.get("type"))
+        target = cls
+        if kind == "llama3":
+            target = UpcycledLlama31Config
+            sizes.update(scale_factor=rope["factor"], low_freq_factor=rope.get("low_freq_factor", 1.0),
+                         high_freq_factor=rope.get("high_freq_factor", 4.0),
+                         old_context_len=rope.get("original_max_position_embeddings", 8192))
+        elif kind not in (None, "default"):
+            raise UpcycleError(f"rope_scaling type {kind!r} is not supported by the NeMo Llama configs; use a Llama 3 / 3.1 checkpoint.")
+        names = {f.name for f in fields(target)}
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise UpcycleError(f"unknown config field(s) {', '.join(unknown)}; see nemo_upcycle/engine/config.py for the names.")
+        return target(**{**sizes, **overrides})
+
+
+@dataclass
+class UpcycledLlama31Config(MoEUpcycleFields, Llama31Config):
+    """Llama 3.1 (rope scaling type llama3)."""
+
+
+@dataclass
+class UpcycledLlama3Config8x8B(MoEUpcycleFields, Llama3Config8B):
+    """Llama 3 8B -> 8 experts, top-2 (the Llama 3 Meets MoE setting, arXiv 2412.09952)."""
+
+
+@dataclass
+class UpcycledLlama31Config8x8B(MoEUpcycleFields, Llama31Config8B):
+    """Llama 3.1 8B -> 8 experts, top-2."""
+
+
+@dataclass
+class UpcycledLlama32Config8x1B(MoEUpcycleFields, Llama32Config1B):
+    """Llama 3.2 1B (tied embeddings) -> 8 experts, top-2."""
+
+
+@dataclass
+class UpcycledLlama32Config8x3B(MoEUpcycleFields, Llama32Config3B):
+    """Llama 3.2 3B (tied embeddings) -> 8 experts, top-2."""

@@ -1,0 +1,68 @@
+"""The Megatron-core MoE layer spec, chosen in one place.
+
+``te``:    Transformer Engine modules (fused layer-norm + linear, TE attention) and grouped GEMM experts
+           (``TEGroupedMLP``) -- for H100-class GPUs.
+``local``: Megatron's plain modules (``SequentialMLP`` experts, torch attention) -- runs on the CPU.
+``auto`` picks ``te`` where Transformer Engine imports and CUDA is present, else ``local``. The choice is
+logged once and can be forced by the config field ``spec_backend`` or ``NEMO_UPCYCLE_SPEC=te|local``.
+Mixed dense / MoE stacks (``moe_layer_freq``) use Megatron's decoder-block spec, which reads the pattern.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from functools import lru_cache
+
+import torch
+
+from ..errors import UpcycleError
+
+log = logging.getLogger(__name__)
+BACKENDS = ("auto", "te", "local")
+
+
+@lru_cache(maxsize=None)
+def te_available() -> bool:
+    """Transformer Engine imports (it needs libcuda) and a GPU is visible."""
+    if not torch.cuda.is_available() or importlib.util.find_spec("transformer_engine") is None:
+        return False
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception:  # an install without its CUDA libraries fails here with various errors
+        return False
+    return True
+
+
+@lru_cache(maxsize=None)
+def _announce(backend: str, why: str) -> None:
+    log.info("nemo-upcycle MoE layer spec: %s (%s)", backend, why)
+
+
+def resolve_backend(requested: str = "auto") -> str:
+    requested = os.environ.get("NEMO_UPCYCLE_SPEC", requested) or "auto"
+    if requested not in BACKENDS:
+        raise UpcycleError(f"spec backend {requested!r} is not one of {', '.join(BACKENDS)}.")
+    if requested == "te" and not te_available():
+        raise UpcycleError("spec_backend 'te' needs Transformer Engine and a CUDA GPU; use spec_backend=local on this machine.")
+    if requested == "auto":
+        backend = "te" if te_available() else "local"
+        _announce(backend, "auto: " + ("Transformer Engine and CUDA found" if backend == "te" else "no Transformer Engine or no CUDA"))
+        return backend
+    _announce(requested, "requested")
+    return requested
+
+
+def moe_layer_spec(config, vp_stage=None):
+    """NeMo ``transformer_layer_spec`` callable: the decoder-block spec for this config's backend."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+
+    backend = resolve_backend(getattr(config, "spec_backend", "auto"))
+    if backend == "te":
+        config.moe_grouped_gemm = True if config.num_moe_experts else config.moe_grouped_gemm
+    elif config.moe_grouped_gemm:
+        config.moe_grouped_gemm = False  # the local grouped GEMM needs CUDA kernels; SequentialMLP instead
+    kwargs = {"vp_stage": vp_stage} if vp_stage is not None else {}
+    return get_gpt_decoder_block_spec(config, use_transformer_engine=backend == "te", normalization=config.normalization,
+                                      **kwargs)
