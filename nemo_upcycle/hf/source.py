@@ -141,12 +141,12 @@ class HFLlamaSource(DenseSource):
         if not files:
             hint = " (found PyTorch .bin weights: re-save them with save_pretrained(safe_serialization=True))" if list(path.glob("*.bin")) else ""
             raise UpcycleError(f"{path} holds no .safetensors weights{hint}.")
-        self._handles, self._where = {}, {}
+        self._handles, self._where, self._span = {}, {}, {}
         for name in files:
             f = path / name
             if not f.is_file():
                 raise UpcycleError(f"{path}: the index names {name}, which is missing; re-download or re-save the checkpoint.")
-            _check_safetensors_size(f)
+            data_start, header = _check_safetensors_size(f)
             try:
                 h = safe_open(str(f), framework="pt")
                 keys = list(h.keys())
@@ -155,6 +155,8 @@ class HFLlamaSource(DenseSource):
             self._handles[name] = h
             for k in keys:
                 self._where[k] = name
+                begin, end = header[k]["data_offsets"]
+                self._span[k] = (data_start + begin, end - begin)
 
     def keys(self) -> list[str]:
         return list(self._where)
@@ -172,7 +174,20 @@ class HFLlamaSource(DenseSource):
         return _ST_DTYPES[self._slice(key).get_dtype()]
 
     def get(self, key: str) -> torch.Tensor:
-        return self._handles[self._where[key]].get_tensor(key)
+        """Read one tensor with plain file reads at its header offsets, not through safetensors' mmap: mapped
+        pages once touched count toward RSS while the file stays open (the whole source, by the end)."""
+        dtype, shape = self.dtype(key), self.shape(key)
+        start, nbytes = self._span[key]
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+        view, got = memoryview(buf.numpy()), 0
+        with open(self.path / self._where[key], "rb", buffering=0) as fh:
+            fh.seek(start)
+            while got < nbytes:  # one read() returns at most ~2 GiB on Linux
+                n = fh.readinto(view[got:])
+                if not n:
+                    raise UpcycleError(f"{fh.name} ended inside {key}; the file is truncated, re-download it.")
+                got += n
+        return buf.view(dtype).reshape(shape)
 
     def save_tokenizer(self, out_dir: Path) -> list[str]:
         copied = []
@@ -187,8 +202,10 @@ _ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16
               "I64": torch.int64, "I32": torch.int32, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 
 
-def _check_safetensors_size(f: Path) -> None:
-    """A truncated file is caught here, before any tensor is read: header length + data end = file size."""
+def _check_safetensors_size(f: Path) -> tuple[int, dict]:
+    """A truncated file is caught here, before any tensor is read: header length + data end = file size.
+
+    Returns the data section's file offset and the parsed header (tensor offsets are relative to it)."""
     size = f.stat().st_size
     try:
         with open(f, "rb") as fh:
@@ -201,6 +218,7 @@ def _check_safetensors_size(f: Path) -> None:
     end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
     if 8 + n + end != size:
         raise UpcycleError(f"{f} is truncated or corrupt: header promises {8 + n + end} bytes, file has {size}; re-download it.")
+    return 8 + n, header
 
 
 def open_dense(path: str | Path) -> DenseSource:
