@@ -26,7 +26,7 @@ from nemo.collections.llm.gpt.model.llama import (
 
 from ..core.options import UpcycleOptions
 from ..errors import UpcycleError
-from .spec import moe_layer_spec
+from .spec import moe_layer_spec, te_importable
 
 
 @dataclass
@@ -65,6 +65,12 @@ class MoEUpcycleFields:
             if G < 1 or self.ffn_hidden_size % G:
                 raise UpcycleError(f"upcycle_granularity {G} does not divide ffn_hidden_size {self.ffn_hidden_size}; choose a divisor.")
             self.moe_ffn_hidden_size = self.ffn_hidden_size // G
+        if (self.num_moe_experts and self.moe_router_topk == 1 and self.moe_router_score_function == "softmax"
+                and not self.moe_router_pre_softmax):
+            raise UpcycleError("moe_router_topk=1 needs moe_router_pre_softmax=true in Megatron-core (a softmax over one "
+                               "score has zero gradient); set it, knowing the step-0 output is then scaled by the top probability.")
+        if self.apply_rope_fusion and not te_importable():
+            self.apply_rope_fusion = False  # the fused RoPE kernel lives in Transformer Engine (ValueError without it)
         super().__post_init__()
 
     def upcycle_options(self) -> UpcycleOptions:

@@ -158,8 +158,9 @@ class DenseToMoEImporter(io.ModelConnector["DenseLlama", UpcycledLlamaModel]):
 
 
 def megatron_forward_logits(module, input_ids: torch.Tensor) -> torch.Tensor:
-    """Logits of a Megatron GPT module for [B, T] ids (no attention mask: causal by construction)."""
+    """Logits [B, T, V] of a Megatron GPT module for ids [B, T], with an explicit causal mask (True = masked)."""
     B, T = input_ids.shape
-    position_ids = torch.arange(T).unsqueeze(0).expand(B, T)
+    position_ids = torch.arange(T, device=input_ids.device).unsqueeze(0).expand(B, T)
+    mask = torch.triu(torch.ones(T, T, dtype=torch.bool, device=input_ids.device), diagonal=1)[None, None]
     with torch.no_grad():
-        return module(input_ids=input_ids, position_ids=position_ids, attention_mask=None)
+        return module(input_ids=input_ids, position_ids=position_ids, attention_mask=mask)

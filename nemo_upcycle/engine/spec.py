@@ -24,15 +24,20 @@ BACKENDS = ("auto", "te", "local")
 
 
 @lru_cache(maxsize=None)
-def te_available() -> bool:
-    """Transformer Engine imports (it needs libcuda) and a GPU is visible."""
-    if not torch.cuda.is_available() or importlib.util.find_spec("transformer_engine") is None:
+def te_importable() -> bool:
+    """Transformer Engine's PyTorch extension imports (it needs libcuda)."""
+    if importlib.util.find_spec("transformer_engine") is None:
         return False
     try:
         import transformer_engine.pytorch  # noqa: F401
     except Exception:  # an install without its CUDA libraries fails here with various errors
         return False
     return True
+
+
+def te_available() -> bool:
+    """Transformer Engine imports and a GPU is visible: the TE spec can run."""
+    return torch.cuda.is_available() and te_importable()
 
 
 @lru_cache(maxsize=None)

@@ -222,12 +222,16 @@ def _check_safetensors_size(f: Path) -> tuple[int, dict]:
 
 
 def open_dense(path: str | Path) -> DenseSource:
-    """Open and check a dense Llama source: an HF directory or a .gguf file."""
+    """Open and check a dense Llama source: an HF directory, a .gguf file or a NeMo 2 checkpoint directory."""
     p = Path(path).expanduser()
     if not p.exists():
-        raise UpcycleError(f"{p} does not exist; pass an HF Llama directory or a .gguf file.")
-    if p.is_dir():
-        src: DenseSource = HFLlamaSource(p)
+        raise UpcycleError(f"{p} does not exist; pass an HF Llama directory, a .gguf file or a NeMo 2 checkpoint.")
+    if p.is_dir() and (p / "context").is_dir() and (p / "weights").is_dir():
+        from ..engine.nemo_source import NeMoDenseSource  # a NeMo 2 checkpoint: needs NeMo, imported only here
+
+        src: DenseSource = NeMoDenseSource(p)
+    elif p.is_dir():
+        src = HFLlamaSource(p)
     elif p.suffix.lower() == ".gguf":
         from .gguf_source import GGUFLlamaSource
 
