@@ -23,6 +23,7 @@ from nemo.lightning import io
 from ..errors import UpcycleError
 from ..hf.source import DenseSource, open_dense
 from .config import UpcycledLlamaConfig
+from .cpu import cpu_strategy_kwargs
 from .mcore_map import MegatronFiller, RankLayout
 
 log = logging.getLogger(__name__)
@@ -147,7 +148,8 @@ class DenseToMoEImporter(io.ModelConnector["DenseLlama", UpcycledLlamaModel]):
         src = self.source
         check_dense_matches(src, self.config)
         target = self.init()
-        trainer = self.nemo_setup(target)
+        strategy_kwargs = {} if torch.cuda.is_available() else cpu_strategy_kwargs()  # synchronous save on CPU
+        trainer = self.nemo_setup(target, **strategy_kwargs)
         upcycle_into(target.module, target.config, src)
         self.nemo_save(output_path, trainer)
         teardown(trainer, target)
