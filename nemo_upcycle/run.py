@@ -1,0 +1,185 @@
+"""What ``python train.py --config-name=NAME mode=...`` does, on a validated ``RunConfig``.
+
+  plan    anywhere, no GPU: the layout check, parameters (total / active / per rank, equal to the model built
+          on the meta device), memory per GPU, FLOPs per token, tokens/s at 46.8% MFU. Writes plan.txt / plan.json.
+  verify  convert the dense source to an HF Mixtral under the run directory and prove step-0 equivalence.
+  train   NeMo training (the engine); a recipe that needs GPUs stops at once on a machine without them.
+Every output goes under the current directory, which Hydra sets to the run directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+
+from .conf_schema import RunConfig
+from .errors import UpcycleError
+from .plan import GPUS, ModelDims, ParallelLayout, TrainingSetup, format_plan, plan
+
+CPU_RECIPES = ("smollm2_135m_upcycle", "tiny_llama_upcycle")
+
+
+def model_dims(run: RunConfig) -> ModelDims:
+    m, moe = run.model, run.moe
+    return ModelDims(num_layers=m.num_layers, hidden_size=m.hidden_size, ffn_hidden_size=m.ffn_hidden_size,
+                     num_attention_heads=m.num_attention_heads, vocab_size=m.vocab_size,
+                     num_query_groups=m.num_query_groups, kv_channels=m.kv_channels,
+                     share_embeddings_and_output_weights=m.share_embeddings_and_output_weights,
+                     num_moe_experts=moe.num_moe_experts, moe_router_topk=moe.moe_router_topk,
+                     moe_ffn_hidden_size=m.ffn_hidden_size // run.upcycle.granularity,
+                     moe_layer_freq=moe.moe_layer_freq, moe_expert_capacity_factor=moe.moe_expert_capacity_factor)
+
+
+def parallel_layout(run: RunConfig) -> ParallelLayout:
+    p = run.parallel
+    return ParallelLayout(num_nodes=p.num_nodes, gpus_per_node=p.devices,
+                          tensor_model_parallel_size=p.tensor_model_parallel_size,
+                          pipeline_model_parallel_size=p.pipeline_model_parallel_size,
+                          virtual_pipeline_model_parallel_size=p.virtual_pipeline_model_parallel_size,
+                          context_parallel_size=p.context_parallel_size,
+                          expert_model_parallel_size=p.expert_model_parallel_size,
+                          expert_tensor_parallel_size=p.expert_tensor_parallel_size, sequence_parallel=p.sequence_parallel)
+
+
+def training_setup(run: RunConfig) -> TrainingSetup:
+    return TrainingSetup(seq_length=run.data.seq_length, micro_batch_size=run.data.micro_batch_size,
+                         global_batch_size=run.data.global_batch_size, recompute=run.trainer.recompute,
+                         bf16=run.trainer.precision.startswith("bf16"),
+                         use_distributed_optimizer=run.optim.use_distributed_optimizer,
+                         flash_attention=run.parallel.accelerator == "gpu")
+
+
+def hf_llama_config(run: RunConfig) -> dict:
+    """The dense model as an HF Llama config dict (for the meta-device build and the key layout)."""
+    m = run.model
+    cfg = {"model_type": "llama", "hidden_size": m.hidden_size, "intermediate_size": m.ffn_hidden_size,
+           "num_hidden_layers": m.num_layers, "num_attention_heads": m.num_attention_heads,
+           "num_key_value_heads": m.num_query_groups, "head_dim": m.kv_channels or m.hidden_size // m.num_attention_heads,
+           "vocab_size": m.vocab_size, "rms_norm_eps": m.layernorm_epsilon, "rope_theta": m.rotary_base,
+           "max_position_embeddings": m.seq_length, "tie_word_embeddings": m.share_embeddings_and_output_weights}
+    return cfg
+
+
+def upcycle_options(run: RunConfig):
+    from .core.options import UpcycleOptions
+
+    moe, up = run.moe, run.upcycle
+    layers = "all" if moe.moe_layer_freq == 1 else f"every:{moe.moe_layer_freq}"
+    return UpcycleOptions(moe.num_moe_experts, moe.moe_router_topk, granularity=up.granularity, scaling=up.scaling,
+                          router_init=up.router_init, router_std=up.router_std, noise_std=up.noise_std,
+                          drop_ratio=up.drop_ratio, moe_layers=layers, seed=up.seed,
+                          moe_router_score_function=moe.moe_router_score_function,
+                          moe_router_pre_softmax=moe.moe_router_pre_softmax,
+                          moe_expert_capacity_factor=moe.moe_expert_capacity_factor,
+                          moe_token_drop_policy=moe.moe_token_drop_policy,
+                          moe_pad_expert_input_to_capacity=moe.moe_pad_expert_input_to_capacity,
+                          moe_aux_loss_coeff=moe.moe_aux_loss_coeff)
+
+
+def meta_parameter_count(run: RunConfig) -> int:
+    """Parameters of transformers' MixtralForCausalLM built from this recipe on the meta device (zero memory)."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    from .hf.mixtral import mixtral_config
+
+    cfg = mixtral_config(hf_llama_config(run), upcycle_options(run), torch.bfloat16)
+    cfg = {k: v for k, v in cfg.items() if k not in ("architectures", "model_type", "upcycling", "torch_dtype")}
+    with torch.device("meta"):
+        model = MixtralForCausalLM(MixtralConfig(**cfg))
+    return sum(p.numel() for p in model.parameters())
+
+
+def run_plan(run: RunConfig, out_dir: Path) -> str:
+    pl = plan(model_dims(run), parallel_layout(run), training_setup(run), gpu=run.parallel.gpu)
+    lines = [format_plan(pl)]
+    if run.moe.moe_layer_freq == 1:
+        n = meta_parameter_count(run)
+        same = "equal" if n == pl.counts["total"] else f"DIFFERENT from the plan's {pl.counts['total']:,}"
+        lines.append(f"meta     MixtralForCausalLM built on the meta device: {n:,} parameters ({same})")
+    if not pl.fits:
+        lines.append("memory   does NOT fit: raise PP / TP / EP, or trainer.recompute=full, or a smaller micro batch")
+    text = "\n".join(lines)
+    (out_dir / "plan.txt").write_text(text + "\n")
+    record = {"counts": pl.counts, "fits": pl.fits, "peak_bytes": pl.peak["total"], "flops_per_token": pl.flops_per_token,
+              "tokens_per_s_per_gpu": pl.tokens_per_s_per_gpu, "world_size": pl.parallel.world_size,
+              "gpu": run.parallel.gpu, "gpu_memory_bytes": GPUS[run.parallel.gpu].memory_bytes, "warnings": pl.warnings}
+    (out_dir / "plan.json").write_text(json.dumps(record, indent=2) + "\n")
+    return text
+
+
+def resolve_source(run: RunConfig, out_dir: Path) -> Path:
+    """The dense source path: ``smollm2`` -> the PyPI GGUF, ``tiny`` -> a random tiny Llama made here."""
+    src = run.model.source
+    if src == "smollm2":
+        from .resources import smollm2_gguf
+
+        return smollm2_gguf()
+    if src == "tiny":
+        return make_tiny_llama(run, out_dir / "dense_tiny")
+    if not src:
+        raise UpcycleError("model.source is not set; point it at a dense HF Llama directory, .gguf or NeMo 2 checkpoint.")
+    return Path(src)
+
+
+def make_tiny_llama(run: RunConfig, path: Path) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if (path / "config.json").is_file():
+        return path
+    m = run.model
+    torch.manual_seed(run.seed)
+    cfg = LlamaConfig(hidden_size=m.hidden_size, intermediate_size=m.ffn_hidden_size, num_hidden_layers=m.num_layers,
+                      num_attention_heads=m.num_attention_heads, num_key_value_heads=m.num_query_groups,
+                      vocab_size=m.vocab_size, max_position_embeddings=m.seq_length, rms_norm_eps=m.layernorm_epsilon,
+                      rope_theta=m.rotary_base, tie_word_embeddings=m.share_embeddings_and_output_weights)
+    LlamaForCausalLM(cfg).save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def run_verify(run: RunConfig, out_dir: Path) -> int:
+    from .convert import convert
+    from .verify import verify
+
+    src = resolve_source(run, out_dir)
+    res = convert(src, out_dir / "hf_moe", upcycle_options(run), dtype="float32", overwrite=True)
+    rec = res.config["upcycling"]
+    print(f"step-0 equivalent by construction: {'yes' if rec['step0_equivalent'] else 'no'} ({rec['step0_note']})")
+    r = verify(src, res.out_dir)
+    ok = r.passed(1e-3, 1.0)
+    summary = {"max_abs_logit_diff": r.max_abs, "mean_abs_logit_diff": r.mean_abs, "top1_agreement": r.top1,
+               "tokens": r.tokens, "passed": ok, "source": str(src), "moe_dir": str(res.out_dir)}
+    (out_dir / "verify.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"verify: max |dlogit| {r.max_abs:.3e}, mean {r.mean_abs:.3e}, top-1 agreement {r.top1:.4f}: "
+          f"{'PASS' if ok else 'FAIL'}")
+    return 0 if ok else 1
+
+
+def check_gpu(run: RunConfig, config_name: str) -> None:
+    if (run.requires_gpu or run.parallel.accelerator == "gpu") and not torch.cuda.is_available():
+        raise UpcycleError(f"recipe {config_name} needs {run.parallel.num_nodes * run.parallel.devices} GPUs and this machine "
+                           f"has none; check it here with mode=plan, or run a CPU recipe: {', '.join(CPU_RECIPES)}.")
+
+
+def preflight(run: RunConfig, config_name: str) -> None:
+    """Everything that can be refused before a run directory or a model exists: the layout, and GPUs for train."""
+    from .plan import check_layout
+
+    check_layout(model_dims(run), parallel_layout(run), training_setup(run))
+    if run.mode == "train":
+        check_gpu(run, config_name)
+
+
+def dispatch(run: RunConfig, config_name: str, out_dir: Path) -> int:
+    preflight(run, config_name)
+    (out_dir / "resolved_config.json").write_text(json.dumps(dataclasses.asdict(run), indent=2, default=str) + "\n")
+    if run.mode == "plan":
+        print(run_plan(run, out_dir))
+        return 0
+    if run.mode == "verify":
+        return run_verify(run, out_dir)
+    from .engine.train import train
+
+    return train(run, out_dir)
