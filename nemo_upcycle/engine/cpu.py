@@ -190,6 +190,19 @@ _SCOPED = [
     (MC + "timers", "Timer.start", ()),
     (MC + "timers", "Timer.stop", ()),
     (MC + "timers", "Timers._get_elapsed_time_all_ranks", ()),
+    # dist_checkpointing/strategies/filesystem_async.py:230 torch.cuda.synchronize() after staging, also
+    # on the synchronous save path
+    (MC + "dist_checkpointing.strategies.filesystem_async", "FileSystemWriterAsync.preload_tensors", ()),
+    # dist_checkpointing/strategies/state_dict_saver.py:251 the failure flag broadcast from a CUDA tensor
+    (MC + "dist_checkpointing.strategies.torch", "save_state_dict_async_finalize", ()),
+    # dist_checkpointing/strategies/fully_parallel.py:272/281 torch.cuda.synchronize() after the exchange
+    (MC + "dist_checkpointing.strategies.fully_parallel", "FullyParallelLoadStrategyWrapper.load", ()),
+    # dist_checkpointing/exchange_utils.py:101-113, :329/339, :502 the fully parallel load exchanges the
+    # shards each rank read through CUDA tensors (init_data("cuda"), empty(device="cuda"), .cuda())
+    (MC + "dist_checkpointing.exchange_utils", "_get_empty_tensor_for_exchange",
+     (MC + "dist_checkpointing.mapping:ShardedTensor.init_data",)),
+    (MC + "dist_checkpointing.exchange_utils", "exchange_loaded_tensors_gather_rounds", ()),
+    (MC + "dist_checkpointing.exchange_utils", "exchange_loaded_tensors_broadcast", ()),
     # megatron_parallel.py:617 init_ddp inside torch.cuda.stream(torch.cuda.Stream()), also for dense models
     (NL + "megatron_parallel", "MegatronParallel.init_model_parallel", ()),
     # llm/gpt/model/base.py:103 gpt_data_step moves the batch with .cuda(non_blocking=True)
@@ -222,6 +235,25 @@ def _clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decouple
     clip_coeff = max_norm / (total_norm + 1.0e-6)
     if clip_coeff < 1.0 and grads:
         torch._foreach_mul_(grads, clip_coeff)
+
+
+def _skip_empty_timer_gather(stock):
+    """timers.py:296 all-gathers the timer table; NeMo's ProgressPrinter (progress_printer.py:155) calls it on
+    rank 0 only, with no timers registered at the default log level. NCCL skips a gather of nothing; gloo
+    still uses up a collective tag on rank 0 alone, so the next collective (a checkpoint save) hangs."""
+
+    @functools.wraps(stock)
+    def _get_elapsed_time_all_ranks(self, names, reset, barrier):
+        if not names:
+            return torch.zeros(torch.distributed.get_world_size(), 0)
+        return stock(self, names, reset, barrier)
+
+    return _get_elapsed_time_all_ranks
+
+
+def _loaded_tensors_stay(ckpt):
+    """io/pl.py:493 moves loaded CUDA tensors to the current CUDA device; CPU tensors are where they belong."""
+    return ckpt
 
 
 def _cpu_rng_tracker_class():
@@ -299,6 +331,10 @@ def enable_cpu_support() -> bool:
     _replace(MC + "transformer.moe.token_dispatcher", "maybe_move_tensor_to_cpu", _move_to_cpu_as_on_gpu)
     _replace(MC + "optimizer.optimizer", "clip_grad_by_total_norm_fp32", _clip_grad_by_total_norm_fp32)
     _replace(MC + "tensor_parallel.random", "CudaRNGStatesTracker", _cpu_rng_tracker_class())
+    timers = importlib.import_module(MC + "timers").Timers
+    timers._get_elapsed_time_all_ranks = _skip_empty_timer_gather(timers._get_elapsed_time_all_ranks)
+    # io/pl.py:495 asserts torch.cuda.is_initialized() to move loaded tensors between CUDA devices
+    _replace(NL + "io.pl", "_fix_tensors_device", _loaded_tensors_stay)
     megatron_init = importlib.import_module(NL + "megatron_init")
     megatron_init._set_random_seed = _seed_with_tracker(megatron_init._set_random_seed)
     _ENABLED = True
