@@ -6,13 +6,13 @@ The plan is a JSON list of runs, done one after the other in this process (impor
 one launch serves several configurations). A run is ``nl.Trainer(accelerator="cpu")`` +
 ``nl.MegatronStrategy`` + ``llm.GPTModel`` with a 2-layer MoE (4 experts, top-2, local spec) on
 deterministic learnable token sequences. Run keys:
-    name, ep (expert_model_parallel_size), dispatcher ("alltoall" | "allgather"), steps,
+    name, ep (expert_model_parallel_size), dispatcher ("alltoall" | "allgather"), steps, lr (Adam, 3e-3),
     data_seed, data_offset (first sample index), restore (checkpoint dir; weights, as NeMo's
     RestoreConfig), restore_optim (the optimizer state too),
     save (checkpoint dir, written with trainer.save_checkpoint after the last step), dump (write weights).
 Rank 0 writes ``{name: {"losses": [...], "seconds": s}}``; with ``dump`` every rank writes
-``<name>.<start|end>.rank<r>.pt``: its parameters under global names (expert index = EP rank * local
-experts + local index), so the test can compare weights across parallel layouts.
+``<name>.<start|end>.rank<r>.pt``: its parameters under global names (``...mlp.experts.expert<i>...``,
+i = EP rank * local experts + local index), so the test can compare weights across parallel layouts.
 
 Distributed-checkpoint saves start worker processes that re-import ``__main__``: keep the guard below.
 """
@@ -90,8 +90,7 @@ def make_datamodule(seed: int, offset: int, n: int):
 
 def global_name(name: str, ep_rank: int, local_experts: int) -> str:
     name = name[re.search(r"(embedding|decoder|output_layer)\.", name).start():]
-    return re.sub(r"local_experts\.(\d+)\.",
-                  lambda m: f"experts.{ep_rank * local_experts + int(m.group(1))}.", name)
+    return re.sub(r"local_experts\.(\d+)\.", lambda m: f"expert{ep_rank * local_experts + int(m.group(1))}.", name)
 
 
 def recorder(run: dict, out_dir: Path):
@@ -144,7 +143,7 @@ def train(index: int, run: dict, out_dir: Path) -> dict:
     from nemo_upcycle.engine import cpu
 
     t0 = time.time()
-    optim = nl.MegatronOptimizerModule(OptimizerConfig(optimizer="adam", lr=3e-3, clip_grad=1.0, bf16=False,
+    optim = nl.MegatronOptimizerModule(OptimizerConfig(optimizer="adam", lr=run.get("lr", 3e-3), clip_grad=1.0, bf16=False,
                                                        use_distributed_optimizer=False))
     model = llm.GPTModel(tiny_moe_config(run["dispatcher"]), optim=optim)
     restore = None

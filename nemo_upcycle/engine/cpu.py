@@ -2,25 +2,29 @@
 
 NeMo 2.7.3 and megatron-core 0.15.3 assume CUDA at a known set of call sites: ``torch.cuda.current_device()``
 as the device of buffers, ``device="cuda"`` literals, ``.cuda()``, ``pin_memory=True``, CUDA streams and
-events, ``torch.cuda.synchronize()`` and the CUDA RNG tracker. :func:`enable_cpu_support` (a no-op when CUDA
-is available) bypasses exactly those sites, checked against the pinned versions, and nothing else.
+events, ``torch.cuda.synchronize()`` and the CUDA RNG tracker. :func:`enable_cpu_support` bypasses exactly
+those sites, only when CUDA is absent, only for the pinned versions (UpcycleError on others).
 
-How a call site is bypassed
-- *Scoped* (``_SCOPED``): the named function is wrapped; while it runs, only torch calls written in its own
-  body (or in the listed helpers it calls) are redirected: ``device`` cuda -> cpu, ``Tensor.cuda()`` /
-  ``.to("cuda")`` -> stay on CPU, ``pin_memory`` -> False, and ``torch.cuda.{current_device, Stream, stream,
-  current_stream, synchronize, max_memory_*}`` -> CPU stand-ins. The caller's frame decides, so code the
-  function calls into (the model inside ``forward_backward_no_pipelining``) is not redirected, and
-  ``torch.zeros`` and friends are never replaced: a ``TorchFunctionMode`` does it, only inside the scope.
-- *Replaced* (``_replace``): a module attribute is set to a CPU equivalent, where a wrapper cannot help
-  (an assert on ``torch.cuda.FloatTensor``, a missing TE symbol, the RNG tracker class).
+Use, in this order: ``enable_cpu_support()`` before building the trainer; every model config gets
+``**cpu_config_overrides()``; ``nl.MegatronStrategy(..., **cpu_strategy_kwargs())``;
+``nl.Trainer(accelerator="cpu", ...)``. Under torchrun the process group is gloo (Lightning's CPU default).
 
-Every site is listed below with file:line (megatron/core/... or nemo/...) and the reason.
+How a site is bypassed
+- *Scoped* (``_SCOPED``, each entry with its file:line): the named function is wrapped; while it runs, torch
+  calls written in its own body (or in listed helpers) are redirected: ``device`` cuda -> cpu,
+  ``Tensor.cuda()`` / ``.to("cuda")`` -> stay, ``pin_memory`` -> False, ``torch.cuda.{current_device, Stream,
+  stream, current_stream, synchronize, max_memory_*}`` -> CPU stand-ins. The calling frame decides, so what
+  the function calls into (the model inside ``forward_backward_no_pipelining``) is not redirected. A
+  ``TorchFunctionMode`` does it inside the scope; torch's factories are never replaced.
+- *Replaced* (in :func:`enable_cpu_support`): the RNG tracker class and its seeding, the gradient clipping
+  that asserts CUDA grads, the all-to-all split sizes, a missing TE symbol, NeMo's loaded-tensor device fix,
+  and a rank-0-only empty all-gather that desynchronizes gloo; each helper's docstring names its site.
 
-Model and config settings a caller must use on CPU: :func:`cpu_config_overrides` (TransformerConfig fields:
-CPU initialization, no CUDA/TE fusions) and :func:`cpu_strategy_kwargs` (``MegatronStrategy``: synchronous
-checkpoint save). Token dispatchers ``alltoall`` and ``allgather`` work (EP > 1 over gloo too); ``flex``
-(DeepEP), grouped GEMM, Transformer Engine specs, fp8, CUDA graphs and the distributed optimizer do not.
+Not bypassed (not needed by the tested paths): NeMo's async checkpoint save (``ckpt_async_save=True``,
+NeMo's default) calls ``torch.cuda.synchronize()`` at dist_checkpointing/strategies/async_utils.py:210, so
+:func:`cpu_strategy_kwargs` turns it off; the distributed optimizer, ``flex`` (DeepEP) dispatcher, grouped
+GEMM, Transformer Engine specs, fp8, CUDA graphs; tensor, sequence, context and pipeline parallelism are
+untested. Tested: DP and EP (``alltoall`` and ``allgather`` dispatchers) over gloo, dist-checkpoint save/load.
 """
 
 from __future__ import annotations
@@ -71,19 +75,13 @@ class _CudaToCpu(TorchFunctionMode):
 
 
 class _NoStream:
-    """Stands in for ``torch.cuda.Stream`` / ``Event``: CPU work is already ordered."""
+    """Stands in for ``torch.cuda.Stream`` and ``Event``: CPU work is already ordered, so every method is a no-op."""
 
     def __init__(self, *args, **kwargs):
         pass
 
-    def wait_stream(self, stream):
-        pass
-
-    def synchronize(self):
-        pass
-
-    def record_event(self, event=None):
-        return _NoStream()
+    def __getattr__(self, name):  # wait_stream, synchronize, record_event, ...
+        return lambda *args, **kwargs: _NoStream()
 
 
 _CUDA_STANDINS = {
@@ -153,66 +151,62 @@ def _replace(module: str, qualname: str, value) -> None:
     setattr(owner, name, value)
 
 
-MC, NL = "megatron.core.", "nemo.lightning."
-# (module, function, helpers it calls whose torch calls are redirected too); the comment names the
-# CUDA-only lines (megatron-core 0.15.3 / NeMo 2.7.3) and what they do.
+MC, NL, DC = "megatron.core.", "nemo.lightning.", "megatron.core.dist_checkpointing."
+# (module, function, helpers it calls whose torch calls are redirected too); each comment names the CUDA-only
+# lines (megatron-core 0.15.3 under megatron/core/, NeMo 2.7.3 under nemo/) and what they do.
 _SCOPED = [
-    # rotary_pos_embedding.py:164 moves inv_freq to torch.cuda.current_device() on the first forward
+    # models/common/embeddings/rotary_pos_embedding.py:164 moves inv_freq to current_device() on first use
     (MC + "models.common.embeddings.rotary_pos_embedding", "RotaryEmbedding.forward", ()),
-    # utils.py:535 allocates the shared attention matmul buffer on torch.cuda.current_device()
+    # utils.py:535 the shared attention matmul buffer on torch.cuda.current_device()
     (MC + "utils", "GlobalMemoryBuffer.get_tensor", ()),
-    # router.py:86/88 moves the router weight and bias to torch.cuda.current_device() before gating
+    # transformer/moe/router.py:86/88 moves the router weight and bias to current_device() before gating
     (MC + "transformer.moe.router", "Router.gating", ()),
-    # router.py:165-194 expert-bias and global-aux-loss buffers on torch.cuda.current_device()
+    # transformer/moe/router.py:165-194 expert-bias and global-aux-loss buffers on current_device()
     (MC + "transformer.moe.router", "TopKRouter.__init__", ()),
-    # token_dispatcher.py:425 creates the class-wide torch.cuda.Stream() for device-to-host copies
+    # transformer/moe/token_dispatcher.py:425 the class-wide torch.cuda.Stream() for device-to-host copies,
+    # :831-858 current_stream / stream / record_event around those copies
     (MC + "transformer.moe.token_dispatcher", "MoEAlltoAllTokenDispatcher.__init__", ()),
-    # token_dispatcher.py:831-858 current_stream / stream / record_event around those copies
     (MC + "transformer.moe.token_dispatcher", "MoEAlltoAllTokenDispatcher._maybe_dtoh_and_synchronize", ()),
-    # mappings.py:91/141/148/181 gather and reduce-scatter outputs, :442 all-to-all-v output on CUDA
-    (MC + "tensor_parallel.mappings", "_gather_along_first_dim", ()),
-    (MC + "tensor_parallel.mappings", "_reduce_scatter_along_first_dim", ()),
-    (MC + "tensor_parallel.mappings", "_gather_along_last_dim", ()),
-    (MC + "tensor_parallel.mappings", "_reduce_scatter_along_last_dim", ()),
-    (MC + "tensor_parallel.mappings", "_AllToAll.forward", ()),
-    # param_and_grad_buffer.py:702/719/725 DDP param and grad buffers on torch.cuda.current_device()
+    # tensor_parallel/mappings.py:91/141/148/181 gather and reduce-scatter outputs and :442 the all-to-all-v
+    # output on current_device() (the allgather and alltoall dispatchers at EP > 1)
+    *[(MC + "tensor_parallel.mappings", fn, ()) for fn in (
+        "_gather_along_first_dim", "_reduce_scatter_along_first_dim", "_gather_along_last_dim",
+        "_reduce_scatter_along_last_dim", "_AllToAll.forward")],
+    # distributed/param_and_grad_buffer.py:702/719/725 DDP param and grad buffers on current_device()
     (MC + "distributed.param_and_grad_buffer", "_ParamAndGradBuffer.__init__", ()),
-    # optimizer.py:469/477/481 found_inf, overflow and scale tensors on device='cuda'
+    # optimizer/optimizer.py:469/477/481 found_inf, overflow and scale tensors, :903 the fp32 optimizer's
+    # loss scale, all on device='cuda'
     (MC + "optimizer.optimizer", "MixedPrecisionOptimizer.__init__", ()),
-    # optimizer.py:903 the fp32 optimizer's constant loss scale on device='cuda'
     (MC + "optimizer.optimizer", "FP32Optimizer.__init__", ()),
-    # clip_grads.py:90/103/115 norm buffers on 'cuda'; utils.py:1029 the torch fallback of the
+    # optimizer/clip_grads.py:90/103/115 norm buffers on 'cuda'; utils.py:1029 the torch fallback of the
     # l2-norm kernel returns its result on 'cuda'
     (MC + "optimizer.optimizer", "get_grad_norm_fp32", (MC + "utils:local_multi_tensor_l2_norm",)),
-    # schedules.py:573 total_num_tokens on device="cuda" (the model it calls is not redirected)
+    # pipeline_parallel/schedules.py:573 total_num_tokens on "cuda" (the model it runs is not redirected)
     (MC + "pipeline_parallel.schedules", "forward_backward_no_pipelining", ()),
-    # timers.py:149/162 torch.cuda.synchronize() around every timer; :286 gathers times on CUDA
+    # timers.py:149/162 torch.cuda.synchronize() around every timer, :286 the gathered times on CUDA
     (MC + "timers", "Timer.start", ()),
     (MC + "timers", "Timer.stop", ()),
     (MC + "timers", "Timers._get_elapsed_time_all_ranks", ()),
-    # dist_checkpointing/strategies/filesystem_async.py:230 torch.cuda.synchronize() after staging, also
-    # on the synchronous save path
-    (MC + "dist_checkpointing.strategies.filesystem_async", "FileSystemWriterAsync.preload_tensors", ()),
-    # dist_checkpointing/strategies/state_dict_saver.py:251 the failure flag broadcast from a CUDA tensor
-    (MC + "dist_checkpointing.strategies.torch", "save_state_dict_async_finalize", ()),
-    # dist_checkpointing/strategies/fully_parallel.py:272/281 torch.cuda.synchronize() after the exchange
-    (MC + "dist_checkpointing.strategies.fully_parallel", "FullyParallelLoadStrategyWrapper.load", ()),
-    # dist_checkpointing/exchange_utils.py:101-113, :329/339, :502 the fully parallel load exchanges the
-    # shards each rank read through CUDA tensors (init_data("cuda"), empty(device="cuda"), .cuda())
-    (MC + "dist_checkpointing.exchange_utils", "_get_empty_tensor_for_exchange",
-     (MC + "dist_checkpointing.mapping:ShardedTensor.init_data",)),
-    (MC + "dist_checkpointing.exchange_utils", "exchange_loaded_tensors_gather_rounds", ()),
-    (MC + "dist_checkpointing.exchange_utils", "exchange_loaded_tensors_broadcast", ()),
-    # megatron_parallel.py:617 init_ddp inside torch.cuda.stream(torch.cuda.Stream()), also for dense models
+    # dist_checkpointing/strategies/filesystem_async.py:230 synchronize() after staging (also when synchronous)
+    (DC + "strategies.filesystem_async", "FileSystemWriterAsync.preload_tensors", ()),
+    # dist_checkpointing/strategies/state_dict_saver.py:251 the save-failure flag broadcast from CUDA
+    (DC + "strategies.torch", "save_state_dict_async_finalize", ()),
+    # dist_checkpointing/strategies/fully_parallel.py:272/281 synchronize() after the load exchange;
+    # exchange_utils.py:101-113, :329/339, :502 the ranks exchange the shards each one read as CUDA tensors
+    (DC + "strategies.fully_parallel", "FullyParallelLoadStrategyWrapper.load", ()),
+    (DC + "exchange_utils", "_get_empty_tensor_for_exchange", (DC + "mapping:ShardedTensor.init_data",)),
+    (DC + "exchange_utils", "exchange_loaded_tensors_gather_rounds", ()),
+    (DC + "exchange_utils", "exchange_loaded_tensors_broadcast", ()),
+    # nemo/lightning/megatron_parallel.py:617 init_ddp inside torch.cuda.stream(torch.cuda.Stream())
     (NL + "megatron_parallel", "MegatronParallel.init_model_parallel", ()),
-    # llm/gpt/model/base.py:103 gpt_data_step moves the batch with .cuda(non_blocking=True)
+    # nemo/collections/llm/gpt/model/base.py:103 gpt_data_step moves the batch with .cuda(non_blocking=True)
     ("nemo.collections.llm.gpt.model.base", "GPTModel.data_step",
      ("nemo.collections.llm.gpt.model.base:gpt_data_step",)),
-    # megatron_strategy.py:801/821/828/850 logged step, memory and loss: pin_memory=True, .to("cuda")
+    # nemo/lightning/pytorch/strategies/megatron_strategy.py:801/821/828/850 (logged step, memory, loss) and
+    # :881/888 (grad norm, zero count): torch.tensor(x, pin_memory=True).to("cuda")
     (NL + "pytorch.strategies.megatron_strategy", "MegatronStrategy.training_step", ()),
-    # megatron_strategy.py:881/888 the same for grad norm and zero count
     (NL + "pytorch.strategies.megatron_strategy", "MegatronStrategy.optimizer_step", ()),
-    # pytorch/plugins/data_sampler.py:212 the logged global batch size: pin_memory=True, .to("cuda")
+    # nemo/lightning/pytorch/plugins/data_sampler.py:212 the logged global batch size, the same way
     (NL + "pytorch.plugins.data_sampler", "MegatronDataSampler.on_megatron_step_end", ()),
 ]
 
@@ -342,21 +336,20 @@ def enable_cpu_support() -> bool:
 
 
 def cpu_config_overrides() -> dict:
-    """TransformerConfig / GPTConfig fields to set on CPU: CPU initialization and no CUDA or TE fusions."""
+    """TransformerConfig / GPTConfig fields to set on CPU (NeMo's GPTConfig turns several fusions on)."""
     return dict(
-        use_cpu_initialization=True,  # else weights are allocated on torch.cuda.current_device()
-        apply_rope_fusion=False,  # needs TE (ValueError at config time without it)
-        gradient_accumulation_fusion=False,  # needs the fused_weight_gradient_mlp_cuda extension
-        masked_softmax_fusion=False,  # CUDA kernel
-        bias_activation_fusion=False,  # torch.compile'd GPU fusion
-        bias_dropout_fusion=False,
-        persist_layer_norm=False,  # apex persistent layer norm
-        cross_entropy_loss_fusion=False,  # torch.compile'd; needs a C++ toolchain on CPU, no gain
-        moe_permute_fusion=False,  # TE permute; token_dispatcher.py:389 puts indices on CUDA
-        moe_grouped_gemm=False,  # TE / grouped_gemm kernels; use SequentialMLP experts
+        use_cpu_initialization=True,  # needed: else weights are allocated on torch.cuda.current_device()
+        apply_rope_fusion=False,  # needed without TE (ValueError at config time)
+        moe_permute_fusion=False,  # needed: TE kernels (token_dispatcher.py:389 puts indices on CUDA)
+        moe_grouped_gemm=False,  # needed: TE / grouped_gemm kernels; experts run as SequentialMLP
+        gradient_accumulation_fusion=False,  # needed: a CUDA extension (NeMo enables it where it imports)
+        masked_softmax_fusion=False,  # a CUDA kernel; Megatron falls back to torch softmax anyway
+        persist_layer_norm=False,  # apex only
+        # torch.compile'd fusions: they work on CPU, but compiling costs ~30 s per process for no gain
+        cross_entropy_loss_fusion=False, bias_activation_fusion=False, bias_dropout_fusion=False,
     )
 
 
 def cpu_strategy_kwargs() -> dict:
-    """MegatronStrategy arguments for CPU: synchronous checkpoint save (the async path needs CUDA streams)."""
+    """MegatronStrategy arguments for CPU: synchronous checkpoint save (async_utils.py:210 synchronizes CUDA)."""
     return dict(ckpt_async_save=False)
