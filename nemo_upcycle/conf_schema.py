@@ -177,10 +177,8 @@ def validate(cfg) -> RunConfig:
     if moe.num_moe_experts % par.expert_model_parallel_size:
         raise UpcycleError(f"parallel.expert_model_parallel_size={par.expert_model_parallel_size} does not divide "
                            f"moe.num_moe_experts={moe.num_moe_experts}; choose a divisor.")
-    from .core.options import UpcycleOptions
-
     try:
-        _upcycle_options_check(run)
+        upcycle_options(run).validate(ffn_hidden_size=m.ffn_hidden_size, num_layers=m.num_layers)
     except UpcycleError as e:  # the core names CLI flags; a recipe user needs the config keys
         msg = str(e)
         for flag, key in FLAG_KEYS.items():
@@ -198,14 +196,18 @@ FLAG_KEYS = {"--num-experts": "moe.num_moe_experts", "--topk": "moe.moe_router_t
              "--capacity-factor": "moe.moe_expert_capacity_factor", "--moe-layers": "moe.moe_layer_freq"}
 
 
-def _upcycle_options_check(run: RunConfig) -> None:
+def upcycle_options(run: RunConfig):
+    """The core's ``UpcycleOptions`` for this recipe (not yet validated against the dense sizes)."""
     from .core.options import UpcycleOptions
 
-    m, moe, up = run.model, run.moe, run.upcycle
-    UpcycleOptions(moe.num_moe_experts, moe.moe_router_topk, granularity=up.granularity, scaling=up.scaling,
-                   router_init=up.router_init, router_std=up.router_std, noise_std=up.noise_std,
-                   drop_ratio=up.drop_ratio, seed=up.seed, moe_router_score_function=moe.moe_router_score_function,
-                   moe_router_pre_softmax=moe.moe_router_pre_softmax,
-                   moe_expert_capacity_factor=moe.moe_expert_capacity_factor,
-                   moe_token_drop_policy=moe.moe_token_drop_policy).validate(ffn_hidden_size=m.ffn_hidden_size,
-                                                                            num_layers=m.num_layers)
+    moe, up = run.moe, run.upcycle
+    layers = "all" if moe.moe_layer_freq == 1 else f"every:{moe.moe_layer_freq}"
+    return UpcycleOptions(moe.num_moe_experts, moe.moe_router_topk, granularity=up.granularity, scaling=up.scaling,
+                          router_init=up.router_init, router_std=up.router_std, noise_std=up.noise_std,
+                          drop_ratio=up.drop_ratio, moe_layers=layers, seed=up.seed,
+                          moe_router_score_function=moe.moe_router_score_function,
+                          moe_router_pre_softmax=moe.moe_router_pre_softmax,
+                          moe_expert_capacity_factor=moe.moe_expert_capacity_factor,
+                          moe_token_drop_policy=moe.moe_token_drop_policy,
+                          moe_pad_expert_input_to_capacity=moe.moe_pad_expert_input_to_capacity,
+                          moe_aux_loss_coeff=moe.moe_aux_loss_coeff)

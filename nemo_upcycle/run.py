@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .conf_schema import RunConfig
+from .conf_schema import RunConfig, upcycle_options
 from .errors import UpcycleError
 from .plan import GPUS, ModelDims, ParallelLayout, TrainingSetup, format_plan, plan
 
@@ -61,22 +61,6 @@ def hf_llama_config(run: RunConfig) -> dict:
            "vocab_size": m.vocab_size, "rms_norm_eps": m.layernorm_epsilon, "rope_theta": m.rotary_base,
            "max_position_embeddings": m.seq_length, "tie_word_embeddings": m.share_embeddings_and_output_weights}
     return cfg
-
-
-def upcycle_options(run: RunConfig):
-    from .core.options import UpcycleOptions
-
-    moe, up = run.moe, run.upcycle
-    layers = "all" if moe.moe_layer_freq == 1 else f"every:{moe.moe_layer_freq}"
-    return UpcycleOptions(moe.num_moe_experts, moe.moe_router_topk, granularity=up.granularity, scaling=up.scaling,
-                          router_init=up.router_init, router_std=up.router_std, noise_std=up.noise_std,
-                          drop_ratio=up.drop_ratio, moe_layers=layers, seed=up.seed,
-                          moe_router_score_function=moe.moe_router_score_function,
-                          moe_router_pre_softmax=moe.moe_router_pre_softmax,
-                          moe_expert_capacity_factor=moe.moe_expert_capacity_factor,
-                          moe_token_drop_policy=moe.moe_token_drop_policy,
-                          moe_pad_expert_input_to_capacity=moe.moe_pad_expert_input_to_capacity,
-                          moe_aux_loss_coeff=moe.moe_aux_loss_coeff)
 
 
 def meta_parameter_count(run: RunConfig) -> int:
