@@ -143,8 +143,9 @@ def train(index: int, run: dict, out_dir: Path) -> dict:
     from nemo_upcycle.engine import cpu
 
     t0 = time.time()
-    optim = nl.MegatronOptimizerModule(OptimizerConfig(optimizer="adam", lr=run.get("lr", 3e-3), clip_grad=1.0, bf16=False,
-                                                       use_distributed_optimizer=False))
+    adam = OptimizerConfig(optimizer="adam", lr=run.get("lr", 3e-3), clip_grad=1.0, bf16=False,
+                           use_distributed_optimizer=False)
+    optim = nl.MegatronOptimizerModule(adam)
     model = llm.GPTModel(tiny_moe_config(run["dispatcher"]), optim=optim)
     restore = None
     if run.get("restore"):

@@ -21,7 +21,7 @@ How a site is bypassed
   and a rank-0-only empty all-gather that desynchronizes gloo; each helper's docstring names its site.
 
 Not bypassed (not needed by the tested paths): NeMo's async checkpoint save (``ckpt_async_save=True``,
-NeMo's default) calls ``torch.cuda.synchronize()`` at dist_checkpointing/strategies/async_utils.py:210, so
+NeMo's default) calls ``torch.cuda.synchronize()`` at megatron/core/dist_checkpointing/strategies/async_utils.py:210, so
 :func:`cpu_strategy_kwargs` turns it off; the distributed optimizer, ``flex`` (DeepEP) dispatcher, grouped
 GEMM, Transformer Engine specs, fp8, CUDA graphs; tensor, sequence, context and pipeline parallelism are
 untested. Tested: DP and EP (``alltoall`` and ``allgather`` dispatchers) over gloo, dist-checkpoint save/load.
@@ -212,14 +212,15 @@ _SCOPED = [
 
 
 def _move_to_cpu_as_on_gpu(tensor, as_numpy=False, record_stream=False):
-    """moe_utils.py:883 converts only CUDA tensors; CPU split sizes must become numpy too (all_to_all wants lists)."""
+    """transformer/moe/moe_utils.py:883 converts only CUDA tensors to numpy; the all-to-all split sizes must
+    be numpy (lists) on CPU too, as torch.distributed.all_to_all_single wants."""
     if torch.is_tensor(tensor) and as_numpy:
         return tensor.numpy()
     return tensor
 
 
 def _clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decoupled_grad=False):
-    """clip_grads.py:167 asserts 'torch.cuda.FloatTensor' grads; the same in-place scaling for CPU grads."""
+    """optimizer/clip_grads.py:167 asserts 'torch.cuda.FloatTensor' grads; the same in-place scaling for CPU grads."""
     from megatron.core.utils import to_local_if_dtensor
 
     attr = "decoupled_grad" if use_decoupled_grad else "grad"
@@ -232,9 +233,10 @@ def _clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decouple
 
 
 def _skip_empty_timer_gather(stock):
-    """timers.py:296 all-gathers the timer table; NeMo's ProgressPrinter (progress_printer.py:155) calls it on
-    rank 0 only, with no timers registered at the default log level. NCCL skips a gather of nothing; gloo
-    still uses up a collective tag on rank 0 alone, so the next collective (a checkpoint save) hangs."""
+    """timers.py:297 all-gathers the timer table; NeMo's ProgressPrinter calls it on rank 0 only
+    (nemo/lightning/pytorch/callbacks/progress_printer.py:155), with no timers registered at the default
+    log level. NCCL skips a gather of nothing; gloo still uses up a collective tag on rank 0 alone, so the
+    next collective (the checkpoint save's all_gather_object) hangs."""
 
     @functools.wraps(stock)
     def _get_elapsed_time_all_ranks(self, names, reset, barrier):
@@ -246,12 +248,14 @@ def _skip_empty_timer_gather(stock):
 
 
 def _loaded_tensors_stay(ckpt):
-    """io/pl.py:493 moves loaded CUDA tensors to the current CUDA device; CPU tensors are where they belong."""
+    """nemo/lightning/io/pl.py:493-503 asserts CUDA is initialized and moves loaded CUDA tensors to the
+    current device; loaded CPU tensors are where they belong."""
     return ckpt
 
 
 def _cpu_rng_tracker_class():
-    """random.py:196-226 keeps named CUDA generator states; here the same named streams, on the CPU generator."""
+    """tensor_parallel/random.py:196-226 keeps named CUDA generator states (the model-parallel and expert
+    streams that dropout and GPU init fork into); here the same named streams, on the CPU generator."""
     from megatron.core.tensor_parallel import random as mrandom
 
     class CpuRNGStatesTracker(mrandom.CudaRNGStatesTracker):
@@ -278,7 +282,8 @@ def _cpu_rng_tracker_class():
 
 
 def _seed_with_tracker(stock_set_random_seed):
-    """megatron_init.py:238 seeds the tracker only if torch.cuda.device_count() > 0; seed it on CPU too."""
+    """nemo/lightning/megatron_init.py:238 seeds the tracker only if torch.cuda.device_count() > 0; seed it
+    on CPU too (the same seeds as on GPU)."""
 
     @functools.wraps(stock_set_random_seed)
     def _set_random_seed(seed_):
@@ -320,14 +325,14 @@ def enable_cpu_support() -> bool:
     for module, qualname, callees in _SCOPED:
         _scope(module, qualname, callees)
     moe_utils = importlib.import_module(MC + "transformer.moe.moe_utils")
-    if not hasattr(moe_utils, "te_general_gemm"):  # moe_utils.py:958 reads it; defined only when TE imports
+    if not hasattr(moe_utils, "te_general_gemm"):  # transformer/moe/moe_utils.py:958 reads it; TE defines it
         moe_utils.te_general_gemm = None
     _replace(MC + "transformer.moe.token_dispatcher", "maybe_move_tensor_to_cpu", _move_to_cpu_as_on_gpu)
     _replace(MC + "optimizer.optimizer", "clip_grad_by_total_norm_fp32", _clip_grad_by_total_norm_fp32)
     _replace(MC + "tensor_parallel.random", "CudaRNGStatesTracker", _cpu_rng_tracker_class())
     timers = importlib.import_module(MC + "timers").Timers
     timers._get_elapsed_time_all_ranks = _skip_empty_timer_gather(timers._get_elapsed_time_all_ranks)
-    # io/pl.py:495 asserts torch.cuda.is_initialized() to move loaded tensors between CUDA devices
+    # nemo/lightning/io/pl.py:495 asserts torch.cuda.is_initialized() to move loaded tensors between CUDA devices
     _replace(NL + "io.pl", "_fix_tensors_device", _loaded_tensors_stay)
     megatron_init = importlib.import_module(NL + "megatron_init")
     megatron_init._set_random_seed = _seed_with_tracker(megatron_init._set_random_seed)
@@ -351,5 +356,6 @@ def cpu_config_overrides() -> dict:
 
 
 def cpu_strategy_kwargs() -> dict:
-    """MegatronStrategy arguments for CPU: synchronous checkpoint save (async_utils.py:210 synchronizes CUDA)."""
+    """MegatronStrategy arguments for CPU: synchronous checkpoint save (the async one synchronizes CUDA at
+    dist_checkpointing/strategies/async_utils.py:210)."""
     return dict(ckpt_async_save=False)
