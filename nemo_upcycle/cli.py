@@ -4,6 +4,7 @@
                        [--scaling exact|megatron] [--pre-softmax] [--drop-ratio R] [--noise-std S]
                        [--moe-layers all|every:N|i,j,..] [--seed N] [--dtype auto|float32|bfloat16|float16]
   nemo-upcycle verify DENSE MOE [--text FILE] [--atol A] [--min-top1 F]
+  nemo-upcycle recipes                    # list conf/<name>.yaml = recipes/<name>.py: mode, GPUs, description
 
 Exit codes: 0 success, 1 verification failed, 2 bad input (one line on stderr naming the fix).
 """
@@ -61,11 +62,16 @@ def _add_verify(sub) -> None:
     p.add_argument("--min-top1", type=float, default=1.0, help="smallest accepted top-1 agreement")
 
 
+def _add_recipes(sub) -> None:
+    sub.add_parser("recipes", help="list the recipes (conf/<name>.yaml = recipes/<name>.py): mode, GPUs, description")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nemo-upcycle", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _add_convert(sub)
     _add_verify(sub)
+    _add_recipes(sub)
     return parser
 
 
@@ -110,10 +116,30 @@ def run_verify(a: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def run_recipes(a: argparse.Namespace) -> int:
+    from .catalog import compose, describe, recipe_names
+
+    rows = []
+    for name in recipe_names():
+        r = compose(name)
+        p = r.parallel
+        if p.accelerator == "gpu":
+            where = f"{p.num_nodes * p.devices} x {p.gpu} ({p.num_nodes} node{'s' if p.num_nodes > 1 else ''} x {p.devices})"
+        else:
+            where = f"CPU, {p.num_nodes * p.devices} process{'es' if p.num_nodes * p.devices > 1 else ''}"
+        rows.append((name, r.mode, where, describe(name)))
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    for row in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[3])
+    print("run: python train.py --config-name=NAME [mode=plan|verify|train] [key=value ...]; "
+          "NeMo-Run: from recipes.NAME import recipe")
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"convert": run_convert, "verify": run_verify}[args.command](args)
+        return {"convert": run_convert, "verify": run_verify, "recipes": run_recipes}[args.command](args)
     except UpcycleError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
