@@ -18,8 +18,9 @@ What it measures
   larger of that and the RSS of the torchrun agent it was forked from) and the time from the start of the
   build to the filled model (build = Megatron's constructors incl. random init; the rest is the fill).
   "increment" = VmHWM - baseline VmRSS.
-  "expect" is the analytic estimate: (A) the MoE shard; (B) dense + MoE shard + upcycle_state_dict's
-  deep copies of both state dicts (2 x (dense + shard)).
+  "expect" is the analytic estimate: (A) the MoE shard (the fill adds one dense tensor or MLP at a time on
+  top, the largest being the 113 MB embedding read); (B) dense + MoE shard + upcycle_state_dict's deep
+  copies of both state dicts (2 x (dense + shard)).
   Ranks run with ``MALLOC_MMAP_THRESHOLD_=1048576`` (``--stock-malloc``: without). With glibc's dynamic mmap
   threshold about 1 rank in 4 (EP=2, either method) keeps ~0.5 GB more resident after Megatron's MoE
   constructors (``use_cpu_initialization`` allocates and frees a master weight and a copy per parameter, and
@@ -130,9 +131,12 @@ def make_models(workdir: Path, which: list[str]) -> dict[str, Path]:
     out = {}
     for name in which:
         path = workdir / f"dense-{name}"
-        if not (path / "config.json").is_file():
+        if not path.is_dir():
             print(f"writing {path} ...", flush=True)
-            subprocess.run([sys.executable, __file__, "--make", name, str(path)], check=True)
+            tmp = path.with_name(path.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            subprocess.run([sys.executable, __file__, "--make", name, str(tmp)], check=True)
+            tmp.rename(path)
         out[name] = path
     return out
 
