@@ -26,7 +26,7 @@ from .core.upcycle import LayerExperts, router_weight
 from .errors import UpcycleError
 from .hf.mixtral import layout, mixtral_config, source_keys
 from .hf.safetensors_stream import ShardedWriter
-from .hf.source import DenseSource, open_dense
+from .hf.source import DenseSource, open_dense, read_dense_mlp
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -101,7 +101,7 @@ def convert(src_path, out_dir, opts: UpcycleOptions, *, dtype: Optional[str] = N
     try:
         writer = ShardedWriter(tmp, specs, max_shard_bytes)
         consumed: list[str] = []
-        experts = LayerExperts(lambda i: read_dense_mlp(src, i), opts)
+        experts = LayerExperts(lambda i: read_dense_mlp(src.get, i), opts)
         with tqdm(total=sum(s.nbytes for s in specs), unit="B", unit_scale=True, desc="upcycle",
                   disable=not progress) as bar:
             for spec, recipe in plan:
@@ -118,11 +118,6 @@ def convert(src_path, out_dir, opts: UpcycleOptions, *, dtype: Optional[str] = N
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return ConvertResult(out, writer.bytes_written, len(specs), config)
-
-
-def read_dense_mlp(src: DenseSource, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    p = f"model.layers.{layer}.mlp."
-    return src.get(p + "gate_proj.weight"), src.get(p + "up_proj.weight"), src.get(p + "down_proj.weight")
 
 
 def _produce(src: DenseSource, recipe: tuple, opts: UpcycleOptions, experts: LayerExperts,

@@ -31,6 +31,7 @@ import torch
 
 from ..core.options import UpcycleOptions
 from ..core.upcycle import LayerExperts, router_weight
+from ..hf.source import read_dense_mlp
 
 
 @dataclass(frozen=True)
@@ -92,11 +93,7 @@ class MegatronFiller:
         self.get, self.cfg, self.opts, self.par = get, llama, opts, layout
         self.num_local_experts = num_local_experts
         self.padded_vocab = padded_vocab or llama["vocab_size"]
-        self.experts = LayerExperts(self._read_mlp, opts)
-
-    def _read_mlp(self, layer: int):
-        p = f"model.layers.{layer}.mlp."
-        return self.get(p + "gate_proj.weight"), self.get(p + "up_proj.weight"), self.get(p + "down_proj.weight")
+        self.experts = LayerExperts(lambda layer: read_dense_mlp(get, layer), opts)
 
     def _vocab(self, key: str) -> torch.Tensor:
         t = self.get(key)

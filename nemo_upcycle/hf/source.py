@@ -241,6 +241,12 @@ def open_dense(path: str | Path) -> DenseSource:
     return src.check()
 
 
+def read_dense_mlp(get, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(gate, up, down) of one dense layer, read with ``get(hf_key)`` (any source's ``get``)."""
+    p = f"model.layers.{layer}.mlp."
+    return get(p + "gate_proj.weight"), get(p + "up_proj.weight"), get(p + "down_proj.weight")
+
+
 def total_bytes(src: DenseSource, keys: Iterable[str], dtype: torch.dtype | None = None) -> int:
     n = 0
     for k in keys:
