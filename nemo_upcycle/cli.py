@@ -1,9 +1,13 @@
-"""``nemo-upcycle``: convert a dense Llama into an HF Mixtral MoE, and verify step-0 equivalence.
+"""``nemo-upcycle``: convert a dense Llama into an HF Mixtral MoE, verify step-0 equivalence or a trained export.
 
   nemo-upcycle convert SRC OUT --num-experts E --topk K [--granularity G] [--router-init ...]
                        [--scaling exact|megatron] [--pre-softmax] [--drop-ratio R] [--noise-std S]
                        [--moe-layers all|every:N|i,j,..] [--seed N] [--dtype auto|float32|bfloat16|float16]
   nemo-upcycle verify DENSE MOE [--text FILE] [--atol A] [--min-top1 F]
+      MOE from convert: transformers' Mixtral vs the dense Llama (step 0: same function, up to --atol).
+      MOE a trained export (engine.export, holds nemo_reference.safetensors): transformers' Mixtral vs the
+      logits NeMo recorded at export on the recorded tokens (the export is faithful, up to --atol); how far
+      training moved the MoE from the dense model is printed as information, not checked.
   nemo-upcycle recipes                    # list conf/<name>.yaml = recipes/<name>.py: mode, GPUs, description
 
 Exit codes: 0 success, 1 verification failed, 2 bad input (one line on stderr naming the fix).
@@ -53,10 +57,12 @@ def _add_convert(sub) -> None:
 
 
 def _add_verify(sub) -> None:
-    p = sub.add_parser("verify", help="check that the MoE computes the dense model's logits at step 0")
+    p = sub.add_parser("verify", help="check that the MoE computes the dense model's logits at step 0, or that a "
+                                      "trained export reproduces NeMo's logits")
     p.add_argument("dense", help="dense HF Llama directory or .gguf file")
-    p.add_argument("moe", help="upcycled HF Mixtral directory")
-    p.add_argument("--text", type=Path, default=None, help="a text file to run (default: a built-in paragraph)")
+    p.add_argument("moe", help="upcycled HF Mixtral directory (from convert, or a trained export)")
+    p.add_argument("--text", type=Path, default=None,
+                   help="a text file to run (default: a built-in paragraph; a trained export uses its recorded tokens)")
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--atol", type=float, default=1e-3, help="largest accepted |logit difference| (fp32)")
     p.add_argument("--min-top1", type=float, default=1.0, help="smallest accepted top-1 agreement")
@@ -97,7 +103,7 @@ def run_convert(a: argparse.Namespace) -> int:
 
 
 def run_verify(a: argparse.Namespace) -> int:
-    from .verify import verify
+    from .verify import TrainedVerifyResult, verify
 
     text = None
     if a.text is not None:
@@ -107,12 +113,34 @@ def run_verify(a: argparse.Namespace) -> int:
             raise UpcycleError(f"cannot read --text {a.text}: {e.strerror}; pass a readable text file.") from None
     r = verify(a.dense, a.moe, text, a.max_tokens)
     ok = r.passed(a.atol, a.min_top1)
+    if isinstance(r, TrainedVerifyResult):
+        return _print_trained(r, a, ok)
     print(f"tokens            {r.tokens} ({r.token_source})")
     print(f"max |dlogit|      {r.max_abs:.3e}   (tolerance {a.atol:g})")
     print(f"mean |dlogit|     {r.mean_abs:.3e}")
     print(f"top-1 agreement   {r.top1:.4f}   (minimum {a.min_top1:g})")
     print(f"upcycling record  {r.note}")
     print("PASS: the MoE computes the dense function at step 0" if ok else "FAIL: the MoE differs from the dense model")
+    return 0 if ok else 1
+
+
+def _print_trained(r, a: argparse.Namespace, ok: bool) -> int:
+    t = r.trained or {}
+    facts = ", ".join(f"{k} {t[k]}" for k in ("steps", "tokens") if k in t)
+    print(f"trained export    {a.moe} ({facts + ', ' if facts else ''}Megatron {r.reference_dtype})")
+    if a.text is not None:
+        print("note              --text is not used: a trained export is checked on the tokens recorded at export")
+    print(f"tokens            {r.tokens} ({r.token_source})")
+    print(f"max |dlogit|      {r.max_abs:.3e}   (tolerance {a.atol:g}; transformers vs NeMo's recorded logits)")
+    print(f"mean |dlogit|     {r.mean_abs:.3e}")
+    print(f"top-1 agreement   {r.top1:.4f}   (minimum {a.min_top1:g})")
+    mx, mean, top1 = r.drift
+    print(f"vs dense model    max |dlogit| {mx:.3e}, mean {mean:.3e}, top-1 agreement {top1:.4f}   "
+          "(how far training moved the MoE; information, not checked)")
+    if not ok and r.reference_dtype != "float32":
+        print(f"hint              NeMo computed the reference in {r.reference_dtype}; pass a looser --atol for it")
+    print("PASS: transformers' Mixtral reproduces the trained NeMo model's logits" if ok
+          else "FAIL: transformers' Mixtral does not reproduce the logits NeMo recorded at export")
     return 0 if ok else 1
 
 

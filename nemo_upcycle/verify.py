@@ -1,4 +1,4 @@
-"""Step-0 verification: does the upcycled MoE compute the dense model's function?
+"""Verification with transformers: step 0 (does the upcycled MoE compute the dense function?) and exports.
 
 Both models are loaded by transformers (dense: ``LlamaForCausalLM`` from an HF directory or a GGUF file;
 MoE: ``MixtralForCausalLM``), in fp32 on the CPU, and run on the same tokens. Reported: max and mean
@@ -6,6 +6,11 @@ absolute logit difference and top-1 agreement. HF Mixtral always renormalizes it
 checkpoint's ``upcycling`` record says the routing is different (softmax then top-k without
 renormalization, or sigmoid), each sparse block is given that routing (``core.routing``) so the check
 measures the model that training will actually see.
+
+A trained export (``engine.export``) carries ``nemo_reference.safetensors``: token ids and the logits NeMo's
+Megatron module computed on them. For it, ``verify_trained`` checks that transformers' Mixtral reproduces those
+logits (the export is faithful) and reports, as information only, how far training moved the MoE from the
+dense model on the same tokens.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ import torch
 
 from .core.routing import route
 from .errors import UpcycleError
+
+REFERENCE_FILE = "nemo_reference.safetensors"  # written by engine.export (kept here: verify imports no NeMo)
 
 DEFAULT_TEXT = (
     "The upcycled mixture of experts starts from the dense model: every expert is a copy of its feed-forward "
@@ -38,6 +45,20 @@ class VerifyResult:
 
     def passed(self, atol: float, min_top1: float) -> bool:
         return self.max_abs <= atol and self.top1 >= min_top1
+
+
+@dataclass
+class TrainedVerifyResult(VerifyResult):
+    """A trained export: ``max_abs``/``mean_abs``/``top1`` compare transformers with NeMo's recorded logits;
+    ``drift`` = (max, mean |dlogit|, top-1 agreement) of the MoE against the dense model (information)."""
+
+    drift: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    trained: Optional[dict] = None
+    reference_dtype: str = "float32"
+
+
+def is_trained_export(moe_path: str | Path) -> bool:
+    return (Path(moe_path).expanduser() / REFERENCE_FILE).is_file()
 
 
 def load_dense(path: str | Path):
@@ -118,8 +139,12 @@ def _has_tokenizer(d: Path) -> bool:
 
 @torch.no_grad()
 def compare(dense, moe, input_ids: torch.Tensor) -> tuple[float, float, float]:
-    a = dense(input_ids).logits.float()
-    b = moe(input_ids).logits.float()
+    return logit_stats(dense(input_ids).logits, moe(input_ids).logits)
+
+
+def logit_stats(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float, float]:
+    """(max |a - b|, mean |a - b|, top-1 agreement) of two [B, T, V] logit tensors."""
+    a, b = a.float(), b.float()
     if a.shape != b.shape:
         raise UpcycleError(f"dense logits {list(a.shape)} and MoE logits {list(b.shape)} differ in shape; "
                            "are these the dense model and its upcycled MoE?")
@@ -129,10 +154,44 @@ def compare(dense, moe, input_ids: torch.Tensor) -> tuple[float, float, float]:
 
 
 def verify(dense_path, moe_path, text: Optional[str] = None, max_tokens: int = 256) -> VerifyResult:
+    """Step 0 for a conversion; for a trained export (it holds the reference), ``verify_trained``."""
     dense_path, moe_path = Path(dense_path).expanduser(), Path(moe_path).expanduser()
+    if is_trained_export(moe_path):
+        return verify_trained(dense_path, moe_path)
     moe = load_moe(moe_path)
     dense = load_dense(dense_path)
     ids, where = tokenize(moe_path, dense_path, text or DEFAULT_TEXT, moe.config.vocab_size, max_tokens)
     mx, mean, top1 = compare(dense, moe, ids)
     note = (getattr(moe.config, "upcycling", None) or {}).get("step0_note", "no upcycling record in config.json")
     return VerifyResult(mx, mean, top1, ids.numel(), note, where)
+
+
+def load_reference(path: Path) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """(input_ids [B, T], logits [B, T, V], metadata) of a ``nemo_reference.safetensors``."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            ids, logits = f.get_tensor("input_ids"), f.get_tensor("logits")
+    except Exception as e:  # truncated, foreign or missing tensors: several error types
+        raise UpcycleError(f"{path} is not a readable NeMo reference ({e.__class__.__name__}); re-export the model.") from None
+    if ids.ndim != 2 or logits.shape[:2] != ids.shape:
+        raise UpcycleError(f"{path}: ids {list(ids.shape)} and logits {list(logits.shape)} do not match; re-export the model.")
+    return ids.long(), logits.float(), meta
+
+
+@torch.no_grad()
+def verify_trained(dense_path: Path, moe_path: Path) -> TrainedVerifyResult:
+    """transformers' Mixtral vs the logits NeMo recorded at export; then the MoE vs the dense model (information)."""
+    ids, ref, meta = load_reference(moe_path / REFERENCE_FILE)
+    moe = load_moe(moe_path)
+    if ids.numel() and (ids.min() < 0 or ids.max() >= moe.config.vocab_size):
+        raise UpcycleError(f"{moe_path / REFERENCE_FILE} holds token ids outside the vocabulary; re-export the model.")
+    ours = moe(ids).logits
+    mx, mean, top1 = logit_stats(ref, ours)
+    drift = logit_stats(load_dense(dense_path)(ids).logits, ours)
+    trained = getattr(moe.config, "trained", None) or {}
+    note = (getattr(moe.config, "upcycling", None) or {}).get("step0_note", "no upcycling record in config.json")
+    return TrainedVerifyResult(mx, mean, top1, ids.numel(), note, f"{list(ids.shape)} ids recorded at export",
+                               drift=drift, trained=trained, reference_dtype=meta.get("megatron_dtype", "float32"))

@@ -1,0 +1,339 @@
+"""A trained Megatron-core MoE (one rank holding the whole model) -> an HF Mixtral directory, with its proof.
+
+``export_hf_mixtral(module, config, out_dir, hf_llama_config=...)`` writes what
+``transformers.MixtralForCausalLM.from_pretrained`` loads, plus ``nemo_reference.safetensors``: token ids and
+the Megatron module's own logits on them, which ``nemo-upcycle verify DENSE OUT`` replays with transformers.
+
+Megatron parameter (local or TE spec)                    HF Mixtral tensor
+  embedding.word_embeddings.weight [Vp, D]                 model.embed_tokens.weight [V, D] (padded rows cut)
+  decoder.layers.{l}.input_layernorm.weight                model.layers.{l}.input_layernorm.weight
+     (TE: self_attention.linear_qkv.layer_norm_weight)
+  decoder.layers.{l}.self_attention.linear_qkv.weight      self_attn.{q,k,v}_proj.weight (mcore_map.split_qkv)
+  decoder.layers.{l}.self_attention.linear_proj.weight     self_attn.o_proj.weight
+  decoder.layers.{l}.pre_mlp_layernorm.weight              post_attention_layernorm.weight
+  decoder.layers.{l}.mlp.router.weight [E, D]              block_sparse_moe.gate.weight
+  ...mlp.experts.local_experts.{e}.linear_fc1.weight       block_sparse_moe.experts.{e}.w1 (gate, first half)
+     [2F, D] = cat(gate, up)  (TE: experts.linear_fc1.weight{e})                          and w3 (up, second half)
+  ...mlp.experts.local_experts.{e}.linear_fc2.weight       block_sparse_moe.experts.{e}.w2
+  decoder.final_layernorm.weight                           model.norm.weight
+  output_layer.weight [Vp, D]                              lm_head.weight (absent when tied: tie_word_embeddings)
+
+Steps: 1. refuse what a Mixtral cannot hold (a sharded rank, a dense layer, routing HF cannot express, sizes that
+disagree with ``hf_llama_config``); 2. if ``reference_ids`` are given, run the module on them (eval mode, its own
+dtype) and keep the logits cut to the HF vocab; 3. stream every tensor in the order of ``hf.mixtral.layout``
+(the same key table ``convert`` writes) into safetensors shards in a temporary directory next to ``out_dir``;
+4. prove every Megatron parameter was written exactly once; 5. config.json (``hf.mixtral.mixtral_config``: the
+``upcycling`` record carries the routing that verify replays, plus a ``trained`` record), tokenizer files,
+reference; 6. rename onto ``out_dir``. Peak extra memory: one tensor (the writer converts one at a time).
+
+Getting the bare module out of a NeMo run (``unwrap``): ``trainer.strategy.megatron_parallel`` (a
+``MegatronParallel``) holds the LightningModule (``UpcycledLlamaModel``), whose ``.module`` is Megatron's
+``DistributedDataParallel`` around ``Float16Module`` (mixed precision) around the Megatron ``GPTModel``;
+``unwrap`` follows ``[0]`` and ``.module`` through all of them. Call it on one rank only (data-parallel
+ranks hold identical copies; rank 0 exports). A module trained in bf16 is exported from its bf16 weights
+(exact in fp32) and its reference logits are computed in bf16: verify then needs a looser ``--atol``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ..errors import UpcycleError
+from ..verify import REFERENCE_FILE, load_reference  # noqa: F401 -- the reader lives with verify (no NeMo there)
+from .mcore_map import split_qkv
+
+log = logging.getLogger(__name__)
+
+_NOT_TOKENIZER = re.compile(r"(config\.json|.*\.safetensors|.*\.bin|.*\.pt|.*\.index\.json)")
+
+
+def unwrap(module):
+    """The Megatron ``GPTModel`` inside NeMo's wrappers (MegatronParallel, LightningModule, DDP, Float16Module)."""
+    from megatron.core.models.gpt import GPTModel as MCoreGPTModel
+
+    m = module
+    for _ in range(16):
+        if isinstance(m, MCoreGPTModel):
+            return m
+        if isinstance(m, torch.nn.ModuleList):  # MegatronParallel: one entry per virtual-pipeline chunk
+            if len(m) != 1:
+                raise UpcycleError(f"the model has {len(m)} pipeline chunks; export from a 1-rank process without "
+                                   "virtual pipelining.")
+            m = m[0]
+        elif isinstance(getattr(m, "module", None), torch.nn.Module):
+            m = m.module
+        else:
+            break
+    raise UpcycleError(f"no Megatron GPTModel inside {module.__class__.__name__}; pass the trained model "
+                       "(LightningModule, MegatronParallel or its .module).")
+
+
+# ---------------------------------------------------------------------------------------------- checks
+
+
+def check_exportable(module, config, hf_llama: dict) -> None:
+    """One-line UpcycleError for anything an HF Mixtral directory cannot hold exactly."""
+    # 1. one rank holds the whole model
+    sizes = {"TP": config.tensor_model_parallel_size, "PP": config.pipeline_model_parallel_size,
+             "EP": config.expert_model_parallel_size, "ETP": config.expert_tensor_parallel_size or 1,
+             "CP": config.context_parallel_size}
+    try:
+        from megatron.core import parallel_state as ps
+
+        if ps.model_parallel_is_initialized():
+            sizes.update(TP=max(sizes["TP"], ps.get_tensor_model_parallel_world_size()),
+                         PP=max(sizes["PP"], ps.get_pipeline_model_parallel_world_size()),
+                         EP=max(sizes["EP"], ps.get_expert_model_parallel_world_size()))
+    except ImportError:
+        pass
+    split = {k: v for k, v in sizes.items() if v != 1}
+    whole = getattr(module, "pre_process", True) and getattr(module, "post_process", True)
+    if split or not whole:
+        what = ", ".join(f"{k}={v}" for k, v in split.items()) or "a pipeline stage"
+        raise UpcycleError(f"HF export needs the whole model on one rank, this one is sharded ({what}); export from a "
+                           "1-rank process (TP=PP=EP=1), e.g. load the checkpoint there.")
+    # 2. every layer is a sparse block (Mixtral has no dense layers)
+    for i, layer in enumerate(module.decoder.layers):
+        if not hasattr(layer.mlp, "router"):
+            raise UpcycleError(f"layer {i} is dense (moe_layer_freq={config.moe_layer_freq!r}) but HF Mixtral has no "
+                               "dense layers; train with moe_layer_freq=1 to export to HF.")
+    # 3. routing that HF Mixtral + the recorded routing (verify) reproduces
+    bad = [k for k in ("moe_router_num_groups", "moe_router_group_topk", "moe_router_enable_expert_bias",
+                       "moe_input_jitter_eps", "mtp_num_layers") if getattr(config, k, None)]
+    if getattr(config, "moe_router_topk_scaling_factor", None) not in (None, 1.0):
+        bad.append("moe_router_topk_scaling_factor")
+    if bad:
+        raise UpcycleError(f"{', '.join(bad)} set: HF Mixtral cannot express this routing; export needs plain top-k "
+                           "routing (softmax or sigmoid, pre-softmax or not).")
+    act = getattr(config.activation_func, "__name__", "")
+    if not (config.gated_linear_unit and act == "silu" and config.normalization == "RMSNorm") or config.add_bias_linear \
+            or config.add_qkv_bias or getattr(config, "qk_layernorm", False):
+        raise UpcycleError("the model is not a Llama-style MoE (SwiGLU, RMSNorm, no biases, no qk norm); only those "
+                           "export to HF Mixtral.")
+    # 4. sizes agree with the dense HF config the Mixtral config is written from
+    H = hf_llama["num_attention_heads"]
+    G = config.upcycle_granularity if hasattr(config, "upcycle_granularity") else 1
+    pairs = [("num_layers", config.num_layers, hf_llama["num_hidden_layers"]),
+             ("hidden_size", config.hidden_size, hf_llama["hidden_size"]),
+             ("num_attention_heads", config.num_attention_heads, H),
+             ("num_query_groups", config.num_query_groups or config.num_attention_heads, hf_llama.get("num_key_value_heads") or H),
+             ("kv_channels", config.kv_channels or config.hidden_size // config.num_attention_heads,
+              hf_llama.get("head_dim") or hf_llama["hidden_size"] // H),
+             ("moe_ffn_hidden_size", config.moe_ffn_hidden_size, hf_llama["intermediate_size"] // G),
+             ("share_embeddings_and_output_weights", bool(config.share_embeddings_and_output_weights),
+              bool(hf_llama.get("tie_word_embeddings", False))),
+             ("layernorm_epsilon", config.layernorm_epsilon, hf_llama.get("rms_norm_eps", 1e-6)),
+             ("rotary_base", config.rotary_base, hf_llama.get("rope_theta", 10000.0))]
+    for name, ours, theirs in pairs:
+        if ours != theirs:
+            raise UpcycleError(f"the model has {name}={ours} but hf_llama_config says {theirs}; pass the config.json of "
+                               "the dense model this MoE was upcycled from.")
+    padded = module.embedding.word_embeddings.weight.shape[0]
+    if padded < hf_llama["vocab_size"]:
+        raise UpcycleError(f"the model's vocabulary ({padded}) is smaller than hf_llama_config's vocab_size "
+                           f"({hf_llama['vocab_size']}); pass the dense model's config.json.")
+
+
+# ---------------------------------------------------------------------------------------------- tensors
+
+
+class MegatronTensors:
+    """HF-named tensors read from one rank's Megatron parameters; remembers which parameters were used."""
+
+    def __init__(self, module, config, vocab_size: int):
+        self.params = {n: p for n, p in module.named_parameters()}
+        self.used: set[str] = set()
+        self.V = vocab_size
+        self.H = config.num_attention_heads
+        self.KV = config.num_query_groups or config.num_attention_heads
+        self._qkv: dict[int, tuple[torch.Tensor, ...]] = {}
+
+    def _take(self, *names: str) -> torch.Tensor:
+        for n in names:
+            if n in self.params:
+                self.used.add(n)
+                return self.params[n].detach()
+        raise KeyError(f"the model has no parameter {names[0]}")
+
+    def copy(self, hf_key: str) -> torch.Tensor:
+        """The tensor for a dense Llama key (the ``copy`` recipes of ``hf.mixtral.layout``)."""
+        if hf_key == "model.embed_tokens.weight":
+            return self._take("embedding.word_embeddings.weight")[: self.V]
+        if hf_key == "lm_head.weight":
+            return self._take("output_layer.weight")[: self.V]
+        if hf_key == "model.norm.weight":
+            return self._take("decoder.final_layernorm.weight")
+        _, _, layer, rest = hf_key.split(".", 3)
+        mp = f"decoder.layers.{layer}."
+        if rest == "input_layernorm.weight":
+            return self._take(mp + "input_layernorm.weight", mp + "self_attention.linear_qkv.layer_norm_weight")
+        if rest == "post_attention_layernorm.weight":
+            return self._take(mp + "pre_mlp_layernorm.weight", mp + "mlp.linear_fc1.layer_norm_weight")
+        if rest == "self_attn.o_proj.weight":
+            return self._take(mp + "self_attention.linear_proj.weight")
+        if rest in ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"):
+            l = int(layer)
+            if l not in self._qkv:
+                self._qkv = {l: split_qkv(self._take(mp + "self_attention.linear_qkv.weight"), self.H, self.KV)}
+            return self._qkv[l]["qkv".index(rest[10])]
+        raise KeyError(f"no Megatron source for {hf_key}")
+
+    def router(self, layer: int) -> torch.Tensor:
+        return self._take(f"decoder.layers.{layer}.mlp.router.weight")
+
+    def expert(self, layer: int, e: int, which: str) -> torch.Tensor:
+        """w1 = gate (first half of fc1), w3 = up (second half), w2 = fc2."""
+        mp = f"decoder.layers.{layer}.mlp.experts."
+        if which == "w2":
+            return self._take(mp + f"local_experts.{e}.linear_fc2.weight", mp + f"linear_fc2.weight{e}")
+        gate, up = self._take(mp + f"local_experts.{e}.linear_fc1.weight", mp + f"linear_fc1.weight{e}").chunk(2)
+        return gate if which == "w1" else up
+
+    def produce(self, recipe: tuple) -> torch.Tensor:
+        if recipe[0] == "copy":
+            return self.copy(recipe[1])
+        if recipe[0] == "router":
+            return self.router(recipe[1])
+        return self.expert(*recipe[1:])
+
+    def check_all_used(self) -> None:
+        left = sorted(set(self.params) - self.used)
+        if left:
+            raise RuntimeError(f"export left {len(left)} Megatron parameters unwritten: {left[:4]}")
+
+
+# ---------------------------------------------------------------------------------------------- reference
+
+
+@torch.no_grad()
+def reference_logits(module, input_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """The module's logits [B, T, V] (fp32, cut to the HF vocab) in eval mode, dropless (no capacity)."""
+    from .model import megatron_forward_logits
+
+    if input_ids.dtype != torch.long or input_ids.ndim != 2:
+        raise UpcycleError(f"reference_ids must be a LongTensor [B, T], got {input_ids.dtype} {list(input_ids.shape)}.")
+    if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= vocab_size):
+        raise UpcycleError(f"reference_ids hold ids outside 0..{vocab_size - 1}; pass tokens of this model's tokenizer.")
+    device = next(module.parameters()).device
+    config = module.config
+    was_training, capacity = module.training, config.moe_expert_capacity_factor
+    if capacity is not None and config.moe_pad_expert_input_to_capacity:
+        raise UpcycleError("moe_pad_expert_input_to_capacity=true: the reference logits cannot be computed dropless; "
+                           "export without reference_ids or train with padding off.")
+    module.eval()
+    config.moe_expert_capacity_factor = None  # HF Mixtral routes dropless; so does the reference
+    try:
+        logits = megatron_forward_logits(module, input_ids.to(device))  # (B, T, Vp)
+    finally:
+        config.moe_expert_capacity_factor = capacity
+        module.train(was_training)
+    return logits[..., :vocab_size].float().cpu().contiguous()
+
+
+def save_reference(path: Path, input_ids: torch.Tensor, logits: torch.Tensor, megatron_dtype: torch.dtype) -> None:
+    from safetensors.torch import save_file
+
+    save_file({"input_ids": input_ids.cpu().long().contiguous(), "logits": logits},
+              str(path), metadata={"format": "pt", "megatron_dtype": str(megatron_dtype).removeprefix("torch.")})
+
+
+# ---------------------------------------------------------------------------------------------- export
+
+
+def _versions() -> dict:
+    out = {}
+    for name, mod in (("nemo", "nemo.package_info"), ("megatron_core", "megatron.core.package_info")):
+        try:
+            out[name] = __import__(mod, fromlist=["__version__"]).__version__
+        except Exception:
+            pass
+    return out
+
+
+def copy_tokenizer(tokenizer_dir: Path, out: Path) -> list[str]:
+    """Copy the tokenizer files (everything but configs and weights) of an HF or NeMo tokenizer directory."""
+    d = Path(tokenizer_dir)
+    if not d.is_dir():
+        raise UpcycleError(f"tokenizer_dir {d} is not a directory; pass the dense model's directory or None.")
+    copied = [f.name for f in sorted(d.iterdir()) if f.is_file() and not _NOT_TOKENIZER.fullmatch(f.name)]
+    if not any(n in copied for n in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        raise UpcycleError(f"{d} holds no tokenizer.json / tokenizer.model / vocab.json; pass a tokenizer directory.")
+    for n in copied:
+        shutil.copy2(d / n, out / n)
+    return copied
+
+
+def export_hf_mixtral(module, config, out_dir, *, hf_llama_config: dict, tokenizer_dir=None,
+                      reference_ids: Optional[torch.Tensor] = None, dtype: torch.dtype = torch.float32,
+                      overwrite: bool = False, progress: bool = True, info: Optional[dict] = None,
+                      max_shard_bytes: int = 2 << 30) -> Path:
+    """Write the trained MoE ``module`` (1 rank, whole model) as an HF Mixtral directory; see the module docstring.
+
+    ``hf_llama_config``: the dense model's config.json (dict); ``info``: extra facts for the ``trained`` record of
+    config.json (steps, tokens, run directory, ``source``: the dense checkpoint). Returns the output directory.
+    """
+    from tqdm.auto import tqdm
+
+    from ..convert import finalize, prepare_output
+    from ..hf.mixtral import layout, mixtral_config
+    from ..hf.safetensors_stream import ShardedWriter
+
+    module = unwrap(module)
+    config = getattr(module, "config", config) if config is None else config
+    if not hasattr(config, "upcycle_options"):
+        raise UpcycleError(f"{config.__class__.__name__} has no upcycling fields; pass the UpcycledLlamaConfig of the run.")
+    hf = dict(hf_llama_config)
+    check_exportable(module, config, hf)
+    opts = config.upcycle_options()
+    V = hf["vocab_size"]
+    megatron_dtype = next(module.parameters()).dtype
+
+    # 2. the proof first: a failing forward must not leave a half-written export behind
+    reference = None
+    if reference_ids is not None:
+        reference = reference_logits(module, reference_ids, V)
+
+    # 3. stream the tensors, in the key table's order
+    plan = layout(hf, opts, dtype)
+    specs = [spec for spec, _ in plan]
+    out = Path(out_dir).expanduser().absolute()
+    ref_bytes = 0 if reference is None else reference.numel() * 4 + reference_ids.numel() * 8
+    tmp = prepare_output(out, overwrite, sum(s.nbytes for s in specs) + ref_bytes)
+    try:
+        src = MegatronTensors(module, config, V)
+        writer = ShardedWriter(tmp, specs, max_shard_bytes)
+        with torch.no_grad(), tqdm(total=sum(s.nbytes for s in specs), unit="B", unit_scale=True, desc="export",
+                                   disable=not progress) as bar:
+            for spec, recipe in plan:
+                writer.write(spec.name, src.produce(recipe).to("cpu", spec.dtype))
+                bar.update(spec.nbytes)
+        writer.close()
+        src.check_all_used()  # 4.
+        # 5. config, tokenizer, reference
+        info = dict(info or {})
+        cfg = mixtral_config(hf, opts, dtype, source=info.get("source"))
+        cfg["trained"] = {
+            **info, "exported_from": "megatron-core GPTModel", "megatron_dtype": str(megatron_dtype).removeprefix("torch."),
+            "padded_vocab_size": module.embedding.word_embeddings.weight.shape[0],
+            "routing": "dropless" if config.moe_expert_capacity_factor is None else
+                       f"dropless (trained with capacity factor {config.moe_expert_capacity_factor})",
+            "reference": REFERENCE_FILE if reference is not None else None,
+            "reference_tokens": int(reference_ids.numel()) if reference is not None else 0, **_versions()}
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        if tokenizer_dir is not None:
+            copy_tokenizer(Path(tokenizer_dir), tmp)
+        if reference is not None:
+            save_reference(tmp / REFERENCE_FILE, reference_ids, reference, megatron_dtype)
+        finalize(tmp, out)  # 6.
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("exported %s: %d tensors, %.1f MiB", out, len(specs), writer.bytes_written / 2**20)
+    return out
