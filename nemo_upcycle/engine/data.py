@@ -1,108 +1,148 @@
-"""Small Lightning data modules for NeMo's Megatron trainer: text tokenized with the dense model's tokenizer,
-and deterministic mock tokens.
+"""Data modules for NeMo's Megatron trainer: a text corpus through NeMo's own ``PreTrainingDataModule``, and
+deterministic mock tokens.
 
-Each batch is the dict NeMo's ``gpt_forward_step`` expects (tokens, labels, loss_mask, position_ids and an
-explicit causal attention_mask, True = masked: without Transformer Engine, Megatron's local attention needs
-one). ``MegatronDataSampler`` cuts global batches into micro-batches per data-parallel rank, as in NeMo.
-Text: all files are tokenized once, concatenated with EOS between documents, cut into seq_length + 1
-windows; the last ``validation_fraction`` of windows is the validation split (same order on every run).
+``CorpusData``: text / jsonl files -> ``data_prep.prepare_corpus`` (Megatron ``.bin/.idx``, a train prefix and a
+validation prefix, cached by content) -> ``nemo.collections.llm.gpt.data.PreTrainingDataModule`` with
+``paths={"train": [train], "validation": [validation], "test": [validation]}``, i.e. Megatron-core's
+``GPTDataset`` (seeded shuffle of seq_length + 1 token windows over the concatenated documents) and NeMo's
+``MegatronDataSampler``. Each sample is the dict ``gpt_forward_step`` expects: tokens, labels (tokens shifted
+by one), loss_mask, position_ids and an explicit causal ``attention_mask`` (True = masked): without Transformer
+Engine, Megatron's local attention needs one.
+
+Where the corpus is prepared: in ``__init__``, i.e. before the trainer exists, because NeMo's constructor
+checks that the ``.bin/.idx`` files exist. Every rank constructs the module (torchrun starts one process per
+rank, torch.distributed is not initialized yet); the first one to take the cache entry's file lock tokenizes,
+the others wait on the lock and then read the finished entry (``data_prep``: the entry appears by an atomic
+rename, so a rank never sees half of it). Only global rank 0 shows a progress bar.
+
+Exact resume: NeMo saves ``consumed_samples`` (global step x global batch) in the checkpoint
+(``PreTrainingDataModule.state_dict``); on restart ``load_state_dict`` hands it to the sampler, whose
+``MegatronPretrainingSampler`` starts at that sample, so a run restarted at step N sees the batches N, N+1, ...
+of the uninterrupted run. The train order is GPTDataset's seeded shuffle over
+``ceil(max_steps x global_batch / windows)`` epochs: keep ``max_steps`` and ``seed`` when resuming.
+Validation: always one epoch of the validation windows (not NeMo's count derived from max_steps and
+val_check_interval), so the validation batches (the first ``limit_val_batches`` of them, each time) are the same
+on every run of the same corpus and seed. The ``.bin`` files are read with a short-lived file handle per sample
+(``mmap_bin_files=False``): no handle stays open until interpreter exit, where Megatron's multistorageclient
+wrapper prints tracebacks on close; the cost is one open() per sample.
+
+References: Megatron-LM ``tools/preprocess_data.py`` and ``megatron/core/datasets/gpt_dataset.py``; NeMo 2
+``nemo/collections/llm/gpt/data/pre_training.py``.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Optional, Sequence
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from nemo import lightning as nl
-from torch.utils.data import DataLoader, Dataset
+from nemo.collections.common.tokenizers.huggingface.auto_tokenizer import AutoTokenizer
+from nemo.collections.llm.gpt.data.pre_training import PreTrainingDataModule
+from nemo.lightning.data import WrappedDataLoader
+from torch.utils.data import Dataset
 
+from ..data_prep import PreparedCorpus, describe, prepare_corpus
 from ..errors import UpcycleError
 
 
-class _Windows(Dataset):
+def default_cache_dir() -> Path:
+    """Prepared corpora go here unless a cache_dir is given: $NEMO_UPCYCLE_DATA_CACHE or ~/.cache/nemo-upcycle/data."""
+    return Path(os.environ.get("NEMO_UPCYCLE_DATA_CACHE") or Path.home() / ".cache" / "nemo-upcycle" / "data")
+
+
+class PackedTokenizer(AutoTokenizer):
+    """NeMo's HF tokenizer wrapper for packed pre-training windows, which are never padded: no pad id.
+
+    Megatron's GPTDataset replaces every token equal to ``tokenizer.pad`` by 0 and masks its loss (meant for
+    padded samples). SmolLM2's pad token is its EOS, so every document end would be erased; ``pad`` is -1,
+    the value GPTDataset itself uses when a tokenizer has none.
+    """
+
+    @property
+    def pad(self) -> int:
+        return -1
+
+
+class CorpusData(PreTrainingDataModule):
+    """Text / jsonl files as NeMo pre-training data, split into train and validation by ``data_prep``.
+
+    Args: ``paths`` corpus files; ``tokenizer_dir`` the dense model's HF tokenizer directory; ``cache_dir`` root
+    of the prepared-corpus cache (default ``default_cache_dir()``); ``vocab_size`` the model's vocabulary
+    (every tokenizer id must be below it; None skips the check); ``seed`` GPTDataset's shuffle seed;
+    ``num_workers`` DataLoader workers. Raises ``UpcycleError`` for bad input (see ``data_prep``) and when the
+    validation split holds fewer windows than one global batch.
+    """
+
+    def __init__(self, paths: Sequence[str], tokenizer_dir: str, cache_dir: Optional[str] = None,
+                 seq_length: int = 256, micro_batch_size: int = 1, global_batch_size: int = 8,
+                 validation_fraction: float = 0.05, vocab_size: Optional[int] = None, seed: int = 1234,
+                 num_workers: int = 0):
+        corpus = prepare_corpus(list(paths), tokenizer_dir, cache_dir or default_cache_dir(), seq_length=seq_length,
+                                validation_fraction=validation_fraction, vocab_size=vocab_size,
+                                progress=os.environ.get("RANK", "0") == "0")
+        _, n_val = corpus.windows(seq_length)
+        if n_val < global_batch_size:
+            raise UpcycleError(f"the validation split has {n_val} windows of {seq_length} tokens, fewer than one "
+                               f"global batch of {global_batch_size}; raise data.validation_fraction, add text or "
+                               "lower data.global_batch_size.")
+        rank_zero_info(describe(corpus))
+        super().__init__(
+            paths={"train": [corpus.train_prefix], "validation": [corpus.validation_prefix],
+                   "test": [corpus.validation_prefix]},
+            seq_length=seq_length, tokenizer=PackedTokenizer(str(tokenizer_dir)), micro_batch_size=micro_batch_size,
+            global_batch_size=global_batch_size, num_workers=num_workers, pin_memory=torch.cuda.is_available(),
+            create_attention_mask=True, seed=seed, split=None, index_mapping_dir=str(Path(corpus.dir) / "index"),
+            mmap_bin_files=False)
+        self.corpus: PreparedCorpus = corpus
+
+    def build(self, trainer_max_steps: int, trainer_val_check_interval: int, trainer_limit_val_batches,
+              trainer_limit_test_batches) -> None:
+        # limit_val_batches=1.0 makes NeMo build exactly one epoch of validation windows (num_samples=None), the
+        # same set whatever max_steps and val_check_interval are; the trainer's own limit still caps the batches.
+        super().build(trainer_max_steps, trainer_val_check_interval, 1.0, trainer_limit_test_batches)
+
+
+TextTokens = CorpusData  # the former in-memory text module's name, kept while engine/recipe.py imports it
+
+
+# -------------------------------------------------------------------------------------------- mock tokens
+
+
+class _Strided(Dataset):
+    """Independent samples of seq_length + 1 tokens each (no overlap between consecutive samples)."""
+
     def __init__(self, tokens: torch.Tensor, seq_length: int):
         self.tokens, self.seq = tokens, seq_length
-        self.causal = torch.ones(1, seq_length, seq_length, dtype=torch.bool).triu(1)
+        self.causal = torch.ones(1, seq_length, seq_length, dtype=torch.bool).triu(1)  # True = masked
 
     def __len__(self) -> int:
-        return (len(self.tokens) - 1) // self.seq
+        return len(self.tokens) // (self.seq + 1)
 
     def __getitem__(self, i: int) -> dict:
-        t = self.tokens[i * self.seq: (i + 1) * self.seq + 1]
+        t = self.tokens[i * (self.seq + 1): (i + 1) * (self.seq + 1)]
         return dict(tokens=t[:-1], labels=t[1:], loss_mask=torch.ones(self.seq), position_ids=torch.arange(self.seq),
                     attention_mask=self.causal)
 
 
-class _Base(pl.LightningDataModule):
-    def __init__(self, seq_length: int, micro_batch_size: int, global_batch_size: int):
+class MockTokens(pl.LightningDataModule):
+    """Deterministic learnable sequences (an arithmetic progression mod vocab per sample): throughput and tests.
+
+    Resumes like ``CorpusData``: the checkpoint keeps the consumed samples and the sampler starts after them.
+    """
+
+    def __init__(self, vocab_size: int, seq_length: int = 32, micro_batch_size: int = 2, global_batch_size: int = 4,
+                 num_train: int = 4096, num_val: int = 64, seed: int = 1234):
         super().__init__()
         self.seq_length, self.micro_batch_size, self.global_batch_size = seq_length, micro_batch_size, global_batch_size
+        self.vocab_size, self.num_train, self.num_val, self.seed = vocab_size, num_train, num_val, seed
         self.data_sampler = nl.MegatronDataSampler(seq_len=seq_length, micro_batch_size=micro_batch_size,
                                                    global_batch_size=global_batch_size)
         self.train_ds: Optional[Dataset] = None
         self.val_ds: Optional[Dataset] = None
-
-    def train_dataloader(self):
-        return DataLoader(self.train_ds, num_workers=0, shuffle=False)
-
-    def val_dataloader(self):
-        return DataLoader(self.val_ds, num_workers=0, shuffle=False)
-
-
-class TextTokens(_Base):
-    """Plain-text / jsonl files (``{"text": ...}`` per line) tokenized with an HF tokenizer directory."""
-
-    def __init__(self, paths: Sequence[str], tokenizer_dir: str, seq_length: int = 256, micro_batch_size: int = 1,
-                 global_batch_size: int = 8, validation_fraction: float = 0.05):
-        super().__init__(seq_length, micro_batch_size, global_batch_size)
-        self.paths, self.tokenizer_dir, self.validation_fraction = list(paths), tokenizer_dir, validation_fraction
-
-    def setup(self, stage: str = "") -> None:
-        if self.train_ds is not None:
-            return
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(self.tokenizer_dir)
-        ids: list[int] = []
-        for p in self.paths:
-            for doc in read_documents(Path(p)):
-                ids += tok(doc, add_special_tokens=False).input_ids + [tok.eos_token_id or 0]
-        tokens = torch.tensor(ids, dtype=torch.long)
-        windows = (len(tokens) - 1) // self.seq_length
-        n_val = max(1, int(windows * self.validation_fraction))
-        if windows - n_val < 1:
-            raise UpcycleError(f"the corpus has {len(tokens)} tokens: too few for one training and one validation "
-                               f"window of {self.seq_length}; add text or lower data.seq_length.")
-        cut = (windows - n_val) * self.seq_length
-        self.train_ds = _Windows(tokens[: cut + 1], self.seq_length)
-        self.val_ds = _Windows(tokens[cut:], self.seq_length)
-
-
-def read_documents(path: Path) -> list[str]:
-    if not path.is_file():
-        raise UpcycleError(f"corpus file {path} does not exist; pass existing text or jsonl files in data.paths.")
-    text = path.read_text(errors="replace")
-    if path.suffix == ".jsonl":
-        import json
-
-        docs = [json.loads(line).get("text", "") for line in text.splitlines() if line.strip()]
-    else:
-        docs = [text]
-    docs = [d for d in docs if d.strip()]
-    if not docs:
-        raise UpcycleError(f"corpus file {path} is empty; pass a file with text in it.")
-    return docs
-
-
-class MockTokens(_Base):
-    """Deterministic learnable sequences (an arithmetic progression mod vocab per sample): throughput and tests."""
-
-    def __init__(self, vocab_size: int, seq_length: int = 32, micro_batch_size: int = 2, global_batch_size: int = 4,
-                 num_train: int = 4096, num_val: int = 64, seed: int = 1234):
-        super().__init__(seq_length, micro_batch_size, global_batch_size)
-        self.vocab_size, self.num_train, self.num_val, self.seed = vocab_size, num_train, num_val, seed
 
     def _make(self, n: int, offset: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(self.seed + offset)
@@ -115,14 +155,20 @@ class MockTokens(_Base):
             self.train_ds = _Strided(self._make(self.num_train, 0), self.seq_length)
             self.val_ds = _Strided(self._make(self.num_val, 1), self.seq_length)
 
+    def _loader(self, ds: Dataset, mode: str) -> WrappedDataLoader:
+        # the sampler skips init_consumed_samples (train only; it tells modes apart by this attribute)
+        self.data_sampler.init_global_step = self.trainer.global_step
+        return WrappedDataLoader(mode=mode, dataset=ds, num_workers=0, shuffle=False)
 
-class _Strided(_Windows):
-    """Independent samples of seq_length + 1 tokens each (no overlap between consecutive windows)."""
+    def train_dataloader(self):
+        return self._loader(self.train_ds, "train")
 
-    def __len__(self) -> int:
-        return len(self.tokens) // (self.seq + 1)
+    def val_dataloader(self):
+        return self._loader(self.val_ds, "validation")
 
-    def __getitem__(self, i: int) -> dict:
-        t = self.tokens[i * (self.seq + 1): (i + 1) * (self.seq + 1)]
-        return dict(tokens=t[:-1], labels=t[1:], loss_mask=torch.ones(self.seq), position_ids=torch.arange(self.seq),
-                    attention_mask=self.causal)
+    def state_dict(self) -> dict:
+        steps = self.trainer.global_step - self.data_sampler.init_global_step
+        return {"consumed_samples": self.data_sampler.compute_consumed_samples(steps)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.data_sampler.init_consumed_samples = self.data_sampler.prev_consumed_samples = state["consumed_samples"]
