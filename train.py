@@ -45,19 +45,24 @@ def precheck(argv: list[str]) -> None:
     """Compose and validate once before Hydra runs, so a bad override or recipe is one line, exit 2, no run dir."""
     from hydra import compose, initialize_config_dir
 
-    name, overrides, it = "smollm2_135m_upcycle", [], iter(argv)
+    name, overrides, run_dir, it = "smollm2_135m_upcycle", [], None, iter(argv)
     for a in it:
-        if a.startswith("--config-name=") or a.startswith("-cn="):
+        if a.startswith("hydra.run.dir="):
+            run_dir = Path(a.split("=", 1)[1])
+        elif a.startswith("--config-name=") or a.startswith("-cn="):
             name = a.split("=", 1)[1]
         elif a in ("--config-name", "-cn"):
             name = next(it, name)
         elif not a.startswith("-") and not a.startswith("hydra.") and not a.startswith("hydra/"):
             overrides.append(a)
     try:
-        from nemo_upcycle.run import preflight
+        from nemo_upcycle.run import check_run_dir, preflight
 
         with initialize_config_dir(str(Path(__file__).parent / "conf"), version_base="1.3"):
-            preflight(validate(compose(name, overrides=overrides)), name)
+            run = validate(compose(name, overrides=overrides))
+        preflight(run, name)
+        if run_dir is not None and run.mode == "train":
+            check_run_dir(run, run_dir)  # before Hydra writes its files there
     except UpcycleError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

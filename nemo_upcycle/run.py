@@ -156,8 +156,51 @@ def preflight(run: RunConfig, config_name: str) -> None:
         check_gpu(run, config_name)
 
 
+IDENTITY_FILE = "run_identity.json"
+IDENTITY_GROUPS = ("model", "moe", "upcycle", "data", "parallel")
+
+
+def run_identity(run: RunConfig) -> dict:
+    """What makes a run's checkpoints this run's: the model, MoE, upcycling, data and layout (dotted keys).
+    Trainer, optimizer and logging keys may change between restarts (e.g. more steps)."""
+    flat = {"seed": run.seed}
+    for group in IDENTITY_GROUPS:
+        for k, v in dataclasses.asdict(getattr(run, group)).items():
+            flat[f"{group}.{k}"] = v
+    return json.loads(json.dumps(flat, default=str))
+
+
+def check_run_dir(run: RunConfig, out_dir: Path) -> None:
+    """Refuse a run directory holding another run's checkpoints (nothing there is touched)."""
+    ckpts = out_dir / "run" / "checkpoints"
+    if not (ckpts.is_dir() and any(ckpts.iterdir())):
+        return
+    ident = out_dir / IDENTITY_FILE
+    fix = "choose a new hydra.run.dir, or delete that directory to start over"
+    if not ident.is_file():
+        raise UpcycleError(f"run directory {out_dir} holds checkpoints of an unknown run (no {IDENTITY_FILE}); {fix}.")
+    try:
+        old = json.loads(ident.read_text())
+    except (OSError, json.JSONDecodeError):
+        raise UpcycleError(f"{ident} is unreadable, so the checkpoints in {out_dir} cannot be matched to this run; {fix}.") from None
+    new = run_identity(run)
+    diff = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    if diff:
+        shown = ", ".join(f"{k}={old.get(k)!r} there, {new.get(k)!r} here" for k in diff[:3])
+        more = f" (+{len(diff) - 3} more)" if len(diff) > 3 else ""
+        raise UpcycleError(f"run directory {out_dir} holds checkpoints of another run ({shown}{more}); {fix}.")
+
+
+def write_run_identity(run: RunConfig, out_dir: Path) -> None:
+    tmp = out_dir / (IDENTITY_FILE + ".tmp")
+    tmp.write_text(json.dumps(run_identity(run), indent=2) + "\n")
+    tmp.replace(out_dir / IDENTITY_FILE)
+
+
 def dispatch(run: RunConfig, config_name: str, out_dir: Path) -> int:
     preflight(run, config_name)
+    if run.mode == "train":
+        check_run_dir(run, out_dir)
     (out_dir / "resolved_config.json").write_text(json.dumps(dataclasses.asdict(run), indent=2, default=str) + "\n")
     if run.mode == "plan":
         print(run_plan(run, out_dir))

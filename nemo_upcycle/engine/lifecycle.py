@@ -1,0 +1,179 @@
+"""What a training run does around NeMo's fit loop: the step-0 check, the before / after evaluation, the HF export.
+
+``UpcycleLifecycle`` is a Lightning callback (rank 0 does the work; the checks need the whole model in one
+process, i.e. TP = PP = EP = 1 -- other layouts skip them with a note and keep ``mode=verify`` for step 0):
+
+  on_train_start, step 0   the freshly upcycled Megatron MoE and transformers' dense model run the same
+                           validation windows: max / mean |logit difference|, top-1 agreement, and both
+                           validation losses -> ``step0.json`` (the step-0 verification of the report).
+  on_train_start, resumed  ``metrics.jsonl`` records past the resumed step (written by the killed run after
+                           its last checkpoint) are dropped, so the file reads as one uninterrupted run.
+  on_train_end             the MoE's loss on the same windows after training -> ``final_eval.json``; the MoE
+                           exported as an HF Mixtral directory (``hf_mixtral/``) with reference logits, which
+                           ``nemo-upcycle verify DENSE hf_mixtral`` checks.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Optional
+
+import lightning.pytorch as pl
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def _rank0() -> bool:
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
+def _world() -> int:
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
+def write_json(path: Path, record: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def window_loss(logits: torch.Tensor, ids: torch.Tensor, vocab: int) -> float:
+    """Mean next-token cross entropy of ``logits`` [B, T, V'] on ``ids`` [B, T] (the first ``vocab`` logits)."""
+    lg = logits[:, :-1, :vocab].float()
+    return torch.nn.functional.cross_entropy(lg.reshape(-1, vocab), ids[:, 1:].reshape(-1)).item()
+
+
+def compare_logits(moe: torch.Tensor, dense: torch.Tensor, ids: torch.Tensor) -> dict:
+    V = dense.shape[-1]
+    moe = moe[..., :V].float()
+    d = (moe - dense.float()).abs()
+    return {"max_abs_logit_diff": d.max().item(), "mean_abs_logit_diff": d.mean().item(),
+            "top1_agreement": (moe.argmax(-1) == dense.argmax(-1)).float().mean().item(),
+            "dense_loss": window_loss(dense, ids, V), "moe_loss": window_loss(moe, ids, V), "tokens": ids.numel()}
+
+
+def truncate_metrics(path: Path, step: int) -> int:
+    """Drop records with ``step`` > ``step`` from a metrics.jsonl (atomically). Returns how many were dropped."""
+    if not path.is_file():
+        return 0
+    keep, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:  # a line cut by the kill
+            dropped += 1
+            continue
+        if rec.get("step", 0) > step:
+            dropped += 1
+        else:
+            keep.append(line)
+    if dropped:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        os.replace(tmp, path)
+    return dropped
+
+
+class UpcycleLifecycle(pl.Callback):
+    def __init__(self, out_dir: str, check_ids: Optional[list] = None, dense_source: Optional[str] = None,
+                 metrics_file: str = "metrics.jsonl", export: bool = True, tokenizer_dir: Optional[str] = None,
+                 step0_atol: float = 1e-3):
+        super().__init__()
+        self.out_dir, self.dense_source, self.metrics_file = Path(out_dir), dense_source, metrics_file
+        self.check_ids = torch.tensor(check_ids, dtype=torch.long) if check_ids else None
+        self.export, self.tokenizer_dir, self.step0_atol = export, tokenizer_dir, step0_atol
+
+    # -- helpers -------------------------------------------------------------------------------------------
+    def _one_rank(self) -> bool:
+        return _world() == 1
+
+    def _logits(self, pl_module) -> torch.Tensor:
+        from .export import unwrap
+        from .model import megatron_forward_logits
+
+        module = unwrap(pl_module.module)
+        was = module.training
+        module.eval()
+        try:
+            return megatron_forward_logits(module, self.check_ids)
+        finally:
+            module.train(was)
+
+    def _dense_logits(self) -> torch.Tensor:
+        from ..verify import load_dense
+
+        dense = load_dense(self.dense_source)
+        with torch.no_grad():
+            out = dense(self.check_ids).logits
+        del dense
+        return out
+
+    # -- hooks ---------------------------------------------------------------------------------------------
+    def on_train_start(self, trainer, pl_module):
+        step = int(trainer.global_step)
+        if step > 0:
+            if _rank0():
+                n = truncate_metrics(self.out_dir / self.metrics_file, step)
+                log.info("resumed at step %d%s", step, f"; dropped {n} metrics records past it" if n else "")
+            return
+        if not _rank0() or self.check_ids is None:
+            return
+        rec: dict = {"step": 0}
+        if not self._one_rank():
+            rec["skipped"] = "the model is split over ranks; run mode=verify for the step-0 check"
+        elif not self.dense_source or Path(self.dense_source).is_dir() and not (Path(self.dense_source) / "config.json").is_file():
+            rec["skipped"] = "the dense source is not an HF directory or GGUF; run mode=verify on an HF copy"
+        else:
+            moe = self._logits(pl_module)
+            rec.update(compare_logits(moe, self._dense_logits(), self.check_ids))
+            rec["atol"] = self.step0_atol
+            rec["passed"] = rec["max_abs_logit_diff"] <= self.step0_atol
+            rec["dense_ppl"], rec["moe_ppl"] = math.exp(rec["dense_loss"]), math.exp(rec["moe_loss"])
+            print(f"step-0 check: max |dlogit| {rec['max_abs_logit_diff']:.2e}, top-1 agreement "
+                  f"{rec['top1_agreement']:.4f}, validation loss dense {rec['dense_loss']:.4f} / MoE "
+                  f"{rec['moe_loss']:.4f}: {'PASS' if rec['passed'] else 'FAIL'}", flush=True)
+        write_json(self.out_dir / "step0.json", rec)
+
+    def on_train_end(self, trainer, pl_module):
+        if not _rank0():
+            return
+        rec: dict = {"step": int(trainer.global_step)}
+        if not self._one_rank():
+            rec["skipped"] = "the model is split over ranks: evaluate and export from a 1-rank run of the checkpoint"
+            write_json(self.out_dir / "final_eval.json", rec)
+            return
+        if self.check_ids is not None:
+            logits = self._logits(pl_module)
+            vocab = _hf_vocab(self.dense_source) or logits.shape[-1]
+            rec["moe_loss"] = window_loss(logits, self.check_ids, vocab)
+            rec["moe_ppl"] = math.exp(rec["moe_loss"])
+            rec["tokens"] = self.check_ids.numel()
+        if self.export:
+            from .export import export_hf_mixtral, unwrap
+
+            hf_cfg = _hf_config(self.dense_source, pl_module.config)
+            out = export_hf_mixtral(unwrap(pl_module.module), pl_module.config, self.out_dir / "hf_mixtral",
+                                    hf_llama_config=hf_cfg, tokenizer_dir=self.tokenizer_dir,
+                                    reference_ids=self.check_ids, overwrite=True,
+                                    trained_steps=int(trainer.global_step))
+            rec["hf_mixtral"] = str(out)
+        write_json(self.out_dir / "final_eval.json", rec)
+
+
+def _hf_vocab(source: Optional[str]) -> Optional[int]:
+    if not source:
+        return None
+    from ..hf.source import open_dense
+
+    return open_dense(source).config["vocab_size"]
+
+
+def _hf_config(source: Optional[str], config) -> dict:
+    from ..hf.source import open_dense
+
+    return dict(open_dense(source).config)
