@@ -7,14 +7,21 @@ dense function (checked); its vocabulary is padded (99 -> 128) as Megatron pads 
   untied embeddings, sharded output, and a pre-softmax router (verify's recorded routing is needed: control);
 - negative controls: w1/w3 swapped in one expert, or two experts swapped, break the equality;
 - ``nemo-upcycle verify`` passes on the export, fails on a tampered reference and on a broken export;
-- refusals: a sharded layout, a dense layer, routing HF cannot express, a mismatching dense config.
+- refusals: a sharded layout, a dense layer, routing HF cannot express, a mismatching dense config;
+- from a NeMo 2 checkpoint (``export_checkpoint``): a fresh process (this file run as a script) saves a trained
+  model with a NeMo trainer (``nemo_save``) and exports the checkpoint after teardown; this process exports the
+  same checkpoint again in its own world; both equal the saved model's logits.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import os
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -225,6 +232,10 @@ def test_refusals(untied, tiny_llama, tmp_path, token_ids):
     refused("moe_router_topk_scaling_factor set: HF Mixtral cannot express", config=scaled)
     refused("hidden_size=36 but hf_llama_config says 48", hf={**src.config, "hidden_size": 48})
     refused("reference_ids hold ids outside", reference_ids=token_ids + 100)
+    llama31 = {**src.config, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}}
+    refused(r"scale_factor \(Llama 3.1 RoPE\)=None but hf_llama_config says 8.0", hf=llama31)
+    as_gguf = {**src.config, "rms_norm_eps": torch.tensor(1e-5).item()}  # a GGUF's float32 eps is accepted
+    assert export_hf_mixtral(module, cfg, tmp_path / "ok", hf_llama_config=as_gguf, progress=False).is_dir()
     _, dense_cfg, dense_first = trained_moe(tiny_llama, steps=0, moe_layer_freq=[0, 1, 1])
     refused(r"layer 0 is dense \(moe_layer_freq=\[0, 1, 1\]\)", config=dense_cfg, mod=dense_first)
     # unwrap: NeMo-style wrappers (a ModuleList of one LightningModule-like holder of DDP-like .module)
@@ -236,3 +247,76 @@ def test_refusals(untied, tiny_llama, tmp_path, token_ids):
         unwrap(torch.nn.ModuleList([holder, holder]))
     with pytest.raises(UpcycleError, match="no Megatron GPTModel"):
         unwrap(torch.nn.Linear(1, 1))
+
+
+# ---------------------------------------------------------------------------------------------- from a checkpoint
+
+
+def save_trained_checkpoint(work: Path) -> None:
+    """Run as a script (fresh process): a NeMo trainer saves a perturbed upcycled MoE, then the checkpoint is exported."""
+    from lightning.pytorch.trainer.states import TrainerFn
+    from nemo.lightning import MegatronStrategy, Trainer
+    from nemo.lightning.base import teardown
+    from nemo.lightning.io.connector import ModelConnector
+
+    from helpers import make_llama
+    from nemo_upcycle.engine.config import UpcycledLlamaConfig
+    from nemo_upcycle.engine.cpu import cpu_config_overrides, cpu_strategy_kwargs, enable_cpu_support
+    from nemo_upcycle.engine.export import export_checkpoint
+    from nemo_upcycle.engine.model import UpcycledLlamaModel, megatron_forward_logits
+    from nemo_upcycle.hf.source import open_dense
+
+    enable_cpu_support()
+    src = open_dense(make_llama(work / "dense"))
+    cfg = UpcycledLlamaConfig.from_dense(src.config, params_dtype=torch.float32, vocab_size=128, num_moe_experts=4,
+                                         moe_router_topk=2, **cpu_config_overrides())
+    model = UpcycledLlamaModel(cfg, upcycle_from=str(work / "dense"))
+    trainer = Trainer(devices=1, accelerator="cpu",
+                      strategy=MegatronStrategy(ckpt_save_optimizer=False, **cpu_strategy_kwargs()))
+    trainer.state.fn = TrainerFn.FITTING
+    trainer.strategy.connect(model)
+    trainer.strategy.setup_environment()
+    model.configure_model()
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # "training": every weight moves
+        for p in model.module.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    ids = torch.randint(0, 99, (2, 23), generator=g)
+    torch.save({"ids": ids, "logits": megatron_forward_logits(model.module.eval(), ids)[..., :99]}, work / "ref.pt")
+    ckpt = work / "tiny--step=3"
+    ModelConnector.nemo_save(None, ckpt, trainer)
+    teardown(trainer, model)
+    export_checkpoint(ckpt, work / "hf", hf_llama_config=src.config, reference_ids=ids, progress=False)
+
+
+@pytest.fixture(scope="module")
+def saved_checkpoint(tmp_path_factory) -> Path:
+    work = tmp_path_factory.mktemp("ckpt")
+    repo = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")]))}
+    r = subprocess.run([sys.executable, __file__, str(work)], capture_output=True, text=True, timeout=900, env=env)
+    assert r.returncode == 0 and (work / "hf").is_dir(), r.stdout[-3000:] + r.stderr[-3000:]
+    return work
+
+
+def test_export_from_nemo_checkpoint(megatron_world, saved_checkpoint, tmp_path):
+    from nemo_upcycle.cli import main
+    from nemo_upcycle.engine.export import export_checkpoint
+
+    work = saved_checkpoint
+    ref = torch.load(work / "ref.pt")
+    again = export_checkpoint(work / "tiny--step=3", tmp_path / "hf", hf_llama_config=json.loads(
+        (work / "dense" / "config.json").read_text()), progress=False)  # this process: its world is reused
+    with torch.no_grad():
+        moved = (ref["logits"] - load_llama(work / "dense")(ref["ids"]).logits).abs().max().item()
+        for out in (work / "hf", again):
+            diff = (hf_logits(out)(ref["ids"]) - ref["logits"]).abs().max().item()
+            assert diff < ATOL, f"{out}: max |dlogit| {diff:.2e}"
+    assert moved > 1e-2
+    c = json.loads((work / "hf" / "config.json").read_text())
+    assert c["trained"]["steps"] == 3 and c["trained"]["checkpoint"].endswith("tiny--step=3")
+    assert main(["verify", str(work / "dense"), str(work / "hf")]) == 0
+
+
+if __name__ == "__main__":
+    save_trained_checkpoint(Path(sys.argv[1]))

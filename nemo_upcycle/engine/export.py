@@ -32,14 +32,25 @@ Getting the bare module out of a NeMo run (``unwrap``): ``trainer.strategy.megat
 ``unwrap`` follows ``[0]`` and ``.module`` through all of them. Call it on one rank only (data-parallel
 ranks hold identical copies; rank 0 exports). A module trained in bf16 is exported from its bf16 weights
 (exact in fp32) and its reference logits are computed in bf16: verify then needs a looser ``--atol``.
+Keep ``reference_ids`` to a few hundred tokens: the reference holds B*T*V fp32 logits (SmolLM2: 192 KiB a token).
+Seen here (2 shared cores): 420 MiB/s, about 6 s for SmolLM2-135M upcycled E8 (700M parameters, fp32) without the
+reference; the reference costs one forward pass of the module.
+
+From a saved NeMo 2 checkpoint (``<ckpt>/context`` + ``<ckpt>/weights``): ``export_checkpoint(ckpt, out)``
+builds the model in this process as one rank (a gloo world of one unless one exists), loads the weights with
+Megatron's ``dist_checkpointing`` and calls ``export_hf_mixtral``; also ``python -m nemo_upcycle.engine.export
+CKPT OUT``. Megatron checkpoints reshard on load, so the run's own layout does not matter (tested: 1 rank).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import math
 import re
 import shutil
+import socket
 from pathlib import Path
 from typing import Optional
 
@@ -131,8 +142,12 @@ def check_exportable(module, config, hf_llama: dict) -> None:
               bool(hf_llama.get("tie_word_embeddings", False))),
              ("layernorm_epsilon", config.layernorm_epsilon, hf_llama.get("rms_norm_eps", 1e-6)),
              ("rotary_base", config.rotary_base, hf_llama.get("rope_theta", 10000.0))]
-    for name, ours, theirs in pairs:
-        if ours != theirs:
+    rope = hf_llama.get("rope_scaling") or {}
+    llama31 = rope.get("factor") if rope.get("rope_type", rope.get("type")) == "llama3" else None
+    pairs.append(("scale_factor (Llama 3.1 RoPE)", getattr(config, "scale_factor", None), llama31))
+    for name, ours, theirs in pairs:  # floats: a GGUF stores eps and theta as float32
+        close = isinstance(ours, (int, float)) and isinstance(theirs, float) and math.isclose(ours, theirs, rel_tol=1e-6)
+        if ours != theirs and not close:
             raise UpcycleError(f"the model has {name}={ours} but hf_llama_config says {theirs}; pass the config.json of "
                                "the dense model this MoE was upcycled from.")
     padded = module.embedding.word_embeddings.weight.shape[0]
@@ -337,3 +352,108 @@ def export_hf_mixtral(module, config, out_dir, *, hf_llama_config: dict, tokeniz
         raise
     log.info("exported %s: %d tensors, %.1f MiB", out, len(specs), writer.bytes_written / 2**20)
     return out
+
+
+# ---------------------------------------------------------------------------------------------- from a checkpoint
+
+ONE_RANK = {"tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 1, "expert_model_parallel_size": 1,
+            "expert_tensor_parallel_size": 1, "context_parallel_size": 1, "sequence_parallel": False,
+            "virtual_pipeline_model_parallel_size": None}
+
+
+@contextlib.contextmanager
+def one_rank_world():
+    """A gloo process group of one rank with Megatron's parallel state (TP=PP=EP=1), unless one is there already."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    made_group = not dist.is_initialized()
+    if made_group:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    elif dist.get_world_size() != 1:
+        raise UpcycleError(f"this process is rank {dist.get_rank()} of {dist.get_world_size()}; export a checkpoint from "
+                           "a separate 1-rank process (python -m nemo_upcycle.engine.export CKPT OUT).")
+    made_state = not ps.model_parallel_is_initialized()
+    if made_state:
+        ps.initialize_model_parallel()
+        model_parallel_cuda_manual_seed(0)  # weights are overwritten by the checkpoint; Megatron needs the tracker
+    try:
+        yield
+    finally:
+        if made_state:
+            ps.destroy_model_parallel()
+        if made_group:
+            dist.destroy_process_group()
+
+
+def load_module(ckpt: Path):
+    """(Megatron GPTModel with the checkpoint's weights, its config) built here as one rank; needs ``one_rank_world``."""
+    from megatron.core import dist_checkpointing
+    from nemo.lightning.io import load_context
+
+    from .cpu import cpu_config_overrides, enable_cpu_support
+
+    try:
+        config = load_context(ckpt / "context", subpath="model.config")
+    except Exception as e:  # a broken context raises many different errors
+        raise UpcycleError(f"{ckpt}/context cannot be read ({e.__class__.__name__}); pass a NeMo 2 checkpoint directory.") from None
+    for k, v in ONE_RANK.items():
+        setattr(config, k, v)
+    if not torch.cuda.is_available():
+        enable_cpu_support()
+        for k, v in {**cpu_config_overrides(), "spec_backend": "local"}.items():
+            setattr(config, k, v)
+    module = config.configure_model(None)
+    prefix = "module."  # NeMo's MegatronParallel saves the model under this prefix
+    state = dist_checkpointing.load(module.sharded_state_dict(prefix=prefix), str(ckpt / "weights"))
+    # the loaded dict also holds the common (non-model) state Lightning saved: epoch, loops, ...
+    module.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, strict=True)
+    return module.eval(), config
+
+
+def export_checkpoint(ckpt_dir, out_dir, *, hf_llama_config: Optional[dict] = None, tokenizer_dir=None,
+                      reference_ids: Optional[torch.Tensor] = None, dtype: torch.dtype = torch.float32,
+                      overwrite: bool = False, progress: bool = True, info: Optional[dict] = None) -> Path:
+    """Export a NeMo 2 checkpoint of an upcycled MoE; the dense config and tokenizer default to the checkpoint's own.
+
+    ``hf_llama_config`` defaults to the one implied by the checkpoint's config (pass the dense model's config.json
+    to keep its token ids and a vocabulary smaller than the model's); ``tokenizer_dir`` to ``context/nemo_tokenizer``.
+    """
+    from .nemo_source import NeMoDenseSource, is_nemo_checkpoint
+
+    ckpt = Path(ckpt_dir).expanduser()
+    if not is_nemo_checkpoint(ckpt):
+        raise UpcycleError(f"{ckpt} is not a NeMo 2 checkpoint (no context/ and weights/); pass the checkpoint directory.")
+    step = re.search(r"step=(\d+)", ckpt.name)
+    info = {"checkpoint": str(ckpt), **({"steps": int(step.group(1))} if step else {}), **(info or {})}
+    tok = ckpt / "context" / "nemo_tokenizer"
+    if tokenizer_dir is None and tok.is_dir() and any((tok / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
+        tokenizer_dir = tok
+    with one_rank_world():
+        module, config = load_module(ckpt)
+        hf = hf_llama_config or NeMoDenseSource._hf_config(config)
+        return export_hf_mixtral(module, config, out_dir, hf_llama_config=hf, tokenizer_dir=tokenizer_dir,
+                                 reference_ids=reference_ids, dtype=dtype, overwrite=overwrite, progress=progress,
+                                 info=info)
+
+
+if __name__ == "__main__":  # python -m nemo_upcycle.engine.export CKPT OUT [--dense-config config.json]
+    import argparse
+    import sys
+
+    p = argparse.ArgumentParser(description="export a NeMo 2 upcycled-MoE checkpoint as an HF Mixtral directory")
+    p.add_argument("ckpt")
+    p.add_argument("out")
+    p.add_argument("--dense-config", type=Path, default=None, help="the dense model's HF config.json")
+    p.add_argument("--overwrite", action="store_true")
+    a = p.parse_args()
+    try:
+        hf_cfg = json.loads(a.dense_config.read_text()) if a.dense_config else None
+        print(f"wrote {export_checkpoint(a.ckpt, a.out, hf_llama_config=hf_cfg, overwrite=a.overwrite)}")
+    except UpcycleError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
