@@ -110,6 +110,7 @@ class TrainerSchema:
     precision: str = "32"  # 32 | bf16-mixed
     recompute: str = "none"  # none | selective | full
     checkpoint_every_n_steps: int = 10
+    eval_windows: int = 4  # validation windows of the step-0 check and the before / after loss (1-rank runs)
 
 
 @dataclass
@@ -117,6 +118,7 @@ class LoggingSchema:
     tensorboard: bool = True
     metrics_file: str = "metrics.jsonl"
     report: bool = True
+    export_hf: bool = True  # the final MoE as an HF Mixtral directory (hf_mixtral/, 1-rank runs)
 
 
 @dataclass

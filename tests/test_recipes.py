@@ -200,7 +200,7 @@ def test_cli_recipes_lists_every_recipe(capsys):
     assert "train" in rows["llama3_8x8b_upcycle"] and "64 x H100 (8 nodes x 8)" in rows["llama3_8x8b_upcycle"]
     assert "Llama 3 8B -> 8x8B MoE, top-2" in rows["llama3_8x8b_upcycle"]
     assert "8 x H100 (1 node x 8)" in rows["llama3_2_8x1b_upcycle"]
-    assert "CPU, 1 process" in rows["tiny_llama_upcycle"] and "verify" in rows["tiny_llama_upcycle"]
+    assert "CPU, 1 process" in rows["tiny_llama_upcycle"] and "train" in rows["tiny_llama_upcycle"]
 
 
 # ---- examples/: the Slurm job script -----------------------------------------------------------------------------

@@ -160,7 +160,8 @@ class UpcycleLifecycle(pl.Callback):
             out = export_hf_mixtral(unwrap(pl_module.module), pl_module.config, self.out_dir / "hf_mixtral",
                                     hf_llama_config=hf_cfg, tokenizer_dir=self.tokenizer_dir,
                                     reference_ids=self.check_ids, overwrite=True,
-                                    trained_steps=int(trainer.global_step))
+                                    info={"steps": int(trainer.global_step), "source": str(self.dense_source),
+                                          "run_dir": str(self.out_dir)})
             rec["hf_mixtral"] = str(out)
         write_json(self.out_dir / "final_eval.json", rec)
 

