@@ -157,6 +157,7 @@ def plot_router(m: dict, path: Path, num_experts: Optional[int]) -> Optional[Pat
             ax.axhline(math.log(num_experts), ls="--", c="gray", lw=0.8, label=f"ln {num_experts} (uniform)")
             ax.legend(fontsize=7)
         ax.set_title(title, fontsize=9)
+        ax.ticklabel_format(axis="y", useOffset=False)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -219,10 +220,10 @@ def build_markdown(run_dir: Path, m: dict, step0: Optional[dict], summary: dict,
 
     L += ["## Validation", ""]
     if val:
-        rows = [["before", val[0].get("step"), val[0].get("tokens"), _num(val[0].get("val_loss")),
+        rows = [["before training" if val[0].get("step") == 0 else "first", val[0].get("step"), val[0].get("tokens"), _num(val[0].get("val_loss")),
                  _num(val[0].get("val_ppl"))]]
         if len(val) > 1:
-            rows.append(["after", val[-1].get("step"), val[-1].get("tokens"), _num(val[-1].get("val_loss")),
+            rows.append(["after" if rows[0][0] == "before training" else "last", val[-1].get("step"), val[-1].get("tokens"), _num(val[-1].get("val_loss")),
                          _num(val[-1].get("val_ppl"))])
         L += _table(["", "step", "tokens", "val loss", "val ppl"], rows)
     else:

@@ -149,7 +149,7 @@ def test_report_full(tmp_path):
     for png in ("loss.png", "expert_load.png", "router.png", "throughput.png"):
         assert_png(tmp_path / png)
         assert f"]({png})" in md
-    assert "**PASS**" in md and "3.100e-06" in md and "| before | 0 | 0 | 4.6 |" in md and "| after | 6 |" in md
+    assert "**PASS**" in md and "3.100e-06" in md and "| before training | 0 | 0 | 4.6 |" in md and "| after | 6 |" in md
     assert "CPU fp32 torch.mm, 2 threads (measured)" in md and "| 3.41% |" in md  # 512 * 2e6 / 3e10
     assert "| layer | tokens per expert (% of routed)" in md and "| recipe | tiny |" in md
     assert not list(tmp_path.glob(".*tmp"))  # temp files renamed away
@@ -174,7 +174,7 @@ def test_report_partial_records_and_cli(tmp_path, capsys):
     assert "No training records." in md and "No plots" in md
     # a val-only file, and MoE records without aux losses
     write_jsonl(empty / "metrics.jsonl", [r for r in synthetic_records() if r["kind"] != "train"])
-    assert "| before |" in write_report(empty).read_text()
+    assert "| before training |" in write_report(empty).read_text()
     moe = [{k: v for k, v in r.items() if not k.startswith(("aux", "z_"))} for r in synthetic_records(with_val=False)]
     write_jsonl(empty / "metrics.jsonl", moe)
     write_report(empty)
@@ -487,6 +487,6 @@ def test_nemo_training_writes_metrics_tensorboard_progress_and_report(tmp_path):
             "moe/load_cv/layer_0", "val/ppl"} <= tags, tags
     assert [e.step for e in ea.Scalars("moe/aux_loss")] == [2, 4]
     md = (tmp_path / "report.md").read_text()
-    assert "**PASS**" in md and "| after | 4 |" in md
+    assert "**PASS**" in md and "| first | 2 |" in md and "| last | 4 |" in md
     for png in ("loss.png", "expert_load.png", "router.png", "throughput.png"):
         assert_png(tmp_path / png)
