@@ -106,8 +106,6 @@ class CorpusData(PreTrainingDataModule):
         super().build(trainer_max_steps, trainer_val_check_interval, 1.0, trainer_limit_test_batches)
 
 
-TextTokens = CorpusData  # the former in-memory text module's name, kept while engine/recipe.py imports it
-
 
 # -------------------------------------------------------------------------------------------- mock tokens
 
