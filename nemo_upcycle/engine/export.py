@@ -301,7 +301,7 @@ def export_hf_mixtral(module, config, out_dir, *, hf_llama_config: dict, tokeniz
     from ..hf.safetensors_stream import ShardedWriter
 
     module = unwrap(module)
-    config = getattr(module, "config", config) if config is None else config
+    config = module.config if config is None else config
     if not hasattr(config, "upcycle_options"):
         raise UpcycleError(f"{config.__class__.__name__} has no upcycling fields; pass the UpcycledLlamaConfig of the run.")
     hf = dict(hf_llama_config)
@@ -310,18 +310,15 @@ def export_hf_mixtral(module, config, out_dir, *, hf_llama_config: dict, tokeniz
     V = hf["vocab_size"]
     megatron_dtype = next(module.parameters()).dtype
 
-    # 2. the proof first: a failing forward must not leave a half-written export behind
-    reference = None
-    if reference_ids is not None:
-        reference = reference_logits(module, reference_ids, V)
-
-    # 3. stream the tensors, in the key table's order
     plan = layout(hf, opts, dtype)
     specs = [spec for spec, _ in plan]
     out = Path(out_dir).expanduser().absolute()
-    ref_bytes = 0 if reference is None else reference.numel() * 4 + reference_ids.numel() * 8
+    ref_bytes = 0 if reference_ids is None else reference_ids.numel() * (V * 4 + 8)
     tmp = prepare_output(out, overwrite, sum(s.nbytes for s in specs) + ref_bytes)
     try:
+        # 2. the proof: the module's own logits, before any weight is written
+        reference = None if reference_ids is None else reference_logits(module, reference_ids, V)
+        # 3. stream the tensors, in the key table's order
         src = MegatronTensors(module, config, V)
         writer = ShardedWriter(tmp, specs, max_shard_bytes)
         with torch.no_grad(), tqdm(total=sum(s.nbytes for s in specs), unit="B", unit_scale=True, desc="export",
