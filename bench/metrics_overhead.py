@@ -85,9 +85,10 @@ def main() -> None:
     print(f"{'':14}{'median s/step':>14}")
     print(f"{'without hooks':14}{b:14.4f}")
     print(f"{'with hooks':14}{a:14.4f}")
-    print(f"in the hooks  {sum(inside) / args.reps:14.4f}  ({100 * sum(inside) / sum(with_hooks):.2f}% of the steps with hooks)")
-    print(f"overhead      {100 * (a - b) / b:+.2f}% of the median step (analytic: logits {B * T * 576 * 8 / 1e6:.1f} M MACs per layer vs experts "
-          f"{B * T * 2 * 3 * 576 * 1536 / 1e9:.2f} G)")
+    share = 100 * sum(inside) / sum(with_hooks)
+    print(f"in the hooks  {sum(inside) / args.reps:14.4f}  ({share:.2f}% of the steps with hooks)")
+    print(f"overhead      {100 * (a - b) / b:+.2f}% of the median step (analytic: logits "
+          f"{B * T * 576 * 8 / 1e6:.1f} M MACs per layer vs experts {B * T * 2 * 3 * 576 * 1536 / 1e9:.2f} G)")
     ps.destroy_model_parallel()
     dist.destroy_process_group()
 

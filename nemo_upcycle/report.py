@@ -61,7 +61,8 @@ def _num(x) -> Optional[float]:
 
 
 def _series(recs: list, key: str) -> tuple[list, list]:
-    pts = [(r["step"], _num(r.get(key))) for r in recs if _num(r.get("step")) is not None and _num(r.get(key)) is not None]
+    pts = [(r["step"], _num(r.get(key))) for r in recs
+           if _num(r.get("step")) is not None and _num(r.get(key)) is not None]
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
@@ -220,11 +221,12 @@ def build_markdown(run_dir: Path, m: dict, step0: Optional[dict], summary: dict,
 
     L += ["## Validation", ""]
     if val:
-        rows = [["before training" if val[0].get("step") == 0 else "first", val[0].get("step"), val[0].get("tokens"), _num(val[0].get("val_loss")),
-                 _num(val[0].get("val_ppl"))]]
+        def row(label, r):
+            return [label, r.get("step"), r.get("tokens"), _num(r.get("val_loss")), _num(r.get("val_ppl"))]
+        at0 = val[0].get("step") == 0
+        rows = [row("before training" if at0 else "first", val[0])]
         if len(val) > 1:
-            rows.append(["after" if rows[0][0] == "before training" else "last", val[-1].get("step"), val[-1].get("tokens"), _num(val[-1].get("val_loss")),
-                         _num(val[-1].get("val_ppl"))])
+            rows.append(row("after" if at0 else "last", val[-1]))
         L += _table(["", "step", "tokens", "val loss", "val ppl"], rows)
     else:
         L.append("No validation records.")

@@ -125,7 +125,9 @@ class RouterStats:
 def _tp_size() -> int:
     from megatron.core import parallel_state
 
-    return parallel_state.get_tensor_model_parallel_world_size() if parallel_state.model_parallel_is_initialized() else 1
+    if not parallel_state.model_parallel_is_initialized():
+        return 1
+    return parallel_state.get_tensor_model_parallel_world_size()
 
 
 def routing_summary(acc: torch.Tensor, topk: int) -> Optional[dict]:
@@ -153,7 +155,8 @@ def routing_summary(acc: torch.Tensor, topk: int) -> Optional[dict]:
 def tracker_names(config) -> list[str]:
     """The tracker entries a router with this TransformerConfig writes (aux loss types with coeff > 0, z_loss)."""
     types = config.moe_router_load_balancing_type
-    types, coeffs = ([types], [config.moe_aux_loss_coeff]) if isinstance(types, str) else (types, config.moe_aux_loss_coeff)
+    coeffs = config.moe_aux_loss_coeff
+    types, coeffs = ([types], [coeffs]) if isinstance(types, str) else (types, coeffs)
     kinds = ("aux_loss", "seq_aux_loss", "global_aux_loss")
     names = [TRACKER_AUX[kinds.index(t)] for t, c in zip(types, coeffs) if t in kinds and c and c > 0]
     return names + (["z_loss"] if config.moe_z_loss_coeff is not None else [])
@@ -170,7 +173,8 @@ def read_aux_losses(forwards: int, moe_layers: Optional[list[int]] = None, names
     tracker = moe_utils.get_moe_layer_wise_logging_tracker()
     for name in names:  # as Megatron's track_moe_metrics(force_initialize=True)
         if name not in tracker and num_layers:
-            tracker[name] = {"values": torch.zeros(num_layers, device=_device()), "reduce_group": None, "avg_group": None}
+            tracker[name] = {"values": torch.zeros(num_layers, device=_device()), "reduce_group": None,
+                             "avg_group": None}
     if not tracker:
         return {}
     if _dist():
