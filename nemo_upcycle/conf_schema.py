@@ -81,7 +81,8 @@ class ParallelSchema:
 @dataclass
 class DataSchema:
     kind: str = "shakespeare"  # shakespeare | files | mock
-    paths: List[str] = field(default_factory=list)
+    paths: List[str] = field(default_factory=list)  # kind=files: text (.txt) or jsonl ({"text": ...}) files
+    tokenizer: Optional[str] = None  # an HF tokenizer directory; default: the dense source's own tokenizer
     seq_length: int = 256
     micro_batch_size: int = 1
     global_batch_size: int = 8

@@ -154,6 +154,28 @@ def preflight(run: RunConfig, config_name: str) -> None:
     check_layout(model_dims(run), parallel_layout(run), training_setup(run))
     if run.mode == "train":
         check_gpu(run, config_name)
+        check_data(run)
+
+
+def check_data(run: RunConfig) -> None:
+    """The corpus files and an explicit tokenizer, refused before anything is built or written."""
+    d = run.data
+    if d.kind == "files":
+        if not d.paths:
+            raise UpcycleError("data.kind=files needs data.paths=[file,...]: text (.txt) or jsonl ({\"text\": ...}) files.")
+        for p in map(Path, d.paths):
+            if not p.is_file():
+                raise UpcycleError(f"corpus file {p} does not exist; pass existing text or jsonl files in data.paths.")
+            if p.stat().st_size == 0:
+                raise UpcycleError(f"corpus file {p} is empty; pass a file with text in it.")
+    if d.tokenizer and d.kind != "mock":
+        from .data_prep import _check_vocab, _load_tokenizer, _tokenizer_files
+
+        tok_dir = Path(d.tokenizer)
+        _tokenizer_files(tok_dir)
+        tok = _load_tokenizer(tok_dir)
+        ids = tok.get_vocab().values()
+        _check_vocab(tok_dir, len(tok), max(ids) if ids else 0, run.model.vocab_size)
 
 
 IDENTITY_FILE = "run_identity.json"

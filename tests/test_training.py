@@ -97,13 +97,15 @@ def test_loss_goes_down(runs):
 def test_metrics_have_the_promised_fields(runs):
     a = runs["a"]
     train = _records(a, "train")
+    per_step = _records(a, "run")[0]["tokens_per_step"]
+    assert per_step == 4 * 32  # global batch x seq_length of the tiny recipe
     want = {"step", "loss", "tokens_per_s", "aux_loss", "tokens_per_expert", "load_cv", "load_max_over_mean",
             "router_entropy", "dropped_fraction", "tflops", "mfu", "lr", "grad_norm"}
     for rec in train:
         assert want <= set(rec), want - set(rec)
         assert len(rec["tokens_per_expert"]) == 3 and all(len(layer) == 4 for layer in rec["tokens_per_expert"])
-        # every token goes to k=2 experts: routed assignments = 2 x tokens of the step, per layer
-        assert all(sum(layer) == 2 * rec["tokens"] for layer in rec["tokens_per_expert"])
+        # every token goes to k=2 experts: routed assignments = 2 x tokens of the logged steps, per layer
+        assert all(sum(layer) == 2 * per_step * rec["steps"] for layer in rec["tokens_per_expert"])
         assert 0 < rec["router_entropy"] <= torch.log(torch.tensor(4.0)).item() + 1e-6
         assert rec["tokens_per_s"] > 0 and 0 < rec["mfu"] < 1
     assert [r["step"] for r in train] == list(range(1, 13))

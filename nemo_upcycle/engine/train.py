@@ -88,7 +88,7 @@ def train(run: RunConfig, out_dir: Path) -> int:
     if not torch.cuda.is_available():
         enable_cpu_support()
     source = resolve_source(run, out_dir)
-    tok = tokenizer_dir(source, out_dir) if run.data.kind != "mock" else None
+    tok = None if run.data.kind == "mock" else run.data.tokenizer or tokenizer_dir(source, out_dir)
     ids = check_windows(run, tok)
     if _rank0():
         write_run_identity(run, out_dir)
