@@ -7,8 +7,8 @@ Slow (Megatron-core on CPU, one gloo rank in this process): the router hooks' to
 dropped fraction equal an independent computation from the router input and weight (bincount of topk of
 softmax(x W^T), Categorical entropy, min(count, capacity)) with negative controls; aux / z loss read from
 Megatron's tracker equal their formulas; Megatron's forward FLOPs measured by torch's FlopCounterMode equal
-the formula's forward part. Slowest: a real NeMo training run (subprocess) with the callback, TensorBoard
-and the report.
+the formula's forward part. Slowest: real NeMo training runs (subprocesses) with the callback: one rank with
+TensorBoard, the progress printer and the report; two ranks (DP 2, EP 2, torchrun) summing counts over ranks.
 """
 
 from __future__ import annotations
@@ -394,9 +394,10 @@ def test_formula_forward_part_equals_measured_flops(megatron_world):
 
 
 # ---------------------------------------------------------------------------------------------- NeMo run (slow)
-def train_tiny(out_dir: str, steps: int = 4, log_every: int = 2) -> None:
-    """A NeMo 2 training run on CPU with MetricsLogger (run in a subprocess by the test below): the project's
-    Megatron MoE config, 2 micro-batches per step, validation every 2 steps, TensorBoard, then the report."""
+def train_tiny(out_dir: str, steps: int = 4, log_every: int = 2, ep: int = 1) -> None:
+    """A NeMo 2 training run on CPU with MetricsLogger (run in a subprocess by the tests below, under torchrun
+    for several ranks): the project's Megatron MoE config, global batch 4 in micro-batches of 2, validation
+    every 2 steps, TensorBoard, then the report."""
     import lightning.pytorch as pl
     from lightning.pytorch.loggers import TensorBoardLogger
     from megatron.core.optimizer import OptimizerConfig
@@ -448,22 +449,33 @@ def train_tiny(out_dir: str, steps: int = 4, log_every: int = 2) -> None:
                   vocab_size=99, num_moe_experts=4, moe_router_topk=2)
     metrics = MetricsLogger(str(out / "metrics.jsonl"), tokens_per_step=GBS * SEQ,
                             flops_per_token=throughput.model_flops_per_token(m, SEQ), log_every_n_steps=log_every)
-    trainer = nl.Trainer(accelerator="cpu", devices=1, strategy=nl.MegatronStrategy(**cpu.cpu_strategy_kwargs()),
+    strategy = nl.MegatronStrategy(expert_model_parallel_size=ep, **cpu.cpu_strategy_kwargs())
+    trainer = nl.Trainer(accelerator="cpu", devices=int(os.environ.get("WORLD_SIZE", 1)), strategy=strategy,
                          max_steps=steps, val_check_interval=2, limit_val_batches=2 * (GBS // MBS), log_every_n_steps=1,
                          num_sanity_val_steps=0, enable_checkpointing=False, callbacks=[metrics],
                          logger=TensorBoardLogger(str(out / "tb"), name="", version=""),
                          plugins=nl.MegatronMixedPrecision(precision="32"))
     trainer.fit(model, Data())
-    write_report(out, step0={"max_abs_logit_diff": 0.0, "passed": True}, summary={"steps": steps})
+    if trainer.is_global_zero:
+        write_report(out, step0={"max_abs_logit_diff": 0.0, "passed": True}, summary={"steps": steps})
+
+
+def run_train_tiny(out: Path, nproc: int = 1, **kw) -> subprocess.CompletedProcess:
+    """``train_tiny`` in a fresh process (under torchrun for nproc > 1); fails with the log tail."""
+    script = out / "train_tiny_main.py"  # a file, not -c: dist-checkpoint / torchrun workers re-import __main__
+    script.write_text(f"import sys\nsys.path.insert(0, {str(REPO / 'tests')!r})\nfrom test_metrics import train_tiny\n"
+                      f"if __name__ == '__main__':\n    train_tiny({str(out)!r}, **{kw!r})\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []
+    r = subprocess.run([sys.executable, *launcher, str(script)], cwd=out, env=env, capture_output=True, text=True,
+                       timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r
 
 
 @pytest.mark.slow
 def test_nemo_training_writes_metrics_tensorboard_progress_and_report(tmp_path):
-    code = (f"import sys; sys.path.insert(0, {str(REPO / 'tests')!r}); "
-            f"from test_metrics import train_tiny; train_tiny({str(tmp_path)!r})")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    r = run_train_tiny(tmp_path)
     m = read_metrics(tmp_path / "metrics.jsonl")
     run, train, val = m["run"][-1], m["train"], m["val"]
     assert [t["step"] for t in train] == [2, 4] and [v["step"] for v in val] == [2, 4], (train, val)
@@ -494,3 +506,17 @@ def test_nemo_training_writes_metrics_tensorboard_progress_and_report(tmp_path):
     assert "**PASS**" in md and "| first | 2 |" in md and "| last | 4 |" in md
     for png in ("loss.png", "expert_load.png", "router.png", "throughput.png"):
         assert_png(tmp_path / png)
+
+
+@pytest.mark.slow
+def test_two_ranks_ep2_count_the_global_batch(tmp_path):
+    """DP 2 x EP 2 under torchrun (gloo): the counts are summed over ranks (every token of the global batch,
+    k times), the aux / z losses averaged, and rank 0 alone writes."""
+    run_train_tiny(tmp_path, nproc=2, steps=2, log_every=2, ep=2)
+    m = read_metrics(tmp_path / "metrics.jsonl")
+    assert len(m["run"]) == 1 and m["run"][0]["devices"] == 2 and [t["step"] for t in m["train"]] == [2]
+    t = m["train"][0]
+    assert [sum(c) for c in t["tokens_per_expert"]] == [2 * 128 * 2] * 3  # 2 steps x 128 tokens x k, both ranks
+    run = m["run"][0]
+    assert t["mfu"] == pytest.approx(t["tokens_per_s"] * run["flops_per_token"] / (2 * run["peak_flops"]))
+    assert 0.99 < t["aux_loss"] < 1.5 and t["z_loss"] > 0
