@@ -36,7 +36,7 @@ class ModelSchema:
 
 @dataclass
 class MoESchema:
-    num_moe_experts: int = 8
+    num_moe_experts: Optional[int] = 8  # null: no experts, the dense model trained as it is (conf/moe/dense.yaml)
     moe_router_topk: int = 2
     moe_expert_capacity_factor: Optional[float] = None
     moe_token_drop_policy: str = "probs"
@@ -175,13 +175,17 @@ def validate(cfg) -> RunConfig:
     _one_of("trainer.precision", run.trainer.precision, ("32", "bf16-mixed", "16-mixed"))
     _one_of("trainer.recompute", run.trainer.recompute, ("none", "selective", "full"))
     _one_of("data.kind", run.data.kind, ("shakespeare", "files", "mock"))
-    if not 1 <= moe.moe_router_topk <= moe.num_moe_experts:
+    if moe.num_moe_experts is None:  # dense continuation: no router, no experts, nothing to upcycle
+        if run.mode == "verify":
+            raise UpcycleError("mode=verify checks an upcycled MoE against the dense model; moe=dense has no experts.")
+    elif not 1 <= moe.moe_router_topk <= moe.num_moe_experts:
         raise UpcycleError(f"moe.moe_router_topk={moe.moe_router_topk} must be between 1 and moe.num_moe_experts={moe.num_moe_experts}.")
-    if moe.num_moe_experts % par.expert_model_parallel_size:
+    elif moe.num_moe_experts % par.expert_model_parallel_size:
         raise UpcycleError(f"parallel.expert_model_parallel_size={par.expert_model_parallel_size} does not divide "
                            f"moe.num_moe_experts={moe.num_moe_experts}; choose a divisor.")
     try:
-        upcycle_options(run).validate(ffn_hidden_size=m.ffn_hidden_size, num_layers=m.num_layers)
+        if moe.num_moe_experts is not None:
+            upcycle_options(run).validate(ffn_hidden_size=m.ffn_hidden_size, num_layers=m.num_layers)
     except UpcycleError as e:  # the core names CLI flags; a recipe user needs the config keys
         msg = str(e)
         for flag, key in FLAG_KEYS.items():

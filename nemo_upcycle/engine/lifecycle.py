@@ -153,7 +153,9 @@ class UpcycleLifecycle(pl.Callback):
             rec["moe_loss"] = window_loss(logits, self.check_ids, vocab)
             rec["moe_ppl"] = math.exp(rec["moe_loss"])
             rec["tokens"] = self.check_ids.numel()
-        if self.export:
+        if self.export and not getattr(pl_module.config, "num_moe_experts", None):
+            rec["hf_mixtral"] = None  # a dense run (moe=dense) has no Mixtral to export
+        elif self.export:
             from .export import export_hf_mixtral, unwrap
 
             hf_cfg = _hf_config(self.dense_source, pl_module.config)

@@ -77,7 +77,7 @@ def upcycle_into(module, config, source, *, progress: bool = True) -> int:
 
     src = source if isinstance(source, DenseSource) else open_dense(source)
     check_dense_matches(src, config)
-    opts = config.upcycle_options()
+    opts = config.upcycle_options() if config.num_moe_experts else None  # dense: every weight copied as is
     layout = rank_layout(module)
     E = config.num_moe_experts or 1
     filler = MegatronFiller(src.get, src.config, opts, layout, num_local_experts=E // layout.ep_size,
