@@ -105,9 +105,7 @@ class UpcycleLifecycle(pl.Callback):
             module.train(was)
 
     def _dense_logits(self) -> torch.Tensor:
-        from ..verify import load_dense
-
-        dense = load_dense(self.dense_source)
+        dense = dense_reference_model(self.dense_source)
         with torch.no_grad():
             out = dense(self.check_ids).logits
         del dense
@@ -166,6 +164,33 @@ class UpcycleLifecycle(pl.Callback):
                                           "run_dir": str(self.out_dir)})
             rec["hf_mixtral"] = str(out)
         write_json(self.out_dir / "final_eval.json", rec)
+
+
+def dense_reference_model(source: str):
+    """transformers' ``LlamaForCausalLM`` (fp32) holding the dense source's tensors, as read by ``hf.source``.
+
+    An HF directory loads with ``from_pretrained``; a GGUF (or NeMo) source is read by the project's reader,
+    whose tensors equal transformers' own GGUF loading (tests/test_gguf_source.py), which is several times
+    slower (it dequantizes through numpy) and holds a second copy of the weights while loading.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ..hf.source import open_dense
+    from ..verify import load_dense
+
+    p = Path(source)
+    if p.is_dir() and (p / "config.json").is_file() and any(p.glob("*.safetensors")):
+        return load_dense(p).eval()
+    src = open_dense(p)
+    keys = {k: v for k, v in src.config.items() if k not in ("architectures", "model_type", "torch_dtype", "dtype")}
+    model = LlamaForCausalLM(LlamaConfig(**keys)).float().eval()
+    state = {k: src.get(k).float() for k in src.keys()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (k == "lm_head.weight" and model.config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise RuntimeError(f"dense reference: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    model.tie_weights()
+    return model
 
 
 def _hf_vocab(source: Optional[str]) -> Optional[int]:
