@@ -220,6 +220,19 @@ def build_markdown(run_dir: Path, m: dict, step0: Optional[dict], summary: dict,
     L += ["## Step-0 verification", ""] + _step0(step0) + [""]
 
     L += ["## Validation", ""]
+    summary = dict(summary or {})
+    final = summary.pop("final_eval", None) or {}
+    if step0 and step0.get("moe_loss") is not None:
+        rows = [["dense model", 0, _num(step0.get("dense_loss"))], ["MoE at step 0", 0, _num(step0.get("moe_loss"))]]
+        if final.get("moe_loss") is not None:
+            rows.append(["MoE after training", final.get("step"), _num(final.get("moe_loss"))])
+        rows = [r + [math.exp(r[2]) if r[2] is not None else None] for r in rows]
+        L += [f"Before / after on the same {step0.get('tokens', '?')} validation tokens (the step-0 check's windows):", ""]
+        L += _table(["", "step", "loss", "ppl"], rows) + [""]
+        if final.get("hf_mixtral"):
+            L += [f"Exported HF Mixtral: `{final['hf_mixtral']}` (check it: `nemo-upcycle verify <dense> "
+                  f"{final['hf_mixtral']}`).", ""]
+        L += ["NeMo's validation loop (the first `limit_val_batches` batches of the validation split):", ""]
     if val:
         def row(label, r):
             return [label, r.get("step"), r.get("tokens"), _num(r.get("val_loss")), _num(r.get("val_ppl"))]
@@ -292,7 +305,7 @@ def build_markdown(run_dir: Path, m: dict, step0: Optional[dict], summary: dict,
         L.append("No per-expert counts in the records.")
     L.append("")
 
-    L += ["## Summary", ""] + _kv(summary or {}) + [""]
+    L += ["## Summary", ""] + _kv(summary) + [""]
     L += ["## Plots", ""]
     L += [f"![{name}]({p.name})" for name, p in plots.items() if p] or ["No plots (no records to draw)."]
     return "\n".join(L) + "\n"
@@ -334,8 +347,9 @@ def main(argv=None) -> int:
         print(f"error: {args.run_dir} is not a directory; pass a run directory holding metrics.jsonl.", file=sys.stderr)
         return 2
     step0 = _load_json(args.run_dir / "step0.json") or _load_json(args.run_dir / "verify.json")
-    path = write_report(args.run_dir, metrics_path=args.metrics, step0=step0,
-                        summary=_load_json(args.run_dir / "summary.json") or {})
+    summary = _load_json(args.run_dir / "summary.json") or {}
+    summary.setdefault("final_eval", _load_json(args.run_dir / "final_eval.json"))
+    path = write_report(args.run_dir, metrics_path=args.metrics, step0=step0, summary=summary)
     print(path)
     return 0
 

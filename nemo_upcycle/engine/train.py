@@ -110,6 +110,9 @@ def write_run_report(run: RunConfig, out_dir: Path) -> Path:
                "granularity": run.upcycle.granularity, "data": run.data.kind, "seq_length": run.data.seq_length,
                "global_batch_size": run.data.global_batch_size, "max_steps": run.trainer.max_steps,
                "final_eval": read("final_eval.json")}
+    from .lifecycle import write_json
+
+    write_json(out_dir / "summary.json", {k: v for k, v in summary.items() if k != "final_eval"})
     path = write_report(out_dir, metrics_path=out_dir / run.logging.metrics_file, step0=read("step0.json"),
                         summary=summary)
     print(f"report: {path}")
