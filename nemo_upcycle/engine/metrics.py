@@ -299,7 +299,7 @@ class MetricsLogger(pl.Callback):
                "tflops": tps * self.flops_per_token / 1e12 if tps and self.flops_per_token else None,
                "mfu": (tps * self.flops_per_token / (self.peak_flops * trainer.world_size)
                        if tps and self.flops_per_token and self.peak_flops else None),
-               "elapsed": time.perf_counter() - self._start if self._start else None, **moe}
+               "elapsed": time.perf_counter() - self._start if self._start else None, **peak_memory(), **moe}
         self._reset_window()
         self._write(rec)
         self._to_loggers(trainer, {
@@ -344,6 +344,16 @@ class MetricsLogger(pl.Callback):
 def _sync() -> None:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.synchronize()
+
+
+def peak_memory() -> dict:
+    """This process's peak memory so far, GiB: resident set size (CPU), and the CUDA allocator's peak on a GPU."""
+    import resource
+
+    out = {"max_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # ru_maxrss is KiB on Linux
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["max_cuda_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return out
 
 
 def _mean(xs: list) -> Optional[float]:

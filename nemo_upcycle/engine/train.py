@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -78,6 +79,9 @@ def _rank0() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+T0 = time.perf_counter()  # this module is imported when mode=train starts: the run's wall time counts from here
+
+
 def train(run: RunConfig, out_dir: Path) -> int:
     import fiddle as fdl
 
@@ -100,6 +104,7 @@ def train(run: RunConfig, out_dir: Path) -> int:
 
 def write_run_report(run: RunConfig, out_dir: Path) -> Path:
     from ..report import write_report
+    from .metrics import peak_memory
 
     def read(name: str) -> Optional[dict]:
         p = out_dir / name
@@ -109,7 +114,8 @@ def write_run_report(run: RunConfig, out_dir: Path) -> Path:
                "experts": run.moe.num_moe_experts, "topk": run.moe.moe_router_topk,
                "granularity": run.upcycle.granularity, "data": run.data.kind, "seq_length": run.data.seq_length,
                "global_batch_size": run.data.global_batch_size, "max_steps": run.trainer.max_steps,
-               "final_eval": read("final_eval.json")}
+               "final_eval": read("final_eval.json"), **peak_memory(),
+               "wall_seconds": round(time.perf_counter() - T0, 1)}
     from .lifecycle import write_json
 
     write_json(out_dir / "summary.json", {k: v for k, v in summary.items() if k != "final_eval"})
