@@ -103,6 +103,7 @@ def trainer(r: RunConfig, out_dir: Path, source: Optional[str] = None, tokenizer
         nl.Trainer, accelerator=p.accelerator, devices=p.devices, num_nodes=p.num_nodes, max_steps=t.max_steps,
         val_check_interval=t.val_check_interval, limit_val_batches=t.limit_val_batches,
         log_every_n_steps=t.log_every_n_steps, num_sanity_val_steps=0, strategy=strategy(r),
+        enable_checkpointing=t.checkpoint_every_n_steps > 0,  # 0: no checkpoints at all (nemo-upcycle compare)
         plugins=run.Config(nl.MegatronMixedPrecision, precision=t.precision),
         callbacks=callbacks(r, out_dir, source, tokenizer_dir, check_ids),
     )
@@ -121,8 +122,9 @@ def optimizer(r: RunConfig) -> run.Config:
 def logger(r: RunConfig, out_dir: Path) -> run.Config:
     ckpt = run.Config(nl.ModelCheckpoint, monitor=None, every_n_train_steps=r.trainer.checkpoint_every_n_steps, save_last="link",
                       save_top_k=-1, save_optim_on_train_end=True, filename="{step}")
+    ckpt = ckpt if r.trainer.checkpoint_every_n_steps > 0 else None  # 0: no checkpoints (trainer() agrees)
     tb = run.Config(__import__("lightning.pytorch.loggers", fromlist=["TensorBoardLogger"]).TensorBoardLogger,
-                    save_dir=str(out_dir / "tb"), name="") if r.logging.tensorboard else None
+                    save_dir="tb", name="") if r.logging.tensorboard else None  # NeMoLogger puts it under log_dir
     return run.Config(nl.NeMoLogger, log_dir=str(out_dir), name="run", use_datetime_version=False, ckpt=ckpt,
                       tensorboard=tb)
 
