@@ -9,6 +9,9 @@
       logits NeMo recorded at export on the recorded tokens (the export is faithful, up to --atol); how far
       training moved the MoE from the dense model is printed as information, not checked.
   nemo-upcycle recipes                    # list conf/<name>.yaml = recipes/<name>.py: mode, GPUs, description
+  nemo-upcycle compare --config-name=NAME [--variants a,b] [--tokens N | --steps N] [--out DIR] [key=value ...]
+      train dense continuation and each upcycling method on one recipe (nemo_upcycle/compare.py) and write
+      comparison.md / .png / .json in --out; --list-variants prints them.
 
 Exit codes: 0 success, 1 verification failed, 2 bad input (one line on stderr naming the fix).
 """
@@ -72,12 +75,29 @@ def _add_recipes(sub) -> None:
     sub.add_parser("recipes", help="list the recipes (conf/<name>.yaml = recipes/<name>.py): mode, GPUs, description")
 
 
+def _add_compare(sub) -> None:
+    p = sub.add_parser("compare", help="train dense continuation and every upcycling method on one recipe; "
+                                       "write comparison.md / .png / .json (Hydra overrides key=value may follow)")
+    p.add_argument("--config-name", "-cn", default="smollm2_135m_upcycle", help="the recipe (conf/<name>.yaml)")
+    p.add_argument("--variants", default=None, help="comma list (default: all; --list-variants shows them)")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--tokens", type=int, default=None, help="training tokens per variant (whole steps, rounded up)")
+    budget.add_argument("--steps", type=int, default=None, help="optimizer steps per variant (default: the recipe's)")
+    p.add_argument("--out", type=Path, default=None, help="output directory (default outputs/compare_<recipe>)")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="VARIANT:KEY=VALUE",
+                   help="an override for one variant only (repeatable)")
+    p.add_argument("--keep-checkpoints", action="store_true", help="keep each run's checkpoints (default: no checkpoints)")
+    p.add_argument("--timeout", type=float, default=None, help="seconds per variant before it counts as failed")
+    p.add_argument("--list-variants", action="store_true", help="print the variants and exit")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nemo-upcycle", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _add_convert(sub)
     _add_verify(sub)
     _add_recipes(sub)
+    _add_compare(sub)
     return parser
 
 
@@ -164,10 +184,34 @@ def run_recipes(a: argparse.Namespace) -> int:
     return 0
 
 
+def run_compare(a: argparse.Namespace) -> int:
+    from .compare import VARIANTS, compare
+
+    if a.list_variants:
+        for v in VARIANTS:
+            print(f"{v.name:18s} {v.what}")
+        return 0
+    bad = [x for x in a.overrides if x.startswith("-") or "=" not in x]
+    if bad:
+        raise UpcycleError(f"unrecognized argument(s) {' '.join(bad)}; overrides are key=value (see nemo-upcycle compare -h).")
+    result = compare(a.config_name, a.overrides, variants=a.variants, tokens=a.tokens, steps=a.steps, out=a.out,
+                     sets=a.sets, keep_checkpoints=a.keep_checkpoints, timeout=a.timeout)
+    failed = [r["name"] for r in result["variants"] if r["status"] != "done"]
+    if failed:
+        print(f"failed variants (reasons in the table): {', '.join(failed)}")
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "compare":
+        args.overrides = extra  # Hydra overrides (key=value) may sit anywhere among the options
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
-        return {"convert": run_convert, "verify": run_verify, "recipes": run_recipes}[args.command](args)
+        return {"convert": run_convert, "verify": run_verify, "recipes": run_recipes,
+                "compare": run_compare}[args.command](args)
     except UpcycleError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code

@@ -110,7 +110,7 @@ class TrainerSchema:
     log_every_n_steps: int = 1
     precision: str = "32"  # 32 | bf16-mixed
     recompute: str = "none"  # none | selective | full
-    checkpoint_every_n_steps: int = 10
+    checkpoint_every_n_steps: int = 10  # 0: no checkpoints (not resumable; no multi-GB saves at every validation)
     eval_windows: int = 4  # validation windows of the step-0 check and the before / after loss (1-rank runs)
 
 

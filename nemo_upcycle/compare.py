@@ -1,0 +1,441 @@
+"""``nemo-upcycle compare``: upcycled MoEs against dense continuation, method by method, on one recipe.
+
+    nemo-upcycle compare --config-name=smollm2_135m_upcycle --steps 6 --out outputs/compare_smollm2
+    nemo-upcycle compare --config-name=tiny_llama_upcycle --variants dense,copy --steps 2 trainer.limit_val_batches=1
+
+Every variant is one ``python train.py --config-name=NAME mode=train`` subprocess with its own run directory
+``OUT/<variant>/`` (log: ``OUT/logs/<variant>.log``), one after the other, all from the same dense source and
+corpus with the recipe's seeds (``seed``, ``data.seed``, ``upcycle.seed``), so every run sees the same batches in
+the same order and the MoEs start from the same router draws. Variants (``VARIANTS``):
+
+  dense              the dense model trained as it is (``moe=dense``) for the same tokens
+  dense_flops        the same, for the MoE's training FLOPs: steps x F_moe / F_dense whole steps (F: model FLOPs
+                     per token, ``throughput.flops_for_run``), so the equal-FLOPs column has a dense entry
+  copy               copy upcycling, top-k then softmax (Megatron's default), normal router (Komatsuzaki et al.)
+  copy_pre_softmax   copy upcycling, softmax then top-k (``moe_router_pre_softmax``; He et al. arXiv 2410.07524)
+  granular_exact     G=2 shards per copy, virtual-group router, the factor G on the down projection; E and k
+  granular_megatron  are doubled (2E experts of half the FFN, top-2k), so active and total parameters and FLOPs
+  granular_none      equal copy's; weight scaling exact | megatron (s^(1/3) per matrix) | none
+  drop_upcycle       copy, then 50% of each expert's units re-initialized (Nakamura et al. arXiv 2502.19261)
+  router_zeros       copy with a zero router (``copy`` is the normal-router one): the two router inits
+
+Read from each run directory: ``step0.json`` (loss on the fixed validation windows at step 0), ``final_eval.json``
+(loss on the same windows after training), ``metrics.jsonl`` (validation-loop curve, tokens/s, last expert-load
+spread). Output in OUT, rewritten after every variant (temp + rename): ``comparison.json``, ``comparison.md`` (the
+table) and ``comparison.png`` (validation loss against tokens and against training FLOPs).
+
+A variant that fails (bad override, a crash, a kill) is a table row with its one-line reason; the others run. A
+variant whose run directory holds a finished run with the same settings is skipped, so an interrupted comparison
+is continued by the same command; a run directory made with other settings is refused (new --out, or delete it).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+from .errors import UpcycleError
+
+GRANULARITY = 2
+MARKER = "variant.json"  # written by compare into each run directory: settings, status
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    what: str
+    overrides: tuple[str, ...] = ()
+    granular: bool = False  # E and k multiplied by GRANULARITY (same active / total parameters as copy)
+    equal_flops: bool = False  # trained for the reference MoE's FLOPs instead of its tokens
+
+    @property
+    def dense(self) -> bool:
+        return "moe=dense" in self.overrides
+
+
+VARIANTS = (
+    Variant("dense", "dense continuation: the dense model trained as it is, same tokens", ("moe=dense",)),
+    Variant("copy", "copy upcycling, top-k then softmax (Megatron default), normal router",
+            ("upcycle=copy", "moe.moe_router_pre_softmax=false")),
+    Variant("dense_flops", "dense continuation for the MoE's training FLOPs (more tokens)", ("moe=dense",),
+            equal_flops=True),
+    Variant("copy_pre_softmax", "copy upcycling, softmax then top-k (moe_router_pre_softmax=true)",
+            ("upcycle=copy", "moe.moe_router_pre_softmax=true")),
+    Variant("granular_exact", "granular G=2, virtual-group router, 2E experts top-2k, scaling exact",
+            ("upcycle=granular_g2", "upcycle.scaling=exact"), granular=True),
+    Variant("granular_megatron", "granular G=2, virtual-group router, 2E experts top-2k, scaling megatron",
+            ("upcycle=granular_g2", "upcycle.scaling=megatron"), granular=True),
+    Variant("granular_none", "granular G=2, virtual-group router, 2E experts top-2k, no scaling",
+            ("upcycle=granular_g2", "upcycle.scaling=none"), granular=True),
+    Variant("drop_upcycle", "Drop-Upcycling: copy, 50% of each expert's units re-initialized",
+            ("upcycle=drop_upcycle",)),
+    Variant("router_zeros", "copy upcycling with a zero router (copy: normal router)",
+            ("upcycle=copy", "upcycle.router_init=zeros")),
+)
+BY_NAME = {v.name: v for v in VARIANTS}
+REFERENCE = "copy"  # the MoE whose FLOPs per token set the equal-FLOPs budget
+
+
+# ---- budget arithmetic (pure) -------------------------------------------------------------------------------
+def budget_steps(tokens_per_step: int, tokens: Optional[int] = None, steps: Optional[int] = None,
+                 default: int = 1) -> int:
+    """Optimizer steps for a token budget (rounded up to whole steps) or a step count."""
+    if tokens is not None and steps is not None:
+        raise UpcycleError("give --tokens or --steps, not both.")
+    if tokens is not None:
+        if tokens < 1:
+            raise UpcycleError(f"--tokens {tokens} must be positive.")
+        return math.ceil(tokens / tokens_per_step)
+    n = default if steps is None else steps
+    if n < 1:
+        raise UpcycleError(f"--steps {n} must be at least 1.")
+    return n
+
+
+def equal_flops_steps(steps: int, flops_ref: float, flops_dense: float) -> int:
+    """Whole steps of a model with ``flops_dense`` per token that spend the FLOPs of ``steps`` steps at
+    ``flops_ref`` per token (same tokens per step): the nearest whole number, at least ``steps``."""
+    return max(steps, round(steps * flops_ref / flops_dense))
+
+
+def variant_overrides(v: Variant, experts: int, topk: int) -> list[str]:
+    """The variant's Hydra overrides on the recipe (``experts``, ``topk``: the recipe's MoE)."""
+    out = list(v.overrides)
+    if v.granular:
+        out += [f"moe.num_moe_experts={experts * GRANULARITY}", f"moe.moe_router_topk={topk * GRANULARITY}"]
+    return out
+
+
+# ---- reading a run directory --------------------------------------------------------------------------------
+def _json(path: Path) -> Optional[dict]:
+    try:
+        return json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _finite(x) -> Optional[float]:
+    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) else None
+
+
+def read_run(run_dir: Path) -> dict:
+    """The numbers the table needs from one finished run directory (missing pieces are None)."""
+    from .report import read_metrics
+
+    m = read_metrics(run_dir / "metrics.jsonl")
+    step0, final = _json(run_dir / "step0.json") or {}, _json(run_dir / "final_eval.json") or {}
+    train = m["train"]
+    rates = [r["tokens_per_s"] for r in (train[1:] or train) if _finite(r.get("tokens_per_s"))]  # first: warm-up
+    last = train[-1] if train else {}
+    flops = next((r.get("flops_per_token") for r in reversed(m["run"]) if r.get("flops_per_token")), None)
+    return {"step0_loss": _finite(step0.get("moe_loss")), "step0_max_abs_logit_diff": _finite(step0.get("max_abs_logit_diff")),
+            "step0_passed": step0.get("passed"), "final_loss": _finite(final.get("moe_loss")),
+            "final_step": final.get("step"), "tokens_per_s": sorted(rates)[len(rates) // 2] if rates else None,
+            "load_cv": _finite(last.get("load_cv")), "load_max_over_mean": _finite(last.get("load_max_over_mean")),
+            "flops_per_token_logged": flops,
+            "val_curve": [[r["tokens"], r["val_loss"]] for r in m["val"] if _finite(r.get("val_loss")) is not None]}
+
+
+def failure_reason(log_text: str, returncode: Optional[int]) -> str:
+    """One line for a failed run: its ``error:`` line, else the last exception line, else the exit status."""
+    lines = [ln.strip() for ln in log_text.splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        if ln.startswith("error: "):
+            return ln[len("error: "):]
+    for ln in reversed(lines):
+        if re.match(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt)\b", ln):
+            return ln
+    if returncode is not None and returncode < 0:
+        return f"killed by signal {-returncode}"
+    return f"exit code {returncode}"
+
+
+# ---- rows and the table (pure) ------------------------------------------------------------------------------
+def finish_row(row: dict, budget_flops: float) -> dict:
+    """Fill the equal-tokens / equal-FLOPs readings of a row from its final loss and training FLOPs."""
+    loss = row.get("final_loss")
+    row["final_ppl"] = math.exp(min(loss, 50.0)) if loss is not None else None
+    train_flops = row.get("train_flops")
+    row["flops_ratio"] = train_flops / budget_flops if train_flops and budget_flops else None
+    same_flops = row.get("equal_flops") or (row["flops_ratio"] is not None and abs(row["flops_ratio"] - 1) <= 0.01)
+    row["loss_equal_tokens"] = None if row.get("equal_flops") else loss
+    row["loss_equal_flops"] = loss if same_flops else None
+    return row
+
+
+def _f(v, fmt: str = "{:.4f}") -> str:
+    return "–" if v is None else fmt.format(v)
+
+
+def row_note(r: dict) -> str:
+    if r["status"] == "failed":
+        return f"**failed**: {r.get('reason') or '?'}"
+    if r["status"] != "done":
+        return r["status"]
+    notes = []
+    if r.get("equal_flops") and r.get("flops_ratio"):
+        notes.append(f"{r['steps']} steps = {r['flops_ratio']:.2f}x the MoE's FLOPs")
+    elif r.get("flops_ratio") and abs(r["flops_ratio"] - 1) > 0.01:
+        notes.append(f"{r['flops_ratio']:.2f}x the MoE's FLOPs")
+    if r.get("dense"):
+        notes.append("no experts")
+    elif r.get("step0_passed") is True:
+        notes.append("step 0 = dense")
+    elif r.get("step0_max_abs_logit_diff") is not None:
+        notes.append(f"step 0 != dense (max dlogit {r['step0_max_abs_logit_diff']:.2g})")
+    return "; ".join(notes)
+
+
+def markdown(result: dict) -> str:
+    """comparison.md from a comparison.json dict."""
+    b = result["budget"]
+    head = ("| variant | step-0 loss | loss @ equal tokens | ppl | loss @ equal FLOPs | ppl | tokens/s "
+            "| load CV | load max/mean | note |")
+    lines = [f"# Upcycling comparison: {result['recipe']}", "",
+             f"Budget: {b['steps']} steps x {b['tokens_per_step']:,} tokens = {b['tokens']:,} tokens per variant; "
+             f"equal FLOPs = {b['flops']:.3e} model FLOPs ({b['flops_per_token']:.4g} per token, the `{REFERENCE}` "
+             f"MoE). Seeds: seed {result['seeds']['seed']}, data {result['seeds']['data']}, upcycle "
+             f"{result['seeds']['upcycle']} (every variant).", "",
+             "Losses: next-token cross entropy on the fixed validation windows (step0.json / final_eval.json) before "
+             "and after training; tokens/s: median over steps after the first; load: the last training window's "
+             "coefficient of variation and max/mean of tokens per expert (mean / worst over MoE layers).", "",
+             head, "|" + "---|" * (head.count("|") - 1)]
+    for r in result["variants"]:
+        lines.append("| " + " | ".join([
+            f"`{r['name']}`", _f(r.get("step0_loss")), _f(r.get("loss_equal_tokens")),
+            _f(r.get("final_ppl") if r.get("loss_equal_tokens") is not None else None, "{:.2f}"),
+            _f(r.get("loss_equal_flops")),
+            _f(r.get("final_ppl") if r.get("loss_equal_flops") is not None else None, "{:.2f}"),
+            _f(r.get("tokens_per_s"), "{:.1f}"), _f(r.get("load_cv"), "{:.3f}"),
+            _f(r.get("load_max_over_mean"), "{:.2f}"), row_note(r)]) + " |")
+    lines += ["", "Variants:", ""]
+    lines += [f"- `{r['name']}`: {r['what']} (`{' '.join(r['overrides'])}`)" for r in result["variants"]]
+    lines += ["", "![validation loss](comparison.png)", "",
+              "Plot: the validation loop (the first `trainer.limit_val_batches` validation batches, the same for "
+              "every variant) against training tokens and training FLOPs (tokens x model FLOPs per token).", ""]
+    return "\n".join(lines)
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def plot(result: dict, path: Path) -> None:
+    """comparison.png: validation loss vs tokens (left) and vs training FLOPs (right), one line per variant."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_t, ax_f) = plt.subplots(1, 2, figsize=(12, 4.6))
+    cmap = plt.get_cmap("tab10")
+    for i, r in enumerate(result["variants"]):
+        pts = r.get("val_curve") or []
+        if not pts:
+            continue
+        x = [p[0] for p in pts]
+        y = [p[1] for p in pts]
+        style = dict(color="black" if r.get("dense") else cmap(i % 10), marker="o", markersize=3,
+                     linestyle="--" if r.get("dense") else "-", label=r["name"])
+        if r.get("equal_flops"):
+            style.update(color="0.45", linestyle=":")
+        ax_t.plot(x, y, **style)
+        ax_f.plot([t * r["flops_per_token"] for t in x], y, **style)
+    ax_t.set_xlabel("training tokens")
+    ax_f.set_xlabel("training FLOPs (model FLOPs, fwd + bwd)")
+    budget = result["budget"]["flops"]
+    ax_f.axvline(budget, color="0.7", linewidth=0.8)
+    ax_t.axvline(result["budget"]["tokens"], color="0.7", linewidth=0.8)
+    for ax in (ax_t, ax_f):
+        ax.set_ylabel("validation loss")
+        ax.grid(alpha=0.3)
+    handles, labels = ax_t.get_legend_handles_labels()
+    if handles:
+        ax_t.legend(fontsize=7, ncol=2)
+    else:
+        for ax in (ax_t, ax_f):
+            ax.text(0.5, 0.5, "no validation records", ha="center", va="center", transform=ax.transAxes)
+    fig.suptitle(f"{result['recipe']}: validation loss, {result['budget']['tokens']:,} tokens per variant", fontsize=10)
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def write_outputs(result: dict, out: Path) -> None:
+    _write_text(out / "comparison.json", json.dumps(result, indent=2) + "\n")
+    _write_text(out / "comparison.md", markdown(result))
+    plot(result, out / "comparison.png")
+
+
+# ---- running -------------------------------------------------------------------------------------------------
+def train_script() -> Path:
+    from .catalog import conf_dir
+
+    script = conf_dir().parent / "train.py"
+    if not script.is_file():
+        raise UpcycleError(f"no train.py next to {conf_dir()}; run compare from a checkout of nemo-upcycle.")
+    return script
+
+
+def _per_variant_sets(sets: Sequence[str], names: Sequence[str]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for s in sets:
+        name, sep, override = s.partition(":")
+        if not sep or "=" not in override:
+            raise UpcycleError(f"--set {s!r} is not VARIANT:KEY=VALUE.")
+        if name not in names:
+            raise UpcycleError(f"--set {s!r} names variant {name!r}, which is not compared; choose among {', '.join(names)}.")
+        out.setdefault(name, []).append(override)
+    return out
+
+
+def parse_variants(spec: Optional[str]) -> list[Variant]:
+    if not spec:
+        return list(VARIANTS)
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    bad = [n for n in names if n not in BY_NAME]
+    if bad or not names:
+        raise UpcycleError(f"unknown variant(s) {', '.join(bad) or '(none given)'}; choose among {', '.join(BY_NAME)}.")
+    return [BY_NAME[n] for n in dict.fromkeys(names)]
+
+
+def compare(config_name: str, overrides: Sequence[str] = (), variants: Optional[str] = None,
+            tokens: Optional[int] = None, steps: Optional[int] = None, out: Optional[Path] = None,
+            sets: Sequence[str] = (), keep_checkpoints: bool = False, timeout: Optional[float] = None) -> dict:
+    """Train every variant in turn (skipping finished ones) and write the outputs; returns comparison.json's dict."""
+    from .catalog import compose
+    from .throughput import flops_for_run
+
+    chosen = parse_variants(variants)
+    per_variant = _per_variant_sets(sets, [v.name for v in chosen])
+    overrides = list(overrides)
+    base = compose(config_name, overrides)
+    if base.moe.num_moe_experts is None:
+        raise UpcycleError(f"recipe {config_name} has no experts (moe=dense); compare needs an MoE recipe.")
+    tps = base.data.global_batch_size * base.data.seq_length
+    n_steps = budget_steps(tps, tokens, steps, default=base.trainer.max_steps)
+    E, k = base.moe.num_moe_experts, base.moe.moe_router_topk
+    f_ref = flops_for_run(compose(config_name, overrides + variant_overrides(BY_NAME[REFERENCE], E, k)))
+    f_dense = flops_for_run(compose(config_name, overrides + ["moe=dense"]))
+    out = Path(out or Path("outputs") / f"compare_{config_name}").resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "logs").mkdir(exist_ok=True)
+    source = _shared_source(base, out)
+    common = [f"model.source={source}"] if source else []
+    result = {"recipe": config_name, "overrides": overrides, "out": str(out),
+              "seeds": {"seed": base.seed, "data": base.data.seed, "upcycle": base.upcycle.seed},
+              "budget": {"steps": n_steps, "tokens_per_step": tps, "tokens": n_steps * tps, "flops_per_token": f_ref,
+                         "flops": n_steps * tps * f_ref, "dense_flops_per_token": f_dense,
+                         "dense_flops_steps": equal_flops_steps(n_steps, f_ref, f_dense)},
+              "variants": []}
+    plans = []
+    for v in chosen:  # settle every variant's command first: a stale run directory stops before any training
+        s = result["budget"]["dense_flops_steps"] if v.equal_flops else n_steps
+        args = _variant_args(v, E, k, s, max(1, n_steps // 3), common, overrides, per_variant.get(v.name, []),
+                             keep_checkpoints)
+        _check_stale(out / v.name, args)
+        plans.append((v, s, args))
+    for i, (v, s, args) in enumerate(plans, 1):
+        row = {"name": v.name, "what": v.what, "overrides": variant_overrides(v, E, k) + per_variant.get(v.name, []),
+               "dense": v.dense, "equal_flops": v.equal_flops, "steps": s, "tokens": s * tps,
+               "run_dir": str(out / v.name), "log": str(out / "logs" / f"{v.name}.log")}
+        try:
+            row["flops_per_token"] = flops_for_run(compose(config_name, args))
+        except UpcycleError as e:
+            row.update(status="failed", reason=str(e))
+            print(f"[{i}/{len(plans)}] {v.name}: FAILED before training: {e}", flush=True)
+        else:
+            row["train_flops"] = row["flops_per_token"] * row["tokens"]
+            _run_variant(v, i, len(plans), args, out, row, config_name, timeout)
+        result["variants"].append(finish_row(row, result["budget"]["flops"]))
+        write_outputs(result, out)
+    print(f"comparison: {out / 'comparison.md'}, {out / 'comparison.png'}", flush=True)
+    return result
+
+
+def _shared_source(base, out: Path) -> Optional[str]:
+    """``tiny``: one random dense model for every variant (written once under OUT); others resolve alike."""
+    if base.model.source != "tiny":
+        return None
+    from .run import make_tiny_llama
+
+    return str(make_tiny_llama(base, out / "dense_tiny"))
+
+
+def _variant_args(v: Variant, E: int, k: int, steps: int, val_every: int, common: list, overrides: list,
+                  extra: list, keep_checkpoints: bool = False) -> list[str]:
+    """train.py's Hydra overrides for one variant, in precedence order (the last wins): compare's defaults (validation
+    at the same token counts in every variant; no checkpoints -- a SmolLM2 E8 one is ~8 GB and ~30 s at every
+    validation --, HF export or per-run report), the user's overrides, the variant's, its --set ones, the budget."""
+    defaults = [f"trainer.val_check_interval={val_every}",
+                f"trainer.checkpoint_every_n_steps={steps if keep_checkpoints else 0}",
+                "logging.export_hf=false", "logging.report=false"]
+    return ["mode=train", *common, *defaults, *overrides, *variant_overrides(v, E, k), *extra, f"trainer.max_steps={steps}"]
+
+
+def _settings(args: Sequence[str]) -> list[str]:
+    """The arguments that change a variant's numbers (not whether it keeps checkpoints)."""
+    return [a for a in args if not a.startswith("trainer.checkpoint_every_n_steps=")]
+
+
+def _check_stale(run_dir: Path, args: list[str]) -> None:
+    marker = _json(run_dir / MARKER)
+    old = _settings(marker.get("args") or []) if marker is not None else None
+    if old is not None and old != _settings(args):
+        there = [a for a in old if a not in args] or ["(same, in another order)"]
+        here = [a for a in _settings(args) if a not in old]
+        raise UpcycleError(f"{run_dir} holds a run of this variant with other settings (there: {' '.join(there)}; "
+                           f"here: {' '.join(here) or '-'}); choose a new --out, or delete that directory to train it again.")
+
+
+def _run_variant(v: Variant, i: int, n: int, args: list[str], out: Path, row: dict, config_name: str,
+                 timeout: Optional[float]) -> None:
+    run_dir, log = out / v.name, out / "logs" / f"{v.name}.log"
+    marker = _json(run_dir / MARKER) or {}
+    if marker.get("status") == "done" and (run_dir / "final_eval.json").is_file():
+        print(f"[{i}/{n}] {v.name}: finished earlier, skipped", flush=True)
+        row.update(status="done", seconds=marker.get("seconds"), **read_run(run_dir))
+        return
+    ckpts = run_dir / "run" / "checkpoints"
+    if run_dir.is_dir() and not (ckpts.is_dir() and any(ckpts.iterdir())):
+        shutil.rmtree(run_dir)  # an unfinished start without a checkpoint: start over (with one: train.py resumes)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _write_text(run_dir / MARKER, json.dumps({"args": args, "status": "running"}, indent=2) + "\n")
+    cmd = [sys.executable, str(train_script()), f"--config-name={config_name}", f"hydra.run.dir={run_dir}", *args]
+    print(f"[{i}/{n}] {v.name}: training {row['steps']} steps ({row['tokens']:,} tokens), log {log}", flush=True)
+    t0 = time.perf_counter()
+    with open(log, "w") as f:
+        f.write("$ " + " ".join(cmd) + "\n")
+        f.flush()
+        try:
+            p = subprocess.run(cmd, cwd=train_script().parent, stdout=f, stderr=subprocess.STDOUT, timeout=timeout)
+            rc = p.returncode
+        except subprocess.TimeoutExpired:
+            rc = None
+    seconds = time.perf_counter() - t0
+    done = rc == 0 and (run_dir / "final_eval.json").is_file()
+    if not done:
+        reason = f"timed out after {timeout:g} s" if rc is None else failure_reason(log.read_text(errors="replace"), rc)
+        if rc == 0:
+            reason = "exited 0 without final_eval.json"
+        row.update(status="failed", reason=reason, seconds=seconds)
+        _write_text(run_dir / MARKER, json.dumps({"args": args, "status": "failed", "reason": reason}, indent=2) + "\n")
+        print(f"[{i}/{n}] {v.name}: FAILED after {seconds:.0f} s: {reason}", flush=True)
+        return
+    _write_text(run_dir / MARKER, json.dumps({"args": args, "status": "done", "seconds": seconds}, indent=2) + "\n")
+    row.update(status="done", seconds=seconds, **read_run(run_dir))
+    print(f"[{i}/{n}] {v.name}: done in {seconds:.0f} s, loss {_f(row.get('step0_loss'))} -> "
+          f"{_f(row.get('final_loss'))}", flush=True)
