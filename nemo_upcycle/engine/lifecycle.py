@@ -7,7 +7,8 @@ process, i.e. TP = PP = EP = 1 -- other layouts skip them with a note and keep `
                            validation windows: max / mean |logit difference|, top-1 agreement, and both
                            validation losses -> ``step0.json`` (the step-0 verification of the report).
   on_train_start, resumed  ``metrics.jsonl`` records past the resumed step (written by the killed run after
-                           its last checkpoint) are dropped, so the file reads as one uninterrupted run.
+                           its last checkpoint) are dropped, so the file reads as one uninterrupted run; the
+                           batch counter is aligned with the step (validation on the same steps as unresumed).
   on_train_end             the MoE's loss on the same windows after training -> ``final_eval.json``; the MoE
                            exported as an HF Mixtral directory (``hf_mixtral/``) with reference logits, which
                            ``nemo-upcycle verify DENSE hf_mixtral`` checks.
@@ -79,6 +80,23 @@ def truncate_metrics(path: Path, step: int) -> int:
     return dropped
 
 
+def align_batch_progress(trainer, step: int) -> None:
+    """Make Lightning's batch counter agree with the resumed optimizer step.
+
+    NeMo's checkpoint is written in ``on_train_batch_end``, before Lightning counts the batch as completed, so a
+    restarted run's epoch loop starts one batch behind (Lightning warns: "resuming from a checkpoint that ended
+    before the epoch ended") and ``val_check_interval`` fires one step early for the rest of the run. One
+    Lightning batch is one optimizer step here (NeMo's data sampler makes the micro-batches), so the counters
+    are set to the step. The data itself resumes by NeMo's consumed-samples count, not by this counter.
+    """
+    loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
+    progress = getattr(loop, "batch_progress", None)
+    if progress is None:
+        return
+    for counter in (progress.current, progress.total):
+        counter.ready = counter.started = counter.processed = counter.completed = step
+
+
 class UpcycleLifecycle(pl.Callback):
     def __init__(self, out_dir: str, check_ids: Optional[list] = None, dense_source: Optional[str] = None,
                  metrics_file: str = "metrics.jsonl", export: bool = True, tokenizer_dir: Optional[str] = None,
@@ -115,6 +133,7 @@ class UpcycleLifecycle(pl.Callback):
     def on_train_start(self, trainer, pl_module):
         step = int(trainer.global_step)
         if step > 0:
+            align_batch_progress(trainer, step)
             if _rank0():
                 n = truncate_metrics(self.out_dir / self.metrics_file, step)
                 log.info("resumed at step %d%s", step, f"; dropped {n} metrics records past it" if n else "")
