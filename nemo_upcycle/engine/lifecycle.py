@@ -98,11 +98,15 @@ def align_batch_progress(trainer, step: int) -> None:
 
 
 class UpcycleLifecycle(pl.Callback):
-    def __init__(self, out_dir: str, check_ids: Optional[list] = None, dense_source: Optional[str] = None,
+    """``eval_windows`` validation windows (taken from the trainer's data module: the first windows of
+    ``CorpusData``'s validation split, or ``MockTokens``' validation samples) unless ``check_ids`` gives them."""
+
+    def __init__(self, out_dir: str, eval_windows: int = 4, dense_source: Optional[str] = None,
                  metrics_file: str = "metrics.jsonl", export: bool = True, tokenizer_dir: Optional[str] = None,
-                 step0_atol: float = 1e-3):
+                 step0_atol: float = 1e-3, check_ids: Optional[list] = None):
         super().__init__()
         self.out_dir, self.dense_source, self.metrics_file = Path(out_dir), dense_source, metrics_file
+        self.eval_windows = eval_windows
         self.check_ids = torch.tensor(check_ids, dtype=torch.long) if check_ids else None
         self.export, self.tokenizer_dir, self.step0_atol = export, tokenizer_dir, step0_atol
 
@@ -131,6 +135,9 @@ class UpcycleLifecycle(pl.Callback):
 
     # -- hooks ---------------------------------------------------------------------------------------------
     def on_train_start(self, trainer, pl_module):
+        if self.check_ids is None and self.eval_windows > 0 and _rank0():
+            ids = validation_windows(getattr(trainer, "datamodule", None), self.eval_windows)
+            self.check_ids = torch.tensor(ids, dtype=torch.long) if ids else None
         step = int(trainer.global_step)
         if step > 0:
             align_batch_progress(trainer, step)
@@ -183,6 +190,29 @@ class UpcycleLifecycle(pl.Callback):
                                           "run_dir": str(self.out_dir)})
             rec["hf_mixtral"] = str(out)
         write_json(self.out_dir / "final_eval.json", rec)
+
+
+def validation_windows(datamodule, n: int) -> list[list[int]]:
+    """The first ``n`` validation windows (seq_length tokens each) of a ``CorpusData`` or ``MockTokens``: the
+    same on every run of the same corpus."""
+    from .data import CorpusData, MockTokens
+
+    if isinstance(datamodule, MockTokens):
+        T = datamodule.seq_length
+        tokens = datamodule._make(n, 1)
+        return tokens.view(n, T + 1)[:, :T].tolist()
+    if isinstance(datamodule, CorpusData):
+        from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+        T = datamodule.seq_length
+        ds = IndexedDataset(datamodule.corpus.validation_prefix, mmap=False)
+        ids: list[int] = []
+        for i in range(len(ds)):
+            ids += ds[i].tolist()
+            if len(ids) >= n * T:
+                break
+        return [ids[i * T:(i + 1) * T] for i in range(min(n, len(ids) // T))]
+    return []
 
 
 def dense_reference_model(source: str):

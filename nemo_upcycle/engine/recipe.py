@@ -83,21 +83,19 @@ def strategy(r: RunConfig) -> run.Config:
                       ckpt_include_optimizer=True, **extra)
 
 
-def callbacks(r: RunConfig, out_dir: Path, source: Optional[str], tokenizer_dir: Optional[str],
-              check_ids: Optional[list]) -> list:
+def callbacks(r: RunConfig, out_dir: Path, source: Optional[str], tokenizer_dir: Optional[str]) -> list:
     """The step-0 check / final eval / HF export first (its forwards are not training statistics), then metrics."""
     from ..throughput import flops_for_run, peak_for_run
 
     peak, peak_name = peak_for_run(r)
-    return [run.Config(UpcycleLifecycle, out_dir=str(out_dir), check_ids=check_ids or None, dense_source=source,
+    return [run.Config(UpcycleLifecycle, out_dir=str(out_dir), eval_windows=r.trainer.eval_windows, dense_source=source,
                        metrics_file=r.logging.metrics_file, export=r.logging.export_hf, tokenizer_dir=tokenizer_dir),
             run.Config(MetricsLogger, path=str(out_dir / r.logging.metrics_file),
                        tokens_per_step=r.data.global_batch_size * r.data.seq_length, flops_per_token=flops_for_run(r),
                        peak_flops=peak, peak_name=peak_name, log_every_n_steps=r.trainer.log_every_n_steps)]
 
 
-def trainer(r: RunConfig, out_dir: Path, source: Optional[str] = None, tokenizer_dir: Optional[str] = None,
-            check_ids: Optional[list] = None) -> run.Config:
+def trainer(r: RunConfig, out_dir: Path, source: Optional[str] = None, tokenizer_dir: Optional[str] = None) -> run.Config:
     t, p = r.trainer, r.parallel
     return run.Config(
         nl.Trainer, accelerator=p.accelerator, devices=p.devices, num_nodes=p.num_nodes, max_steps=t.max_steps,
@@ -105,7 +103,7 @@ def trainer(r: RunConfig, out_dir: Path, source: Optional[str] = None, tokenizer
         log_every_n_steps=t.log_every_n_steps, num_sanity_val_steps=0, strategy=strategy(r),
         enable_checkpointing=t.checkpoint_every_n_steps > 0,  # 0: no checkpoints at all (nemo-upcycle compare)
         plugins=run.Config(nl.MegatronMixedPrecision, precision=t.precision),
-        callbacks=callbacks(r, out_dir, source, tokenizer_dir, check_ids),
+        callbacks=callbacks(r, out_dir, source, tokenizer_dir),
     )
 
 
@@ -129,14 +127,13 @@ def logger(r: RunConfig, out_dir: Path) -> run.Config:
                       tensorboard=tb)
 
 
-def recipe(r: RunConfig, out_dir: Path, source: Optional[str] = None, tokenizer_dir: Optional[str] = None,
-           check_ids: Optional[list] = None) -> run.Partial:
+def recipe(r: RunConfig, out_dir: Path, source: Optional[str] = None, tokenizer_dir: Optional[str] = None) -> run.Partial:
     """The ``run.Partial(llm.train, ...)`` for this recipe (``source``: the dense checkpoint for online upcycling;
-    ``check_ids``: validation windows for the step-0 check and the before / after loss)."""
+    the callbacks run the step-0 check on the data module's first validation windows)."""
     model = run.Config(UpcycledLlamaModel, config=model_config(r),
                        upcycle_from=source if r.upcycle.online else None)
     return run.Partial(llm.train, model=model, data=data_module(r, tokenizer_dir),
-                       trainer=trainer(r, out_dir, source, tokenizer_dir, check_ids),
+                       trainer=trainer(r, out_dir, source, tokenizer_dir),
                        log=logger(r, out_dir), optim=optimizer(r),
                        resume=run.Config(nl.AutoResume, resume_if_exists=True, resume_ignore_no_checkpoint=True),
                        tokenizer=None)

