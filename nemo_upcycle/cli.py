@@ -81,12 +81,12 @@ def _add_compare(sub) -> None:
     p.add_argument("--config-name", "-cn", default="smollm2_135m_upcycle", help="the recipe (conf/<name>.yaml)")
     p.add_argument("--variants", default=None, help="comma list (default: all; --list-variants shows them)")
     budget = p.add_mutually_exclusive_group()
-    budget.add_argument("--tokens", type=int, default=None, help="training tokens per variant (whole steps, rounded up)")
+    budget.add_argument("--tokens", type=int, default=None, help="training tokens per variant (rounded up to steps)")
     budget.add_argument("--steps", type=int, default=None, help="optimizer steps per variant (default: the recipe's)")
     p.add_argument("--out", type=Path, default=None, help="output directory (default outputs/compare_<recipe>)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="VARIANT:KEY=VALUE",
                    help="an override for one variant only (repeatable)")
-    p.add_argument("--keep-checkpoints", action="store_true", help="keep each run's checkpoints (default: no checkpoints)")
+    p.add_argument("--keep-checkpoints", action="store_true", help="keep each run's checkpoints (default: none)")
     p.add_argument("--timeout", type=float, default=None, help="seconds per variant before it counts as failed")
     p.add_argument("--list-variants", action="store_true", help="print the variants and exit")
 
@@ -193,7 +193,8 @@ def run_compare(a: argparse.Namespace) -> int:
         return 0
     bad = [x for x in a.overrides if x.startswith("-") or "=" not in x]
     if bad:
-        raise UpcycleError(f"unrecognized argument(s) {' '.join(bad)}; overrides are key=value (see nemo-upcycle compare -h).")
+        raise UpcycleError(f"unrecognized argument(s) {' '.join(bad)}; overrides are key=value "
+                           "(see nemo-upcycle compare -h).")
     result = compare(a.config_name, a.overrides, variants=a.variants, tokens=a.tokens, steps=a.steps, out=a.out,
                      sets=a.sets, keep_checkpoints=a.keep_checkpoints, timeout=a.timeout)
     failed = [r["name"] for r in result["variants"] if r["status"] != "done"]

@@ -134,12 +134,14 @@ def read_run(run_dir: Path) -> dict:
     m = read_metrics(run_dir / "metrics.jsonl")
     step0, final = _json(run_dir / "step0.json") or {}, _json(run_dir / "final_eval.json") or {}
     train = m["train"]
-    rates = [r["tokens_per_s"] for r in (train[1:] or train) if _finite(r.get("tokens_per_s"))]  # first: warm-up
+    # the fastest step after the first (warm-up): on a shared machine the others measure the neighbours' load
+    rates = [r["tokens_per_s"] for r in (train[1:] or train) if _finite(r.get("tokens_per_s"))]
     last = train[-1] if train else {}
     flops = next((r.get("flops_per_token") for r in reversed(m["run"]) if r.get("flops_per_token")), None)
-    return {"step0_loss": _finite(step0.get("moe_loss")), "step0_max_abs_logit_diff": _finite(step0.get("max_abs_logit_diff")),
+    return {"step0_loss": _finite(step0.get("moe_loss")),
+            "step0_max_abs_logit_diff": _finite(step0.get("max_abs_logit_diff")),
             "step0_passed": step0.get("passed"), "final_loss": _finite(final.get("moe_loss")),
-            "final_step": final.get("step"), "tokens_per_s": sorted(rates)[len(rates) // 2] if rates else None,
+            "final_step": final.get("step"), "tokens_per_s": max(rates) if rates else None,
             "load_cv": _finite(last.get("load_cv")), "load_max_over_mean": _finite(last.get("load_max_over_mean")),
             "flops_per_token_logged": flops,
             "val_curve": [[r["tokens"], r["val_loss"]] for r in m["val"] if _finite(r.get("val_loss")) is not None]}
@@ -206,8 +208,9 @@ def markdown(result: dict) -> str:
              f"MoE). Seeds: seed {result['seeds']['seed']}, data {result['seeds']['data']}, upcycle "
              f"{result['seeds']['upcycle']} (every variant).", "",
              "Losses: next-token cross entropy on the fixed validation windows (step0.json / final_eval.json) before "
-             "and after training; tokens/s: median over steps after the first; load: the last training window's "
-             "coefficient of variation and max/mean of tokens per expert (mean / worst over MoE layers).", "",
+             "and after training; tokens/s: the fastest training step after the first (on a shared machine the "
+             "others also measure the neighbours' load); load: the last training window's coefficient of variation "
+             "and max/mean of tokens per expert (mean / worst over MoE layers).", "",
              head, "|" + "---|" * (head.count("|") - 1)]
     for r in result["variants"]:
         lines.append("| " + " | ".join([
@@ -231,6 +234,14 @@ def _write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def plot_top(curves: list) -> float:
+    """Upper y limit: 25% above the best final loss, so that a method far behind (Drop-Upcycling's first steps, an
+    unscaled granular MoE) does not flatten the others; curves entirely above it are named in the legend."""
+    everything = max(p[1] for c in curves for p in c) if curves else 1.0
+    best_final = min(c[-1][1] for c in curves) if curves else 1.0
+    return min(everything + 0.02 * abs(everything), best_final + 0.25 * abs(best_final))
+
+
 def plot(result: dict, path: Path) -> None:
     """comparison.png: validation loss vs tokens (left) and vs training FLOPs (right), one line per variant."""
     import matplotlib
@@ -238,20 +249,23 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_t, ax_f) = plt.subplots(1, 2, figsize=(12, 4.6))
-    cmap = plt.get_cmap("tab10")
-    for i, r in enumerate(result["variants"]):
-        pts = r.get("val_curve") or []
-        if not pts:
-            continue
-        x = [p[0] for p in pts]
-        y = [p[1] for p in pts]
-        style = dict(color="black" if r.get("dense") else cmap(i % 10), marker="o", markersize=3,
-                     linestyle="--" if r.get("dense") else "-", label=r["name"])
+    fig, (ax_t, ax_f) = plt.subplots(1, 2, figsize=(14, 4.6))
+    colors = [c for i, c in enumerate(plt.get_cmap("tab10").colors) if i != 7]  # no grey: grey is dense_flops
+    curves = [r for r in result["variants"] if r.get("val_curve")]
+    top = plot_top([r["val_curve"] for r in curves])
+    for i, r in enumerate(curves):
+        x, y = [p[0] for p in r["val_curve"]], [p[1] for p in r["val_curve"]]
+        label = r["name"] if min(y) < top else f"{r['name']} (above: {y[-1]:.2f} at the end)"
+        style = dict(color="black" if r.get("dense") else colors[i % len(colors)], marker="o", markersize=3,
+                     linestyle="--" if r.get("dense") else "-", label=label)
         if r.get("equal_flops"):
             style.update(color="0.45", linestyle=":")
         ax_t.plot(x, y, **style)
         ax_f.plot([t * r["flops_per_token"] for t in x], y, **style)
+    if curves:
+        low = min(p[1] for r in curves for p in r["val_curve"])
+        for ax in (ax_t, ax_f):
+            ax.set_ylim(low - 0.04 * (top - low), top)
     ax_t.set_xlabel("training tokens")
     ax_f.set_xlabel("training FLOPs (model FLOPs, fwd + bwd)")
     budget = result["budget"]["flops"]
@@ -262,12 +276,12 @@ def plot(result: dict, path: Path) -> None:
         ax.grid(alpha=0.3)
     handles, labels = ax_t.get_legend_handles_labels()
     if handles:
-        ax_t.legend(fontsize=7, ncol=2)
+        fig.legend(handles, labels, loc="center right", fontsize=7)
     else:
         for ax in (ax_t, ax_f):
             ax.text(0.5, 0.5, "no validation records", ha="center", va="center", transform=ax.transAxes)
     fig.suptitle(f"{result['recipe']}: validation loss, {result['budget']['tokens']:,} tokens per variant", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 0.8 if handles else 1, 1))
     tmp = path.with_name(path.stem + ".tmp.png")
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
@@ -297,7 +311,8 @@ def _per_variant_sets(sets: Sequence[str], names: Sequence[str]) -> dict[str, li
         if not sep or "=" not in override:
             raise UpcycleError(f"--set {s!r} is not VARIANT:KEY=VALUE.")
         if name not in names:
-            raise UpcycleError(f"--set {s!r} names variant {name!r}, which is not compared; choose among {', '.join(names)}.")
+            raise UpcycleError(f"--set {s!r} names variant {name!r}, which is not compared; "
+                               f"choose among {', '.join(names)}.")
         out.setdefault(name, []).append(override)
     return out
 
@@ -383,7 +398,8 @@ def _variant_args(v: Variant, E: int, k: int, steps: int, val_every: int, common
     defaults = [f"trainer.val_check_interval={val_every}",
                 f"trainer.checkpoint_every_n_steps={steps if keep_checkpoints else 0}",
                 "logging.export_hf=false", "logging.report=false"]
-    return ["mode=train", *common, *defaults, *overrides, *variant_overrides(v, E, k), *extra, f"trainer.max_steps={steps}"]
+    return ["mode=train", *common, *defaults, *overrides, *variant_overrides(v, E, k), *extra,
+            f"trainer.max_steps={steps}"]
 
 
 def _settings(args: Sequence[str]) -> list[str]:
@@ -398,7 +414,8 @@ def _check_stale(run_dir: Path, args: list[str]) -> None:
         there = [a for a in old if a not in args] or ["(same, in another order)"]
         here = [a for a in _settings(args) if a not in old]
         raise UpcycleError(f"{run_dir} holds a run of this variant with other settings (there: {' '.join(there)}; "
-                           f"here: {' '.join(here) or '-'}); choose a new --out, or delete that directory to train it again.")
+                           f"here: {' '.join(here) or '-'}); choose a new --out, or delete that directory to train "
+                           "it again.")
 
 
 def _run_variant(v: Variant, i: int, n: int, args: list[str], out: Path, row: dict, config_name: str,
