@@ -81,7 +81,7 @@ def write_run_report(run: RunConfig, out_dir: Path) -> Path:
         p = out_dir / name
         return json.loads(p.read_text()) if p.is_file() else None
 
-    summary = {"recipe": out_dir.name, "model": run.model.name, "source": str(run.model.source),
+    summary = {"run": out_dir.name, "model": run.model.name, "source": str(run.model.source),
                "experts": run.moe.num_moe_experts, "topk": run.moe.moe_router_topk,
                "granularity": run.upcycle.granularity, "data": run.data.kind, "seq_length": run.data.seq_length,
                "global_batch_size": run.data.global_batch_size, "max_steps": run.trainer.max_steps,
