@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import torch
@@ -43,3 +44,10 @@ def load_mixtral(path: Path):
 @torch.no_grad()
 def max_logit_diff(a, b, ids: torch.Tensor) -> float:
     return (a(ids).logits - b(ids).logits).abs().max().item()
+
+
+def free_port() -> int:
+    """A free TCP port on localhost (for a torch.distributed init_method)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

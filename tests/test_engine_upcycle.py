@@ -9,40 +9,13 @@ the q/k/v merge equals NeMo's own ``TransformFns.merge_qkv``.
 from __future__ import annotations
 
 import os
-import socket
 from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import load_llama
+from helpers import free_port, load_llama
 
 pytestmark = pytest.mark.slow  # imports NeMo (~25 s)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def megatron_world():
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-
-    from nemo_upcycle.engine.cpu import enable_cpu_support
-
-    if dist.is_initialized():
-        pytest.skip("a process group is already initialized in this session")
-    enable_cpu_support()
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
-    ps.initialize_model_parallel()
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-
-    model_parallel_cuda_manual_seed(0)
-    yield
-    ps.destroy_model_parallel()
-    dist.destroy_process_group()
 
 
 def build(dense, **moe):
@@ -182,7 +155,7 @@ def test_te_spec_grouped_gemm_on_gpu(tiny_llama, token_ids):
     from nemo_upcycle.hf.source import open_dense
 
     assert resolve_backend("auto") == "te"
-    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
         ps.initialize_model_parallel()
         model_parallel_cuda_manual_seed(0)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -30,31 +29,6 @@ from helpers import load_llama
 pytestmark = pytest.mark.slow  # imports NeMo (~25 s)
 
 ATOL = 1e-5  # fp32 on CPU, the brief's tolerance
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def megatron_world():
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-
-    from nemo_upcycle.engine.cpu import enable_cpu_support
-
-    if dist.is_initialized():
-        pytest.skip("a process group is already initialized in this session")
-    enable_cpu_support()
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
-    ps.initialize_model_parallel()
-    model_parallel_cuda_manual_seed(0)
-    yield
-    ps.destroy_model_parallel()
-    dist.destroy_process_group()
 
 
 def megatron_logits(module, ids):

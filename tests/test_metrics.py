@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -194,31 +193,6 @@ def test_read_metrics_dedups_resumed_steps(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- Megatron (slow)
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def megatron_world():
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-
-    from nemo_upcycle.engine.cpu import enable_cpu_support
-
-    if dist.is_initialized():
-        pytest.skip("a process group is already initialized in this session")
-    enable_cpu_support()
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
-    ps.initialize_model_parallel()
-    model_parallel_cuda_manual_seed(0)
-    yield
-    ps.destroy_model_parallel()
-    dist.destroy_process_group()
-
-
 HF_TINY = dict(hidden_size=36, intermediate_size=44, num_hidden_layers=3, num_attention_heads=6, num_key_value_heads=2,
                vocab_size=99, max_position_embeddings=64)
 
