@@ -133,6 +133,14 @@ class UpcycleLifecycle(pl.Callback):
         del dense
         return out
 
+    def _dense_config(self) -> Optional[dict]:
+        """The dense source's HF config (read once): its vocabulary crops the logits, the export needs it whole."""
+        if not hasattr(self, "_dense_cfg"):
+            from ..hf.source import open_dense
+
+            self._dense_cfg = dict(open_dense(self.dense_source).config) if self.dense_source else None
+        return self._dense_cfg
+
     # -- hooks ---------------------------------------------------------------------------------------------
     def on_train_start(self, trainer, pl_module):
         if self.check_ids is None and self.eval_windows > 0 and _rank0():
@@ -173,7 +181,8 @@ class UpcycleLifecycle(pl.Callback):
             return
         if self.check_ids is not None:
             logits = self._logits(pl_module)
-            vocab = _hf_vocab(self.dense_source) or logits.shape[-1]
+            dense_cfg = self._dense_config()
+            vocab = dense_cfg["vocab_size"] if dense_cfg else logits.shape[-1]
             rec["moe_loss"] = window_loss(logits, self.check_ids, vocab)
             rec["moe_ppl"] = math.exp(rec["moe_loss"])
             rec["tokens"] = self.check_ids.numel()
@@ -182,9 +191,8 @@ class UpcycleLifecycle(pl.Callback):
         elif self.export:
             from .export import export_hf_mixtral, unwrap
 
-            hf_cfg = _hf_config(self.dense_source, pl_module.config)
             out = export_hf_mixtral(unwrap(pl_module.module), pl_module.config, self.out_dir / "hf_mixtral",
-                                    hf_llama_config=hf_cfg, tokenizer_dir=self.tokenizer_dir,
+                                    hf_llama_config=self._dense_config(), tokenizer_dir=self.tokenizer_dir,
                                     reference_ids=self.check_ids, overwrite=True,
                                     info={"steps": int(trainer.global_step), "source": str(self.dense_source),
                                           "run_dir": str(self.out_dir)})
@@ -198,9 +206,10 @@ def validation_windows(datamodule, n: int) -> list[list[int]]:
     from .data import CorpusData, MockTokens
 
     if isinstance(datamodule, MockTokens):
-        T = datamodule.seq_length
-        tokens = datamodule._make(n, 1)
-        return tokens.view(n, T + 1)[:, :T].tolist()
+        if datamodule.val_ds is None:
+            datamodule.setup()
+        ds = datamodule.val_ds
+        return [ds[i]["tokens"].tolist() for i in range(min(n, len(ds)))]
     if isinstance(datamodule, CorpusData):
         from megatron.core.datasets.indexed_dataset import IndexedDataset
 
@@ -240,17 +249,3 @@ def dense_reference_model(source: str):
         raise RuntimeError(f"dense reference: missing {missing[:3]}, unexpected {unexpected[:3]}")
     model.tie_weights()
     return model
-
-
-def _hf_vocab(source: Optional[str]) -> Optional[int]:
-    if not source:
-        return None
-    from ..hf.source import open_dense
-
-    return open_dense(source).config["vocab_size"]
-
-
-def _hf_config(source: Optional[str], config) -> dict:
-    from ..hf.source import open_dense
-
-    return dict(open_dense(source).config)
