@@ -1,0 +1,174 @@
+"""nemo_upcycle.files: the mark, what may be replaced or removed, staging directories, locks (no NeMo)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from nemo_upcycle.errors import UpcycleError
+from nemo_upcycle.files import (MARK, FileLock, atomic_write_text, check_replaceable, is_ours, publish, read_mark,
+                                remove_ours, staging, sweep_stale, write_mark)
+
+
+def _user_dir(path: Path) -> Path:
+    path.mkdir(parents=True)
+    (path / "notes.txt").write_text("a user's file")
+    return path
+
+
+def test_mark_round_trip_and_foreign_marks(tmp_path):
+    d = tmp_path / "out"
+    d.mkdir()
+    assert not is_ours(d)
+    write_mark(d, "convert", source="x")
+    rec = read_mark(d)
+    assert rec["kind"] == "convert" and rec["pid"] == os.getpid() and rec["source"] == "x"
+    assert is_ours(d) and is_ours(d, ("convert",)) and not is_ours(d, ("export",))
+    (d / MARK).write_text(json.dumps({"tool": "something-else", "kind": "convert"}))  # control: another tool's file
+    assert not is_ours(d)
+    (d / MARK).write_text("{not json")
+    assert not is_ours(d)
+
+
+def test_remove_ours_removes_only_marked_directories(tmp_path):
+    ours = tmp_path / "ours"
+    ours.mkdir()
+    write_mark(ours, "compare-run")
+    (ours / "f").write_text("x")
+    remove_ours(ours, ("compare-run",))
+    assert not ours.exists()
+    user = _user_dir(tmp_path / "user")
+    with pytest.raises(UpcycleError, match="not made by nemo-upcycle"):
+        remove_ours(user)
+    assert (user / "notes.txt").read_text() == "a user's file"
+    link = tmp_path / "link"  # a link to a marked directory is not removed through the link
+    ours.mkdir()
+    write_mark(ours, "compare-run")
+    link.symlink_to(ours)
+    with pytest.raises(UpcycleError):
+        remove_ours(link)
+    assert (ours / MARK).is_file()
+
+
+def test_check_replaceable_refuses_protected_and_foreign(tmp_path, monkeypatch):
+    src = _user_dir(tmp_path / "d" / "dense")
+    monkeypatch.chdir(tmp_path / "d")
+    for target, words in ((tmp_path / "d", "current directory"), (src, "is the source"),
+                          (tmp_path, "holds the current directory"), (Path("/"), "root")):
+        write_mark(target, "convert") if target != Path("/") else None
+        with pytest.raises(UpcycleError, match=words):
+            check_replaceable(target, ("convert",), protect=[src])
+        if target != Path("/"):
+            (target / MARK).unlink()
+    foreign = _user_dir(tmp_path / "foreign")
+    with pytest.raises(UpcycleError, match="did not write"):
+        check_replaceable(foreign, ("convert",))
+    ours = tmp_path / "ours"
+    ours.mkdir()
+    write_mark(ours, "convert")
+    check_replaceable(ours, ("convert",), protect=[src])  # control: our own output may be replaced
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    check_replaceable(empty, ("convert",))
+    check_replaceable(foreign, ("convert",), legacy=lambda d: True)  # control: the legacy recogniser is consulted
+
+
+def test_staging_is_removed_on_error_and_published_with_mark(tmp_path):
+    out = tmp_path / "moe"
+    with pytest.raises(RuntimeError):
+        with staging(out) as tmp:
+            (tmp / "w.bin").write_bytes(b"0" * 10)
+            raise RuntimeError("boom")
+    assert not list(tmp_path.iterdir())
+    with staging(out) as tmp:
+        (tmp / "w.bin").write_bytes(b"1")
+        publish(tmp, out, "convert")
+    assert is_ours(out, ("convert",)) and (out / "w.bin").read_bytes() == b"1"
+    with staging(out) as tmp:  # replacing our own output leaves no .old directory behind
+        (tmp / "w.bin").write_bytes(b"2")
+        publish(tmp, out, "convert")
+    assert (out / "w.bin").read_bytes() == b"2" and sorted(p.name for p in tmp_path.iterdir()) == ["moe"]
+    user = _user_dir(tmp_path / "user")
+    with pytest.raises(UpcycleError):  # control: a user's directory is refused at publish time
+        with staging(user) as tmp:
+            publish(tmp, user, "convert")
+    assert (user / "notes.txt").is_file() and sorted(p.name for p in tmp_path.iterdir()) == ["moe", "user"]
+
+
+def test_staging_removed_on_sigterm_and_stale_ones_swept(tmp_path):
+    out = tmp_path / "moe"
+    code = textwrap.dedent(f"""
+        import sys, time
+        from pathlib import Path
+        from nemo_upcycle.files import staging
+        with staging(Path({str(out)!r})) as tmp:
+            (tmp / "big.bin").write_bytes(b"0" * 1000)
+            print(tmp, flush=True)
+            time.sleep(60)
+    """)
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    tmp = Path(p.stdout.readline().strip())
+    assert tmp.is_dir()
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(30) == 128 + signal.SIGTERM
+    assert not tmp.exists()
+    # SIGKILL leaves the directory; the next staging of the same output sweeps it (its process is gone)
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    tmp = Path(p.stdout.readline().strip())
+    p.kill()
+    p.wait(30)
+    assert tmp.is_dir()
+    alive = tmp_path / ".moe.tmp-999999"  # control: a live process's staging directory is kept
+    alive.mkdir()
+    write_mark(alive, "staging")  # marked by this (live) process
+    foreign = _user_dir(tmp_path / ".moe.tmp-12345")  # control: an unmarked look-alike is never touched
+    assert sweep_stale(out) == [tmp]
+    assert alive.is_dir() and (foreign / "notes.txt").is_file()
+
+
+def test_atomic_write_keeps_the_old_file_on_failure(tmp_path, monkeypatch):
+    f = tmp_path / "a.json"
+    atomic_write_text(f, "old")
+
+    def boom(*a):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", boom)
+    with pytest.raises(UpcycleError, match="disk under .* is full"):
+        atomic_write_text(f, "new")
+    assert f.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["a.json"]
+
+
+def test_file_lock_excludes_a_second_holder_and_is_removed(tmp_path):
+    path = tmp_path / "run.lock"
+    code = textwrap.dedent(f"""
+        import time
+        from nemo_upcycle.files import FileLock
+        lock = FileLock({str(path)!r})
+        assert lock.acquire()
+        print("held", flush=True)
+        time.sleep(60)
+    """)
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "held"
+    lock = FileLock(path)
+    assert not lock.acquire(wait=False)
+    assert lock.holder()["pid"] == p.pid
+    p.kill()  # a killed holder does not leave the lock stuck
+    p.wait(30)
+    assert lock.acquire(wait=False)
+    lock.release()
+    assert not path.exists()
+    with FileLock(path):
+        assert path.exists()
+    assert not path.exists()
+    t0 = time.perf_counter()
+    assert FileLock(path).acquire(wait=False) and time.perf_counter() - t0 < 5
