@@ -13,21 +13,34 @@
       train dense continuation and each upcycling method on one recipe (nemo_upcycle/compare.py) and write
       comparison.md / .png / .json in --out; --list-variants prints them.
 
-Exit codes: 0 success, 1 verification failed, 2 bad input (one line on stderr naming the fix).
+Exit codes: 0 success, 1 verification failed, 2 bad input (one line on stderr naming the fix, usage errors
+included), 130 / 143 interrupted by SIGINT / SIGTERM (a convert's temporary output is removed; nothing else of the
+process's signal handling is changed outside that write).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import signal
 import sys
 import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
 from .errors import UpcycleError
+from .files import Terminated
 
 # torch.cuda imports the deprecated pynvml on every start; its FutureWarning would break the one-line errors.
 warnings.filterwarnings("ignore", message="The pynvml package is deprecated", category=FutureWarning)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the project's one-line errors: ``error: <problem>; <fix>`` and exit 2 (no usage block)."""
+
+    def error(self, message: str):
+        print(f"error: {message}; see {self.prog} -h.", file=sys.stderr)
+        sys.exit(2)
 
 
 def _add_convert(sub) -> None:
@@ -92,7 +105,7 @@ def _add_compare(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nemo-upcycle", description=__doc__.split("\n")[0])
+    parser = _Parser(prog="nemo-upcycle", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _add_convert(sub)
     _add_verify(sub)
@@ -105,6 +118,8 @@ def run_convert(a: argparse.Namespace) -> int:
     from .convert import convert
     from .core.options import UpcycleOptions
 
+    if a.shard_size_mb < 1:
+        raise UpcycleError(f"--shard-size-mb {a.shard_size_mb} must be at least 1.")
     opts = UpcycleOptions(
         num_moe_experts=a.num_experts, moe_router_topk=a.topk, granularity=a.granularity, scaling=a.scaling,
         router_init=a.router_init, router_std=a.router_std, noise_std=a.noise_std, drop_ratio=a.drop_ratio,
@@ -125,6 +140,12 @@ def run_convert(a: argparse.Namespace) -> int:
 def run_verify(a: argparse.Namespace) -> int:
     from .verify import TrainedVerifyResult, verify
 
+    if a.max_tokens < 1:
+        raise UpcycleError(f"--max-tokens {a.max_tokens} must be at least 1.")
+    if not (math.isfinite(a.atol) and a.atol >= 0):
+        raise UpcycleError(f"--atol {a.atol} must be a finite number >= 0.")
+    if not 0.0 <= a.min_top1 <= 1.0:  # NaN fails this too
+        raise UpcycleError(f"--min-top1 {a.min_top1} must be a fraction in [0, 1].")
     text = None
     if a.text is not None:
         try:
@@ -216,6 +237,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except UpcycleError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
+    except KeyboardInterrupt:  # a convert's staging directory is already removed (files.staging)
+        print("error: interrupted by SIGINT.", file=sys.stderr)
+        return 128 + signal.SIGINT
+    except Terminated as e:  # SIGTERM / SIGHUP during a write, after its cleanup ran; exits 128 + signal
+        print(f"error: interrupted by {signal.Signals(e.code - 128).name}.", file=sys.stderr)
+        raise
 
 
 if __name__ == "__main__":

@@ -245,7 +245,7 @@ def staging(out: Path, needed_bytes: int = 0) -> Iterator[Path]:
         with signals_as_exceptions(), write_errors(out.parent, needed_bytes):
             yield tmp
     except BaseException:
-        if is_ours(tmp, ("staging",)):
+        if is_ours(tmp):  # any kind: publish re-marks it (convert, export, ...) before its renames, which may fail
             shutil.rmtree(tmp, ignore_errors=True)
         raise
 
@@ -263,9 +263,19 @@ def publish(tmp: Path, out: Path, kind: str, kinds: Iterable[str] = (), protect:
         old = out.parent / f".{out.name}.old-{os.getpid()}"
         if old.exists():
             remove_ours(old, ("replaced",))
+        prev = (out / MARK).read_bytes() if (out / MARK).is_file() else None
         out.rename(old)
         write_mark(old, "replaced", target=str(out))
-    tmp.rename(out)
+    try:
+        tmp.rename(out)
+    except BaseException:
+        if old is not None:  # put the previous output back, with its own mark: a failed replace must not lose it
+            if prev is None:
+                (old / MARK).unlink()
+            else:
+                (old / MARK).write_bytes(prev)
+            old.rename(out)
+        raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 

@@ -7,6 +7,12 @@ checkpoint's ``upcycling`` record says the routing is different (softmax then to
 renormalization, or sigmoid), each sparse block is given that routing (``core.routing``) so the check
 measures the model that training will actually see.
 
+Before transformers loads anything, ``check_inputs`` gives both sides the checks ``convert`` has: the dense side is
+opened with ``hf.source.open_dense`` (complete files, config values, shapes, float weights), the MoE side with
+``hf.moe_dir.check_moe_dir`` (an HF Mixtral with the ``upcycling`` record, complete safetensors, shapes against its
+config), and the pair with ``hf.moe_dir.check_pair`` (same hidden size, layers, heads, vocabulary, FFN). A dense
+model given as the MoE, or the reverse, is named as swapped arguments.
+
 A trained export (``engine.export``) carries ``nemo_reference.safetensors``: token ids and the logits NeMo's
 Megatron module computed on them. For it, ``verify_trained`` checks that transformers' Mixtral reproduces those
 logits (the export is faithful) and reports, as information only, how far training moved the MoE from the
@@ -24,8 +30,8 @@ import torch
 
 from .core.routing import route
 from .errors import UpcycleError
-
-REFERENCE_FILE = "nemo_reference.safetensors"  # written by engine.export (kept here: verify imports no NeMo)
+from .hf.moe_dir import REFERENCE_FILE, check_moe_dir, check_pair, sniff
+from .hf.source import DenseSource, locate, open_dense
 
 DEFAULT_TEXT = (
     "The upcycled mixture of experts starts from the dense model: every expert is a copy of its feed-forward "
@@ -59,6 +65,29 @@ class TrainedVerifyResult(VerifyResult):
 
 def is_trained_export(moe_path: str | Path) -> bool:
     return (Path(moe_path).expanduser() / REFERENCE_FILE).is_file()
+
+
+def check_inputs(dense_path: Path, moe_path: Path) -> tuple[DenseSource, dict]:
+    """The dense source (opened and checked) and the MoE's config, or one line saying what is wrong (module doc)."""
+    dense_path = locate(dense_path, "the dense HF Llama directory or .gguf file")
+    moe_path = locate(moe_path, "the upcycled HF Mixtral directory")
+    d, m = sniff(dense_path), sniff(moe_path)
+    usage = "verify takes the dense model first, then the MoE: nemo-upcycle verify DENSE MOE"
+    if d == "moe" and m == "dense":
+        raise UpcycleError(f"the arguments are swapped: {dense_path} is the MoE and {moe_path} the dense model; "
+                           f"run nemo-upcycle verify {moe_path} {dense_path}.")
+    if m == "dense":
+        raise UpcycleError(f"MOE {moe_path} is a dense Llama, not an upcycled MoE; {usage} (arguments swapped?).")
+    if d == "moe":
+        raise UpcycleError(f"DENSE {dense_path} is a Mixture-of-Experts, not the dense model; {usage} "
+                           "(arguments swapped?).")
+    if dense_path.is_dir() and (dense_path / "context").is_dir() and (dense_path / "weights").is_dir():
+        raise UpcycleError(f"DENSE {dense_path} is a NeMo checkpoint; verify runs the dense model with transformers: "
+                           "pass its HF Llama directory or .gguf file.")
+    moe_cfg = check_moe_dir(moe_path)
+    src = open_dense(dense_path)
+    check_pair(src.config, moe_cfg, str(dense_path), str(moe_path))
+    return src, moe_cfg
 
 
 def load_dense(path: str | Path):
@@ -156,11 +185,15 @@ def logit_stats(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float, float]:
 def verify(dense_path, moe_path, text: Optional[str] = None, max_tokens: int = 256) -> VerifyResult:
     """Step 0 for a conversion; for a trained export (it holds the reference), ``verify_trained``."""
     dense_path, moe_path = Path(dense_path).expanduser(), Path(moe_path).expanduser()
+    check_inputs(dense_path, moe_path)
     if is_trained_export(moe_path):
         return verify_trained(dense_path, moe_path)
     moe = load_moe(moe_path)
     dense = load_dense(dense_path)
     ids, where = tokenize(moe_path, dense_path, text or DEFAULT_TEXT, moe.config.vocab_size, max_tokens)
+    if ids.numel() and ids.max() >= moe.config.vocab_size:
+        raise UpcycleError(f"the {where} gives token id {ids.max().item()}, outside the models' vocabulary of "
+                           f"{moe.config.vocab_size}; the tokenizer does not belong to these models.")
     mx, mean, top1 = compare(dense, moe, ids)
     note = (getattr(moe.config, "upcycling", None) or {}).get("step0_note", "no upcycling record in config.json")
     return VerifyResult(mx, mean, top1, ids.numel(), note, where)

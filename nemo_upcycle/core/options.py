@@ -17,12 +17,18 @@ Names follow Megatron-core where it has one (``num_moe_experts``, ``moe_router_t
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
 
 from ..errors import UpcycleError
 
 ROUTER_INITS = ("normal", "zeros", "virtual_group")
+# field -> the CLI flag that sets it (messages name both: the Hydra keys carry the field names)
+INT_FIELDS = {"num_moe_experts": "--num-experts", "moe_router_topk": "--topk", "granularity": "--granularity",
+              "seed": "--seed"}
+FLOAT_FIELDS = {"router_std": "--router-std", "noise_std": "--noise-std", "drop_ratio": "--drop-ratio",
+                "moe_expert_capacity_factor": "--capacity-factor", "moe_aux_loss_coeff": "--aux-loss-coeff"}
 SCALINGS = ("exact", "megatron", "none")
 SCORE_FUNCTIONS = ("softmax", "sigmoid")
 DROP_POLICIES = ("probs", "position")
@@ -88,6 +94,16 @@ class UpcycleOptions:
 
     def validate(self, ffn_hidden_size: Optional[int] = None, num_layers: Optional[int] = None) -> "UpcycleOptions":
         """Raise UpcycleError on an impossible combination; return self for chaining."""
+        for name, flag in INT_FIELDS.items():
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise UpcycleError(f"{flag} ({name}) = {v!r} is not an integer; pass a whole number.")
+        for name, flag in FLOAT_FIELDS.items():
+            v = getattr(self, name)
+            if v is None and name == "moe_expert_capacity_factor":
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise UpcycleError(f"{flag} ({name}) = {v!r} is not a finite number; pass a finite value.")
         E, k, G = self.num_moe_experts, self.moe_router_topk, self.granularity
         if E < 1:
             raise UpcycleError(f"--num-experts {E} must be at least 1.")
@@ -114,6 +130,9 @@ class UpcycleOptions:
         cf = self.moe_expert_capacity_factor
         if cf is not None and cf <= 0:
             raise UpcycleError(f"--capacity-factor {cf} must be > 0 (omit it for dropless routing).")
+        if self.moe_aux_loss_coeff < 0:
+            raise UpcycleError(f"--aux-loss-coeff {self.moe_aux_loss_coeff} must be >= 0 (0 turns the load-balancing "
+                               "loss off).")
         if num_layers is not None:
             resolve_moe_layers(self.moe_layers, num_layers)
         return self

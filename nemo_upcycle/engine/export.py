@@ -21,10 +21,13 @@ Megatron parameter (local or TE spec)                    HF Mixtral tensor
 Steps: 1. refuse what a Mixtral cannot hold (a sharded rank, a dense layer, routing HF cannot express, sizes that
 disagree with ``hf_llama_config``); 2. if ``reference_ids`` are given, run the module on them (eval mode, its own
 dtype) and keep the logits cut to the HF vocab; 3. stream every tensor in the order of ``hf.mixtral.layout``
-(the same key table ``convert`` writes) into safetensors shards in a temporary directory next to ``out_dir``;
-4. prove every Megatron parameter was written exactly once; 5. config.json (``hf.mixtral.mixtral_config``: the
-``upcycling`` record carries the routing that verify replays, plus a ``trained`` record), tokenizer files,
-reference; 6. rename onto ``out_dir``. Peak extra memory: one tensor (the writer converts one at a time).
+(the same key table ``convert`` writes) into safetensors shards in a marked staging directory next to ``out_dir``
+(``files.staging``: removed on failure and on SIGTERM / SIGINT); 4. prove every Megatron parameter was written
+exactly once; 5. config.json (``hf.mixtral.mixtral_config``: the ``upcycling`` record carries the routing that
+verify replays, plus a ``trained`` record), tokenizer files, reference; 6. ``files.publish`` onto ``out_dir``, marked
+``export``. Before any of it the output is checked as ``convert`` checks it (``convert.check_output``): an existing
+``out_dir`` is replaced only with ``overwrite`` and only if nemo-upcycle wrote it; never the current or home
+directory. Peak extra memory: one tensor (the writer converts one at a time).
 
 Getting the bare module out of a NeMo run (``unwrap``): ``trainer.strategy.megatron_parallel`` (a
 ``MegatronParallel``) holds the LightningModule (``UpcycledLlamaModel``), whose ``.module`` is Megatron's
@@ -39,7 +42,8 @@ reference; the reference costs one forward pass of the module.
 From a saved NeMo 2 checkpoint (``<ckpt>/context`` + ``<ckpt>/weights``): ``export_checkpoint(ckpt, out)``
 builds the model in this process as one rank (a gloo world of one unless one exists), loads the weights with
 Megatron's ``dist_checkpointing`` and calls ``export_hf_mixtral``; also ``python -m nemo_upcycle.engine.export
-CKPT OUT``. Megatron checkpoints reshard on load, so the run's own layout does not matter (tested: 1 rank).
+CKPT OUT`` (bad input: one ``error:`` line, exit 2, before NeMo is imported). Megatron checkpoints reshard on
+load, so the run's own layout does not matter (tested: 1 rank).
 """
 
 from __future__ import annotations
@@ -51,10 +55,14 @@ import math
 import re
 import shutil
 import socket
+import sys
+import warnings
 from pathlib import Path
 from typing import Optional
 
-import torch
+# torch.cuda imports the deprecated pynvml; its FutureWarning would break the entry point's one-line errors (as cli.py)
+warnings.filterwarnings("ignore", message="The pynvml package is deprecated", category=FutureWarning)
+import torch  # noqa: E402
 
 from ..errors import UpcycleError
 from ..verify import REFERENCE_FILE, load_reference  # noqa: F401 -- the reader lives with verify (no NeMo there)
@@ -296,10 +304,14 @@ def export_hf_mixtral(module, config, out_dir, *, hf_llama_config: dict, tokeniz
     """
     from tqdm.auto import tqdm
 
-    from ..convert import finalize, prepare_output
-    from ..hf.mixtral import layout, mixtral_config
+    from ..convert import OUTPUT_KINDS, check_output
+    from ..files import check_writable, publish, staging
+    from ..hf.mixtral import layout, mixtral_config, output_bytes
+    from ..hf.moe_dir import is_upcycled_mixtral_dir
     from ..hf.safetensors_stream import ShardedWriter
 
+    out = Path(out_dir).expanduser().absolute()
+    check_output(out, overwrite)
     module = unwrap(module)
     config = module.config if config is None else config
     if not hasattr(config, "upcycle_options"):
@@ -310,12 +322,12 @@ def export_hf_mixtral(module, config, out_dir, *, hf_llama_config: dict, tokeniz
     V = hf["vocab_size"]
     megatron_dtype = next(module.parameters()).dtype
 
+    ref_bytes = 0 if reference_ids is None else reference_ids.numel() * (V * 4 + 8)
+    needed = output_bytes(hf, opts, dtype) + ref_bytes
+    check_writable(out.parent, needed, flag="output")
     plan = layout(hf, opts, dtype)
     specs = [spec for spec, _ in plan]
-    out = Path(out_dir).expanduser().absolute()
-    ref_bytes = 0 if reference_ids is None else reference_ids.numel() * (V * 4 + 8)
-    tmp = prepare_output(out, overwrite, sum(s.nbytes for s in specs) + ref_bytes)
-    try:
+    with staging(out, needed) as tmp:
         # 2. the proof: the module's own logits, before any weight is written
         reference = None if reference_ids is None else reference_logits(module, reference_ids, V)
         # 3. stream the tensors, in the key table's order
@@ -343,10 +355,9 @@ def export_hf_mixtral(module, config, out_dir, *, hf_llama_config: dict, tokeniz
             copy_tokenizer(Path(tokenizer_dir), tmp)
         if reference is not None:
             save_reference(tmp / REFERENCE_FILE, reference_ids, reference, megatron_dtype)
-        finalize(tmp, out)  # 6.
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        if out.exists() and not overwrite:  # made by someone else while this ran
+            raise UpcycleError(f"{out} appeared while exporting; choose another output or pass overwrite.")
+        publish(tmp, out, "export", kinds=OUTPUT_KINDS, legacy=is_upcycled_mixtral_dir)  # 6.
     log.info("exported %s: %d tensors, %.1f MiB", out, len(specs), writer.bytes_written / 2**20)
     return out
 
@@ -376,6 +387,10 @@ def one_rank_world():
                            "a separate 1-rank process (python -m nemo_upcycle.engine.export CKPT OUT).")
     made_state = not ps.model_parallel_is_initialized()
     if made_state:
+        if not torch.cuda.is_available():
+            from .cpu import enable_cpu_support
+
+            enable_cpu_support()  # before the seed call: its CUDA RNG tracker is replaced by the CPU one
         ps.initialize_model_parallel()
         model_parallel_cuda_manual_seed(0)  # weights are overwritten by the checkpoint; Megatron needs the tracker
     try:
@@ -412,6 +427,17 @@ def load_module(ckpt: Path):
     return module.eval(), config
 
 
+def check_checkpoint(ckpt_dir) -> Path:
+    """The checkpoint directory, or one line: missing (a broken link, a symlink loop) or not a NeMo 2 checkpoint."""
+    from ..hf.source import locate
+
+    ckpt = locate(ckpt_dir, "a NeMo 2 checkpoint directory (context/ + weights/)")
+    if not (ckpt.is_dir() and (ckpt / "context").is_dir() and (ckpt / "weights").is_dir()):
+        raise UpcycleError(f"{ckpt} is not a NeMo 2 checkpoint (no context/ and weights/); pass the checkpoint "
+                           "directory, e.g. RUN/run/checkpoints/<name>--step=N-last.")
+    return ckpt
+
+
 def export_checkpoint(ckpt_dir, out_dir, *, hf_llama_config: Optional[dict] = None, tokenizer_dir=None,
                       reference_ids: Optional[torch.Tensor] = None, dtype: torch.dtype = torch.float32,
                       overwrite: bool = False, progress: bool = True, info: Optional[dict] = None) -> Path:
@@ -420,11 +446,12 @@ def export_checkpoint(ckpt_dir, out_dir, *, hf_llama_config: Optional[dict] = No
     ``hf_llama_config`` defaults to the one implied by the checkpoint's config (pass the dense model's config.json
     to keep its token ids and a vocabulary smaller than the model's); ``tokenizer_dir`` to ``context/nemo_tokenizer``.
     """
-    from .nemo_source import NeMoDenseSource, is_nemo_checkpoint
+    from .nemo_source import NeMoDenseSource
 
-    ckpt = Path(ckpt_dir).expanduser()
-    if not is_nemo_checkpoint(ckpt):
-        raise UpcycleError(f"{ckpt} is not a NeMo 2 checkpoint (no context/ and weights/); pass the checkpoint directory.")
+    from ..convert import check_output
+
+    ckpt = check_checkpoint(ckpt_dir)
+    check_output(Path(out_dir).expanduser().absolute(), overwrite, protect=[ckpt])
     step = re.search(r"step=(\d+)", ckpt.name)
     info = {"checkpoint": str(ckpt), **({"steps": int(step.group(1))} if step else {}), **(info or {})}
     tok = ckpt / "context" / "nemo_tokenizer"
@@ -438,19 +465,38 @@ def export_checkpoint(ckpt_dir, out_dir, *, hf_llama_config: Optional[dict] = No
                                  info=info)
 
 
-if __name__ == "__main__":  # python -m nemo_upcycle.engine.export CKPT OUT [--dense-config config.json]
+def main(argv=None) -> int:
+    """``python -m nemo_upcycle.engine.export CKPT OUT [--dense-config config.json] [--overwrite]``: bad input is one
+    line and exit 2, checked before NeMo is imported (the checkpoint, the output, the dense config)."""
     import argparse
-    import sys
 
-    p = argparse.ArgumentParser(description="export a NeMo 2 upcycled-MoE checkpoint as an HF Mixtral directory")
+    from ..convert import check_output
+
+    p = argparse.ArgumentParser(prog="python -m nemo_upcycle.engine.export",
+                                description="export a NeMo 2 upcycled-MoE checkpoint as an HF Mixtral directory")
     p.add_argument("ckpt")
     p.add_argument("out")
     p.add_argument("--dense-config", type=Path, default=None, help="the dense model's HF config.json")
     p.add_argument("--overwrite", action="store_true")
-    a = p.parse_args()
+    a = p.parse_args(argv)
     try:
-        hf_cfg = json.loads(a.dense_config.read_text()) if a.dense_config else None
-        print(f"wrote {export_checkpoint(a.ckpt, a.out, hf_llama_config=hf_cfg, overwrite=a.overwrite)}")
+        ckpt = check_checkpoint(a.ckpt)
+        check_output(Path(a.out).expanduser().absolute(), a.overwrite, protect=[ckpt])
+        hf_cfg = None
+        if a.dense_config is not None:
+            try:
+                hf_cfg = json.loads(a.dense_config.read_text())
+            except (OSError, ValueError) as e:
+                raise UpcycleError(f"cannot read --dense-config {a.dense_config} ({e.__class__.__name__}); pass the "
+                                   "dense model's config.json.") from None
+            if not isinstance(hf_cfg, dict):
+                raise UpcycleError(f"--dense-config {a.dense_config} is not a JSON object; pass a config.json.")
+        print(f"wrote {export_checkpoint(ckpt, a.out, hf_llama_config=hf_cfg, overwrite=a.overwrite)}")
     except UpcycleError as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(e.exit_code)
+        return e.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

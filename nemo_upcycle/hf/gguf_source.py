@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from ..errors import UpcycleError
-from .source import DenseSource
+from .source import DenseSource, check_config_values
 
 _GLOBAL = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
            "output.weight": "lm_head.weight"}
@@ -39,6 +39,8 @@ _BLOCK = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"
           "ffn_down": "mlp.down_proj"}
 _BLOCK_RE = re.compile(r"blk\.(\d+)\.([a-z_]+)\.(weight|bias)")
 _HIDDEN = {"rope_freqs.weight"}  # folded into config["rope_scaling"]
+# GGML storage types no Llama weight has: reported as their torch dtype so that ``check()`` refuses them by name
+_NOT_WEIGHTS = {"F64": torch.float64, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64}
 
 
 def hf_name(gguf_name: str) -> str:
@@ -121,8 +123,13 @@ class GGUFLlamaSource(DenseSource):
             if a("rope.scaling.original_context_length"):
                 c["rope_scaling"]["original_max_position_embeddings"] = a("rope.scaling.original_context_length")
         if "rope_freqs.weight" in self._tensors and c.get("hidden_size") and c.get("num_attention_heads"):
+            check_config_values(c, self.config_where, ("hidden_size", "num_attention_heads", "head_dim"))
             c["rope_scaling"] = self._llama3_rope(c)
         return c
+
+    @property
+    def config_where(self) -> str:
+        return f"{self.path} (GGUF metadata, in HF config names)"
 
     def _llama3_rope(self, c: dict) -> dict | None:
         """Recover Llama 3.1-style rope_scaling from llama.cpp's rope_freqs tensor (per-frequency divisors)."""
@@ -157,8 +164,8 @@ class GGUFLlamaSource(DenseSource):
         return tuple(int(n) for n in reversed(self._tensor(key).shape))
 
     def dtype(self, key: str) -> torch.dtype:
-        self._tensor(key)
-        return torch.float32
+        """float32 (every weight type is dequantized to it), or the integer / float64 type ``check()`` refuses."""
+        return _NOT_WEIGHTS.get(self._tensor(key).tensor_type.name, torch.float32)
 
     def _raw(self, key: str) -> np.ndarray:
         """Dequantized fp32 in HF shape, before the q/k un-permute (a fresh array, not a view of the file)."""

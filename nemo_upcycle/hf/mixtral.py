@@ -87,6 +87,28 @@ def layout(llama: dict, opts: UpcycleOptions, dtype: torch.dtype) -> list[tuple[
     return out
 
 
+def _sizes(llama: dict, opts: UpcycleOptions) -> tuple[int, ...]:
+    D, F, V, L = llama["hidden_size"], llama["intermediate_size"], llama["vocab_size"], llama["num_hidden_layers"]
+    H = llama["num_attention_heads"]
+    KV = llama.get("num_key_value_heads") or H
+    hd = llama.get("head_dim") or D // H
+    return D, F // opts.granularity, V, L, H, KV, hd, opts.num_moe_experts
+
+
+def num_output_tensors(llama: dict, opts: UpcycleOptions) -> int:
+    """len(layout(...)) in closed form: embeddings, norm, lm_head unless tied, per layer 6 copies, router, 3E."""
+    L, E = llama["num_hidden_layers"], opts.num_moe_experts
+    return 2 + (not llama.get("tie_word_embeddings", False)) + L * (7 + 3 * E)
+
+
+def output_bytes(llama: dict, opts: UpcycleOptions, dtype: torch.dtype) -> int:
+    """sum(spec.nbytes for spec in layout(...)) in closed form: no table of E x L entries is built."""
+    D, Fe, V, L, H, KV, hd, E = _sizes(llama, opts)
+    per_layer = 2 * D + 2 * H * hd * D + 2 * KV * hd * D + E * D + 3 * E * Fe * D
+    embed = V * D * (1 if llama.get("tie_word_embeddings", False) else 2)
+    return (embed + D + L * per_layer) * dtype.itemsize
+
+
 def source_keys(recipe: tuple) -> list[str]:
     """The dense Llama keys a recipe reads (to prove every source key is consumed exactly once)."""
     if recipe[0] == "copy":
