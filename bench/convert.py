@@ -21,7 +21,16 @@ Targets (PASS/FAIL lines; exit code 0 unless ``--check`` is given and a target f
   * bandwidth ratio convert / copy >= 0.70
   * peak RSS of convert < 2 GB (2e9 bytes)
 
-Usage: python bench/convert.py [--workdir DIR] [--repeats N] [--small] [--check]
+Bookkeeping per output tensor (``--per-tensor``): child processes convert a micro Llama (hidden 8, FFN 8, 1 layer)
+into E = 20,000 and 60,000 experts (60k / 180k tiny output tensors), with one shard and with 1 MiB shards, and report
+the growth of the peak RSS over the RSS before the conversion (the high-water mark is reset through
+/proc/self/clear_refs), per output tensor; ``convert.BYTES_PER_TENSOR`` is set from it.
+
+Every directory this script makes carries the project's mark (``files.write_mark``: the mkdtemp work directory, the
+source, the copy baseline's output; convert marks its own) and is removed with ``files.remove_ours``: with a
+``--workdir`` of yours, nothing there that the bench did not write is deleted.
+
+Usage: python bench/convert.py [--workdir DIR] [--repeats N] [--small] [--check] [--per-tensor]
 """
 
 from __future__ import annotations
@@ -29,7 +38,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -38,6 +46,7 @@ import time
 import warnings
 from pathlib import Path
 
+OUT_KINDS = ("convert", "bench-copy")  # what may stand at WORKDIR/out: a convert output or the copy baseline's
 RATIO_TARGET = 0.70
 RSS_TARGET = 2e9
 SRC_SHARD_BYTES = 1 << 30
@@ -45,6 +54,7 @@ COPY_FILE_BYTES = 2 << 30
 CHUNK = 16 << 20
 GB = 1e9
 warnings.filterwarnings("ignore", message="The pynvml package is deprecated", category=FutureWarning)
+from nemo_upcycle.files import remove_ours, write_mark  # noqa: E402 (no torch here: children time their own import)
 
 
 def llama_config(layers: int) -> dict:
@@ -75,15 +85,17 @@ def dense_shapes(c: dict) -> list[tuple[str, tuple[int, ...]]]:
     return out + [("model.norm.weight", (D,))]
 
 
-def generate(workdir: Path, layers: int) -> Path:
-    """Write (or reuse) the random dense source; peak memory is one tensor."""
+def generate(workdir: Path, layers: int, cfg: dict | None = None, name: str | None = None) -> Path:
+    """Write (or reuse) the random dense source (default: Llama-3.2-1B-shaped); peak memory is one tensor."""
     import torch
 
     from nemo_upcycle.errors import UpcycleError
+    from nemo_upcycle.files import check_writable, publish, remove_ours, staging
     from nemo_upcycle.hf.safetensors_stream import ShardedWriter, TensorSpec
     from nemo_upcycle.hf.source import open_dense
 
-    src = workdir / f"llama-3.2-1b-shaped-L{layers}"
+    cfg = cfg or llama_config(layers)
+    src = workdir / (name or f"llama-3.2-1b-shaped-L{layers}")
     if src.is_dir():
         try:
             open_dense(src)
@@ -91,27 +103,23 @@ def generate(workdir: Path, layers: int) -> Path:
             return src
         except UpcycleError as e:
             print(f"regenerating source ({e})")
-            shutil.rmtree(src)
-    cfg = llama_config(layers)
+            remove_ours(src, ("bench-source",))  # a directory of yours with that name is left alone (refused)
     specs = [TensorSpec(k, shp, torch.bfloat16) for k, shp in dense_shapes(cfg)]
     need = sum(s.nbytes for s in specs)
-    if shutil.disk_usage(workdir).free < need + (1 << 30):
-        sys.exit(f"not enough disk under {workdir} for the {need / GB:.1f} GB source")
-    tmp = workdir / (src.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    check_writable(workdir, need + (1 << 30), flag="source")
     print(f"generating {need / GB:.2f} GB source in {src} ...", flush=True)
     t0 = time.perf_counter()
     g = torch.Generator().manual_seed(0)
-    writer = ShardedWriter(tmp, specs, SRC_SHARD_BYTES)
-    for s in specs:
-        t = torch.ones(s.shape, dtype=s.dtype) if len(s.shape) == 1 else \
-            torch.empty(s.shape, dtype=s.dtype).normal_(0.0, 0.02, generator=g)
-        writer.write(s.name, t)
-        del t
-    writer.close()
-    (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-    tmp.rename(src)
+    with staging(src, need) as tmp:  # marked, removed on failure or SIGTERM / SIGINT
+        writer = ShardedWriter(tmp, specs, SRC_SHARD_BYTES)
+        for s in specs:
+            t = torch.ones(s.shape, dtype=s.dtype) if len(s.shape) == 1 else \
+                torch.empty(s.shape, dtype=s.dtype).normal_(0.0, 0.02, generator=g)
+            writer.write(s.name, t)
+            del t
+        writer.close()
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        publish(tmp, src, "bench-source")
     open_dense(src)
     print(f"  done in {time.perf_counter() - t0:.1f} s")
     return src
@@ -119,7 +127,10 @@ def generate(workdir: Path, layers: int) -> Path:
 
 def copy_child(src: Path, out: Path, nbytes: int) -> None:
     """The baseline: write ``nbytes`` to ``out`` by copying the source shards' bytes, over and over."""
+    from nemo_upcycle.files import write_mark
+
     out.mkdir()
+    write_mark(out, "bench-copy")
     shards = sorted(src.glob("*.safetensors"))
     buf = memoryview(bytearray(CHUNK))
     left, i, si = nbytes, 0, 0
@@ -170,9 +181,54 @@ def measure(cmd: list[str], out: Path, log: Path) -> dict:
     if p.returncode:
         sys.exit(f"child failed ({p.returncode}): {' '.join(cmd)}; see {log}")
     nbytes = du(out)
-    shutil.rmtree(out)
+    remove_ours(out, OUT_KINDS)
     os.sync()  # let writeback settle so the next run starts from the same state (not timed)
     return {"secs": secs, "bytes": nbytes, "rss": rss, "anon": anon}
+
+
+MICRO = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu", "hidden_size": 8,
+         "intermediate_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
+         "head_dim": 4, "vocab_size": 16, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": True}
+
+
+def per_tensor_child(src: Path, out: Path, experts: int, shard_bytes: int) -> None:
+    """Convert ``src`` into ``experts`` experts in this process; print output tensors and the peak-RSS growth."""
+    from nemo_upcycle.convert import convert
+    from nemo_upcycle.core import UpcycleOptions
+    from nemo_upcycle.files import remove_ours
+
+    def status(key: str) -> int:
+        with open("/proc/self/status") as fh:
+            return int(next(ln for ln in fh if ln.startswith(key)).split()[1]) * 1024
+
+    convert(src, out, UpcycleOptions(2, 1), progress=False)  # warm up: imports, allocator
+    remove_ours(out, ("convert",))
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")  # reset VmHWM to the current RSS
+    rss = status("VmRSS")
+    res = convert(src, out, UpcycleOptions(experts, 1), progress=False, max_shard_bytes=shard_bytes)
+    print(res.num_tensors, status("VmHWM") - rss)
+    remove_ours(out, ("convert",))
+
+
+def per_tensor(workdir: Path) -> int:
+    """Peak-RSS growth per output tensor of a conversion (see the module docstring)."""
+    src = generate(workdir, 1, MICRO, "micro-llama")
+    rows = []
+    for shard in (2 << 30, 1 << 20):
+        for experts in (20000, 60000):
+            r = subprocess.run([sys.executable, os.path.abspath(__file__), "--per-tensor-child", str(src),
+                                str(workdir / "out"), str(experts), str(shard)], capture_output=True, text=True)
+            if r.returncode:
+                sys.exit(f"child failed: {r.stderr[-2000:]}")
+            n, grown = map(int, r.stdout.split()[-2:])
+            rows.append((shard, experts, n, grown))
+            print(f"shard {shard >> 20:>5} MiB  E={experts:>6}  {n:>7} tensors  peak +{grown / 2**20:7.1f} MiB  "
+                  f"{grown / n:7.0f} B/tensor", flush=True)
+    for shard in (2 << 30, 1 << 20):
+        (_, _, n0, g0), (_, _, n1, g1) = [r for r in rows if r[0] == shard]
+        print(f"shard {shard >> 20:>5} MiB: slope {(g1 - g0) / (n1 - n0):.0f} B per extra output tensor")
+    return 0
 
 
 def main(argv=None) -> int:
@@ -183,19 +239,35 @@ def main(argv=None) -> int:
     ap.add_argument("--experts", "-E", type=int, default=8)
     ap.add_argument("--topk", "-k", type=int, default=2)
     ap.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
+    ap.add_argument("--per-tensor", action="store_true", help="measure the bookkeeping memory per output tensor")
     ap.add_argument("--copy-child", nargs=3, metavar=("SRC", "OUT", "BYTES"), help=argparse.SUPPRESS)
+    ap.add_argument("--per-tensor-child", nargs=4, metavar=("SRC", "OUT", "E", "SHARD"), help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.copy_child:
         copy_child(Path(a.copy_child[0]), Path(a.copy_child[1]), int(a.copy_child[2]))
         return 0
+    if a.per_tensor_child:
+        per_tensor_child(Path(a.per_tensor_child[0]), Path(a.per_tensor_child[1]), *map(int, a.per_tensor_child[2:]))
+        return 0
 
     temp = a.workdir is None
-    workdir = Path(tempfile.mkdtemp(prefix="nemo-upcycle-bench-", dir="/tmp")) if temp else a.workdir.absolute()
-    workdir.mkdir(parents=True, exist_ok=True)
+    if temp:  # made here, and marked at once: the only directory removed whole at the end
+        workdir = Path(tempfile.mkdtemp(prefix="nemo-upcycle-bench-", dir="/tmp"))
+        write_mark(workdir, "bench")
+    else:
+        workdir = a.workdir.absolute()
+        workdir.mkdir(parents=True, exist_ok=True)
+    if a.per_tensor:
+        try:
+            return per_tensor(workdir)
+        finally:
+            remove_ours(workdir / "out", OUT_KINDS)
+            if temp:
+                remove_ours(workdir, ("bench",))
     try:
         src = generate(workdir, 4 if a.small else 16)
         out, log = workdir / "out", workdir / "bench.log"
-        shutil.rmtree(out, ignore_errors=True)
+        remove_ours(out, OUT_KINDS)  # a leftover of an earlier run; refused if it is not one
         conv_cmd = [sys.executable, "-m", "nemo_upcycle.cli", "convert", str(src), str(out),
                     "-E", str(a.experts), "-k", str(a.topk), "--no-progress"]
         runs: dict[str, list[dict]] = {"convert": [], "copy": []}
@@ -210,10 +282,9 @@ def main(argv=None) -> int:
             runs["copy"].append(b)
             print(f"{b['secs']:.1f} s", flush=True)
     finally:
+        remove_ours(workdir / "out", OUT_KINDS)
         if temp:
-            shutil.rmtree(workdir, ignore_errors=True)
-        else:
-            shutil.rmtree(workdir / "out", ignore_errors=True)
+            remove_ours(workdir, ("bench",))
 
     def row(label: str, m: dict) -> str:
         return (f"{label:<22}{m['bytes'] / GB:>10.2f}{m['secs']:>10.1f}{m['bytes'] / m['secs'] / GB:>9.2f}"

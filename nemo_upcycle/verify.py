@@ -84,8 +84,8 @@ def check_inputs(dense_path: Path, moe_path: Path) -> tuple[DenseSource, dict]:
     if dense_path.is_dir() and (dense_path / "context").is_dir() and (dense_path / "weights").is_dir():
         raise UpcycleError(f"DENSE {dense_path} is a NeMo checkpoint; verify runs the dense model with transformers: "
                            "pass its HF Llama directory or .gguf file.")
-    moe_cfg = check_moe_dir(moe_path)
     src = open_dense(dense_path)
+    moe_cfg = check_moe_dir(moe_path)
     check_pair(src.config, moe_cfg, str(dense_path), str(moe_path))
     return src, moe_cfg
 

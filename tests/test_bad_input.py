@@ -284,7 +284,8 @@ def test_config_values(capsys, tmp_path, dense_copy, key, value, match):
     if match is None:
         assert run_cli(capsys, "convert", dense_copy, tmp_path / "moe", *OPTS)[0] == 0
     else:
-        assert_refused(capsys, tmp_path, dense_copy, match=f"{dense_copy}{' ' if match.startswith('holds') else '/config.json: '}{match}")
+        where = " " if match.startswith("holds") else "/config.json: "
+        assert_refused(capsys, tmp_path, dense_copy, match=f"{dense_copy}{where}{match}")
 
 
 @pytest.mark.parametrize("dtype,match", [(torch.bfloat16, None), (torch.float64, "is float64"),
@@ -353,7 +354,8 @@ print(status("VmHWM") - rss, peak_memory_bytes(res.config | {"intermediate_size"
     assert measured < estimate < 3 * measured, (measured, estimate)
 
 
-@pytest.mark.parametrize("tied,G,dtype", [(False, 1, torch.float32), (True, 2, torch.bfloat16), (False, 4, torch.float16)])
+@pytest.mark.parametrize("tied,G,dtype", [(False, 1, torch.float32), (True, 2, torch.bfloat16),
+                                         (False, 4, torch.float16)])
 def test_closed_form_sizes_equal_layout(tiny_llama, tied, G, dtype):
     from nemo_upcycle.core import UpcycleOptions
     from nemo_upcycle.hf.mixtral import layout, num_output_tensors, output_bytes

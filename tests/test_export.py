@@ -223,6 +223,32 @@ def test_refusals(untied, tiny_llama, tmp_path, token_ids):
         unwrap(torch.nn.Linear(1, 1))
 
 
+def test_export_replaces_only_its_own_output(untied, tmp_path, token_ids):
+    """overwrite=True (what a training run passes for RUN/hf_mixtral) replaces an export or convert output (mark, or
+    an older output without one); a directory holding a user's files is refused and left byte for byte."""
+    from nemo_upcycle.errors import UpcycleError
+    from nemo_upcycle.files import MARK
+
+    src, cfg, module, _ = untied
+    out = export(module, cfg, src, tmp_path / "moe", None)
+    assert json.loads((out / MARK).read_text())["kind"] == "export"
+    with pytest.raises(UpcycleError, match="already exists; choose another output or pass --overwrite"):
+        export(module, cfg, src, out, None)
+    (out / MARK).unlink()  # an export from before marks: recognised by its files
+    assert export(module, cfg, src, out, token_ids, overwrite=True) == out
+    assert (out / "nemo_reference.safetensors").is_file()
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "notes.txt").write_text("a user's file")
+    (user / "config.json").write_text((out / "config.json").read_text())
+    for target in (user, tmp_path):  # a foreign directory; the directory holding other outputs
+        before = {p: p.read_bytes() for p in target.rglob("*") if p.is_file()}
+        with pytest.raises(UpcycleError, match="did not write|holds"):
+            export(module, cfg, src, target, None, overwrite=True)
+        assert {p: p.read_bytes() for p in target.rglob("*") if p.is_file()} == before
+    assert not list(tmp_path.glob(".*.tmp-*")) and not list(tmp_path.glob(".*.old-*"))
+
+
 # ---------------------------------------------------------------------------------------------- from a checkpoint
 
 
@@ -290,6 +316,25 @@ def test_export_from_nemo_checkpoint(megatron_world, saved_checkpoint, tmp_path)
     c = json.loads((work / "hf" / "config.json").read_text())
     assert c["trained"]["steps"] == 3 and c["trained"]["checkpoint"].endswith("tiny--step=3")
     assert main(["verify", str(work / "dense"), str(work / "hf")]) == 0
+
+
+def test_export_module_entry_point_on_cpu(saved_checkpoint, tmp_path):
+    """``python -m nemo_upcycle.engine.export CKPT OUT`` in a fresh process without CUDA (it crashed with "Torch not
+    compiled with CUDA enabled": the seed call ran before the CPU support); the export equals the saved model."""
+    work = saved_checkpoint
+    repo = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")]))}
+    out = tmp_path / "hf"
+    r = subprocess.run([sys.executable, "-m", "nemo_upcycle.engine.export", str(work / "tiny--step=3"), str(out),
+                        "--dense-config", str(work / "dense" / "config.json")],
+                       capture_output=True, text=True, timeout=900, env=env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert r.stdout.strip().splitlines()[-1] == f"wrote {out}"
+    ref = torch.load(work / "ref.pt")
+    with torch.no_grad():
+        diff = (hf_logits(out)(ref["ids"]) - ref["logits"]).abs().max().item()
+    assert diff < ATOL, f"max |dlogit| {diff:.2e}"
+    assert not list(tmp_path.glob(".hf.tmp-*"))
 
 
 if __name__ == "__main__":

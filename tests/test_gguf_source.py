@@ -97,7 +97,9 @@ def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _write_tiny(path, arch="llama", tied=True, experts=0, rope_freqs=None):
+def _write_tiny(path, arch="llama", tied=True, experts=0, rope_freqs=None, meta=None, dtypes=None):
+    """``meta``: GGUF key (without the arch prefix) -> (writer method, value) in place of the default;
+    ``dtypes``: HF key -> numpy dtype the tensor is stored as."""
     import gguf
 
     rng = np.random.default_rng(0)
@@ -118,10 +120,18 @@ def _write_tiny(path, arch="llama", tied=True, experts=0, rope_freqs=None):
              "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
              "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
     w = gguf.GGUFWriter(str(path), arch)
-    for key, val in ((w.add_block_count, L), (w.add_context_length, 64), (w.add_embedding_length, D),
-                     (w.add_feed_forward_length, F), (w.add_head_count, H), (w.add_head_count_kv, KV),
-                     (w.add_layer_norm_rms_eps, 1e-5), (w.add_rope_freq_base, 500000.0)):
-        key(val)
+    meta = meta or {}
+    for name, key, val in (("block_count", w.add_block_count, L), ("context_length", w.add_context_length, 64),
+                           ("embedding_length", w.add_embedding_length, D),
+                           ("feed_forward_length", w.add_feed_forward_length, F),
+                           ("attention.head_count", w.add_head_count, H),
+                           ("attention.head_count_kv", w.add_head_count_kv, KV),
+                           ("attention.layer_norm_rms_epsilon", w.add_layer_norm_rms_eps, 1e-5),
+                           ("rope.freq_base", w.add_rope_freq_base, 500000.0)):
+        if name in meta:
+            getattr(w, meta[name][0])(f"{arch}.{name}", meta[name][1])
+        else:
+            key(val)
     if experts:
         w.add_expert_count(experts)
         w.add_expert_used_count(2)
@@ -138,7 +148,7 @@ def _write_tiny(path, arch="llama", tied=True, experts=0, rope_freqs=None):
             t = _permute(t, H)
         elif name.endswith("attn_k.weight"):
             t = _permute(t, KV)
-        w.add_tensor(name, np.ascontiguousarray(t))
+        w.add_tensor(name, np.ascontiguousarray(t.astype((dtypes or {}).get(k, t.dtype))))
     if rope_freqs is not None:
         w.add_tensor("rope_freqs.weight", rope_freqs.astype(np.float32))
     w.write_header_to_file()
@@ -204,3 +214,44 @@ def test_save_tokenizer(src, tmp_path):
     assert ids[0] != tok.bos_token_id and tok.decode(ids) == text  # GGUF says add_bos_token = false
     gen = json.loads((tmp_path / "generation_config.json").read_text())
     assert (gen["bos_token_id"], gen["eos_token_id"]) == (1, 2)
+
+
+@pytest.mark.parametrize("meta,dtypes,match", [
+    ({}, {}, None),  # the control: the same writer, nothing changed
+    ({"embedding_length": ("add_float32", 16.0)}, {}, "hidden_size = 16.0 is a float"),
+    ({"attention.layer_norm_rms_epsilon": ("add_float32", float("nan"))}, {}, "rms_norm_eps = NaN is not a finite"),
+    ({"rope.freq_base": ("add_float32", float("inf"))}, {}, "rope_theta = Infinity is not a finite"),
+    ({"block_count": ("add_uint32", 0)}, {}, "num_hidden_layers = 0 is not positive"),
+    ({"attention.head_count": ("add_string", "4")}, {}, 'num_attention_heads = "4" is a str'),
+    ({}, {"model.norm.weight": np.float64}, "model.norm.weight is float64"),
+    ({}, {"model.layers.0.mlp.up_proj.weight": np.int32}, "model.layers.0.mlp.up_proj.weight is int32"),
+])
+def test_tiny_bad_values_refused(tmp_path, meta, dtypes, match):
+    """Values no Llama has, in GGUF metadata or tensor types: refused by name in check(), never a TypeError."""
+    f = tmp_path / "tiny.gguf"
+    _write_tiny(f, meta=meta, dtypes=dtypes)
+    if match is None:
+        assert open_dense(f).config["hidden_size"] == D
+        return
+    with pytest.raises(UpcycleError) as e:
+        open_dense(f)
+    assert match in str(e.value) and str(f) in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_verify_refuses_truncated_gguf(tmp_path, tiny_llama, capsys):
+    """verify opens the dense side as convert does: a truncated GGUF is one line, before transformers loads it
+    (control: the intact file passes that check and fails later, on the pair: the sizes differ)."""
+    from nemo_upcycle.cli import main
+    from nemo_upcycle.convert import convert
+    from nemo_upcycle.core import UpcycleOptions
+
+    moe = convert(tiny_llama, tmp_path / "moe", UpcycleOptions(2, 1), progress=False).out_dir
+    f = tmp_path / "tiny.gguf"
+    _write_tiny(f)
+    assert main(["verify", str(f), str(moe)]) == 2
+    assert "differ in vocab_size (11 vs 99)" in capsys.readouterr().err
+    f.write_bytes(f.read_bytes()[:-64])
+    assert main(["verify", str(f), str(moe)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {f} is not a readable GGUF file") and "truncated" in err
+    assert len(err.splitlines()) == 1

@@ -29,8 +29,9 @@ from .source import MOE_CONFIG_KEYS, SIZE_KEYS, _check_safetensors_size, _read_j
 REFERENCE_FILE = "nemo_reference.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 WRITTEN = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json|config\.json"
-                     r"|generation_config\.json|nemo_reference\.safetensors|tokenizer(_config)?\.json|tokenizer\.model"
-                     r"|special_tokens_map\.json|added_tokens\.json|vocab\.json|merges\.txt|chat_template\.(jinja|json)")
+                     r"|generation_config\.json|nemo_reference\.safetensors|tokenizer(_config)?\.json"
+                     r"|tokenizer\.model|special_tokens_map\.json|added_tokens\.json|vocab\.json|merges\.txt"
+                     r"|chat_template\.(jinja|json)")
 FLOAT_DTYPES = ("F32", "F16", "BF16")
 
 
@@ -150,8 +151,8 @@ def check_pair(dense: dict, moe: dict, dense_name: str, moe_name: str) -> None:
     G = rec.get("granularity", 1)
     G = G if isinstance(G, int) and not isinstance(G, bool) and G >= 1 else 1
     if moe["intermediate_size"] * G != dense["intermediate_size"]:
-        raise UpcycleError(f"{moe_name} has experts of FFN size {moe['intermediate_size']} x granularity {G}, the dense "
-                           f"FFN of {dense_name} is {dense['intermediate_size']}: {fix}.")
+        raise UpcycleError(f"{moe_name} has experts of FFN size {moe['intermediate_size']} x granularity {G}, the "
+                           f"dense FFN of {dense_name} is {dense['intermediate_size']}: {fix}.")
     for key in ("rms_norm_eps", "rope_theta"):
         x, y = dense.get(key, LLAMA_DEFAULTS[key]), moe.get(key, LLAMA_DEFAULTS[key])
         if not math.isclose(x, y, rel_tol=1e-6):  # a GGUF stores both as float32

@@ -62,9 +62,10 @@ def check_config_values(c: dict, where: str, keys: tuple = SIZE_KEYS) -> None:
         v = c.get(k)
         if v is None:
             continue
-        if not _is_real(v) or not math.isfinite(v) or (k in POSITIVE_FLOAT_KEYS and v <= 0) or v < 0:
-            raise UpcycleError(f"{where}: {k} = {json.dumps(v)} is not a finite {'positive' if k in POSITIVE_FLOAT_KEYS else 'non-negative'} "
-                               "number; fix the config.")
+        positive = k in POSITIVE_FLOAT_KEYS
+        if not _is_real(v) or not math.isfinite(v) or (positive and v <= 0) or v < 0:
+            what = "positive" if positive else "non-negative"
+            raise UpcycleError(f"{where}: {k} = {json.dumps(v)} is not a finite {what} number; fix the config.")
     for k in TOKEN_ID_KEYS:
         v = c.get(k)
         ids = v if isinstance(v, list) else [v]
@@ -210,13 +211,15 @@ class HFLlamaSource(DenseSource):
             raise UpcycleError(f"{path} has no config.json; point at an HF model directory (config.json + *.safetensors) or a .gguf file.")
         self.config = _read_json(cfg_path)
         if not isinstance(self.config, dict):
-            raise UpcycleError(f"{cfg_path} holds {type(self.config).__name__}, not a JSON object; is this an HF config.json?")
+            raise UpcycleError(f"{cfg_path} holds {type(self.config).__name__}, not a JSON object; is this an HF "
+                               "config.json?")
         index = path / "model.safetensors.index.json"
         if index.is_file():
             weight_map = _read_json(index)
             weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
             if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-                raise UpcycleError(f"{index} has no weight_map of tensor -> file; the index is corrupt: re-save the checkpoint.")
+                raise UpcycleError(f"{index} has no weight_map of tensor -> file; the index is corrupt: re-save the "
+                                   "checkpoint.")
             files = sorted(set(weight_map.values()))
         else:
             files = sorted(p.name for p in path.glob("*.safetensors"))
@@ -310,7 +313,8 @@ def _check_safetensors_size(f: Path) -> tuple[int, dict]:
     try:
         end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
     except (KeyError, TypeError, IndexError, ValueError, AttributeError):
-        raise UpcycleError(f"{f} is corrupt: its header does not give every tensor's data offsets; re-download it.") from None
+        raise UpcycleError(f"{f} is corrupt: its header does not give every tensor's data offsets; "
+                           "re-download it.") from None
     if 8 + n + end != size:
         raise UpcycleError(f"{f} is truncated or corrupt: header promises {8 + n + end} bytes, file has {size}; re-download it.")
     return 8 + n, header
