@@ -139,6 +139,28 @@ def test_overwrite_replaces_our_own_output(capsys, monkeypatch, tmp_path, work):
     assert not [p for p in work.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
 
 
+def test_failed_replace_keeps_the_previous_output(capsys, tmp_path, tiny_llama, monkeypatch):
+    """The last rename of --overwrite fails (here: injected EIO): the previous output is back in place, byte for byte,
+    and neither the staging directory nor the moved-aside copy is left."""
+    out = tmp_path / "moe"
+    assert run_cli(capsys, "convert", tiny_llama, out, *OPTS)[0] == 0
+    before = snapshot(tmp_path)
+    rename = Path.rename
+
+    def failing(self, target):
+        if ".moe.tmp-" in self.name:
+            raise OSError(errno.EIO, "Input/output error")
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", failing)
+    with pytest.raises(OSError, match="Input/output error"):
+        main(["convert", str(tiny_llama), str(out), "-E", "2", "-k", "1", "--no-progress", "--overwrite"])
+    assert snapshot(tmp_path) == before
+    monkeypatch.setattr(Path, "rename", rename)  # control: the same replace without the fault goes through
+    assert run_cli(capsys, "convert", tiny_llama, out, "-E", 2, "-k", 1, "--no-progress", "--overwrite")[0] == 0
+    assert snapshot(tmp_path) != before and sorted(p.name for p in tmp_path.iterdir()) == ["moe"]
+
+
 def test_overwrite_legacy_output(capsys, tmp_path, tiny_llama):
     """An output from before marks (HF Mixtral + upcycling record + only our files) may be replaced; the same with a
     user's file in it, or without the upcycling record, may not."""
@@ -270,7 +292,8 @@ NAN, INF = float("nan"), float("inf")
     ("num_attention_heads", -6, "num_attention_heads = -6 is not positive"),
     ("num_key_value_heads", 4, "num_attention_heads 6 is not a multiple of num_key_value_heads 4"),
     ("max_position_embeddings", 64.0, "max_position_embeddings = 64.0 is a float"),
-    ("eos_token_id", -1, "eos_token_id = -1 is not a token id"),
+    ("eos_token_id", 2.0, "eos_token_id = 2.0 is not a token id"),
+    ("bos_token_id", [1, "2"], 'bos_token_id = [1, "2"] is not a token id'),
     ("rope_scaling", {"rope_type": "llama3", "factor": NAN}, "rope_scaling ="),
     ("num_hidden_layers", 10**9, "holds 30 tensors but its config (1000000000 layers) implies 9000000003"),
 ])

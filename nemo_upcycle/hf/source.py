@@ -69,9 +69,9 @@ def check_config_values(c: dict, where: str, keys: tuple = SIZE_KEYS) -> None:
     for k in TOKEN_ID_KEYS:
         v = c.get(k)
         ids = v if isinstance(v, list) else [v]
-        if v is not None and not all(_is_int(i) and i >= 0 for i in ids):
-            raise UpcycleError(f"{where}: {k} = {json.dumps(v)} is not a token id (a non-negative integer or a list "
-                               "of them); fix the config.")
+        if v is not None and not all(_is_int(i) and i >= -1 for i in ids):  # -1: "none" in some older configs
+            raise UpcycleError(f"{where}: {k} = {json.dumps(v)} is not a token id (an integer >= 0, or a list of "
+                               "them); fix the config.")
     rope = c.get("rope_scaling")
     if rope is not None:
         bad = not isinstance(rope, dict) or any(
