@@ -27,6 +27,13 @@ table) and ``comparison.png`` (validation loss against tokens and against traini
 A variant that fails (bad override, a crash, a kill) is a table row with its one-line reason; the others run. A
 variant whose run directory holds a finished run with the same settings is skipped, so an interrupted comparison
 is continued by the same command; a run directory made with other settings is refused (new --out, or delete it).
+
+What compare removes: only what it made. OUT carries the mark of kind ``compare`` and every run directory the
+mark ``compare-run`` (``files``; ``variant.json`` recognises those made before marks existed); an OUT or
+OUT/<variant> holding anything else, an --out that is a file, an OUT another compare is writing (its lock) and a
+run directory a training process still holds (its lock, ``run_dir``) are refused in one line before any training.
+Each training process is the leader of its own process group and dies with compare (``run_dir.die_with_parent``),
+so a killed comparison leaves no orphan training to race the next one.
 """
 
 from __future__ import annotations
@@ -35,7 +42,6 @@ import json
 import math
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -43,6 +49,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
+from . import files, run_dir as run_dirs
 from .errors import UpcycleError
 
 GRANULARITY = 2
@@ -229,9 +236,7 @@ def markdown(result: dict) -> str:
 
 
 def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    files.atomic_write_text(path, text)
 
 
 def plot_top(curves: list) -> float:
@@ -336,6 +341,8 @@ def compare(config_name: str, overrides: Sequence[str] = (), variants: Optional[
 
     chosen = parse_variants(variants)
     per_variant = _per_variant_sets(sets, [v.name for v in chosen])
+    out = Path(out or Path("outputs") / f"compare_{config_name}").resolve()
+    check_out(out, [v.name for v in chosen])
     overrides = list(overrides)
     base = compose(config_name, overrides)
     if base.moe.num_moe_experts is None:
@@ -345,23 +352,36 @@ def compare(config_name: str, overrides: Sequence[str] = (), variants: Optional[
     E, k = base.moe.num_moe_experts, base.moe.moe_router_topk
     f_ref = flops_for_run(compose(config_name, overrides + variant_overrides(BY_NAME[REFERENCE], E, k)))
     f_dense = flops_for_run(compose(config_name, overrides + ["moe=dense"]))
-    out = Path(out or Path("outputs") / f"compare_{config_name}").resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "logs").mkdir(exist_ok=True)
-    source = _shared_source(base, out)
-    common = [f"model.source={source}"] if source else []
     result = {"recipe": config_name, "overrides": overrides, "out": str(out),
               "seeds": {"seed": base.seed, "data": base.data.seed, "upcycle": base.upcycle.seed},
               "budget": {"steps": n_steps, "tokens_per_step": tps, "tokens": n_steps * tps, "flops_per_token": f_ref,
                          "flops": n_steps * tps * f_ref, "dense_flops_per_token": f_dense,
                          "dense_flops_steps": equal_flops_steps(n_steps, f_ref, f_dense)},
               "variants": []}
+    lock = _claim_out(out)
+    try:
+        return _run_all(config_name, overrides, base, chosen, per_variant, result, out, keep_checkpoints, timeout)
+    finally:
+        lock.release()
+
+
+def _run_all(config_name: str, overrides: list, base, chosen: list, per_variant: dict, result: dict, out: Path,
+             keep_checkpoints: bool, timeout: Optional[float]) -> dict:
+    from .catalog import compose
+    from .throughput import flops_for_run
+
+    n_steps, tps = result["budget"]["steps"], result["budget"]["tokens_per_step"]
+    E, k = base.moe.num_moe_experts, base.moe.moe_router_topk
+    (out / "logs").mkdir(exist_ok=True)
+    source = _shared_source(base, out)
+    common = [f"model.source={source}"] if source else []
     plans = []
     for v in chosen:  # settle every variant's command first: a stale run directory stops before any training
         s = result["budget"]["dense_flops_steps"] if v.equal_flops else n_steps
         args = _variant_args(v, E, k, s, max(1, n_steps // 3), common, overrides, per_variant.get(v.name, []),
                              keep_checkpoints)
         _check_stale(out / v.name, args)
+        _check_not_running(out / v.name)
         plans.append((v, s, args))
     for i, (v, s, args) in enumerate(plans, 1):
         row = {"name": v.name, "what": v.what, "overrides": variant_overrides(v, E, k) + per_variant.get(v.name, []),
@@ -379,6 +399,57 @@ def compare(config_name: str, overrides: Sequence[str] = (), variants: Optional[
         write_outputs(result, out)
     print(f"comparison: {out / 'comparison.md'}, {out / 'comparison.png'}", flush=True)
     return result
+
+
+def _legacy_out(out: Path) -> bool:
+    """A comparison written before marks existed: its comparison.json or a variant's variant.json."""
+    return (out / "comparison.json").is_file() or any((out / v.name / MARKER).is_file() for v in VARIANTS)
+
+
+def _legacy_run(d: Path) -> bool:
+    return (d / MARKER).is_file()
+
+
+def check_out(out: Path, names: Sequence[str]) -> None:
+    """Refuse, before anything is written: an --out that is a file, a non-empty OUT or OUT/<variant> that compare
+    did not write."""
+    if out.is_file() or (out.exists() and not out.is_dir()):
+        raise UpcycleError(f"--out {out} is a file; choose a directory for the comparison (a new one is made).")
+    if not out.is_dir():
+        return
+    if not (files.is_ours(out, ("compare",)) or _legacy_out(out) or not any(out.iterdir())):
+        raise UpcycleError(f"--out {out} holds files nemo-upcycle compare did not write (no {files.MARK} mark); "
+                           "choose a new or empty --out directory.")
+    for name in names:
+        d = out / name
+        if d.is_symlink() or (d.exists() and not d.is_dir()):
+            raise UpcycleError(f"{d} is not a directory compare made; move it away or choose another --out.")
+        if d.is_dir() and not (files.is_ours(d, ("compare-run",)) or _legacy_run(d) or not any(d.iterdir())):
+            raise UpcycleError(f"{d} holds files nemo-upcycle compare did not write (no {files.MARK} mark); it is "
+                               "never removed: move it away or choose another --out.")
+
+
+def _claim_out(out: Path) -> files.FileLock:
+    """Make OUT (marked ``compare``) and hold its lock while this comparison runs; another one writing it: refused."""
+    out.mkdir(parents=True, exist_ok=True)
+    lock = files.FileLock(out / run_dirs.LOCK)
+    if not lock.acquire(wait=False):
+        raise UpcycleError(f"--out {out} is in use by another nemo-upcycle compare ({run_dirs.describe(lock.holder())}"
+                           "); wait for it to finish, or choose another --out.")
+    if files.read_mark(out) is None:
+        files.write_mark(out, "compare")
+    return lock
+
+
+def _in_use(run_dir: Path, holder: dict) -> UpcycleError:
+    return UpcycleError(f"{run_dir} is in use by a running training process ({run_dirs.describe(holder)}), perhaps "
+                        "left by a comparison stopped earlier; wait for it or stop it, then run compare again.")
+
+
+def _check_not_running(run_dir: Path) -> None:
+    holder = run_dirs.holder(run_dir)
+    if holder is not None:
+        raise _in_use(run_dir, holder)
 
 
 def _shared_source(base, out: Path) -> Optional[str]:
@@ -428,8 +499,15 @@ def _run_variant(v: Variant, i: int, n: int, args: list[str], out: Path, row: di
         return
     ckpts = run_dir / "run" / "checkpoints"
     if run_dir.is_dir() and not (ckpts.is_dir() and any(ckpts.iterdir())):
-        shutil.rmtree(run_dir)  # an unfinished start without a checkpoint: start over (with one: train.py resumes)
+        try:  # an unfinished start without a checkpoint: start over (with one: train.py resumes)
+            _remove_run_dir(run_dir)
+        except UpcycleError as e:
+            row.update(status="failed", reason=str(e))
+            print(f"[{i}/{n}] {v.name}: FAILED before training: {e}", flush=True)
+            return
     run_dir.mkdir(parents=True, exist_ok=True)
+    if files.read_mark(run_dir) is None:
+        files.write_mark(run_dir, "compare-run", variant=v.name)
     _write_text(run_dir / MARKER, json.dumps({"args": args, "status": "running"}, indent=2) + "\n")
     cmd = [sys.executable, str(train_script()), f"--config-name={config_name}", f"hydra.run.dir={run_dir}", *args]
     print(f"[{i}/{n}] {v.name}: training {row['steps']} steps ({row['tokens']:,} tokens), log {log}", flush=True)
@@ -437,11 +515,7 @@ def _run_variant(v: Variant, i: int, n: int, args: list[str], out: Path, row: di
     with open(log, "w") as f:
         f.write("$ " + " ".join(cmd) + "\n")
         f.flush()
-        try:
-            p = subprocess.run(cmd, cwd=train_script().parent, stdout=f, stderr=subprocess.STDOUT, timeout=timeout)
-            rc = p.returncode
-        except subprocess.TimeoutExpired:
-            rc = None
+        rc = _train(cmd, f, timeout)
     seconds = time.perf_counter() - t0
     done = rc == 0 and (run_dir / "final_eval.json").is_file()
     if not done:
@@ -456,3 +530,31 @@ def _run_variant(v: Variant, i: int, n: int, args: list[str], out: Path, row: di
     row.update(status="done", seconds=seconds, **read_run(run_dir))
     print(f"[{i}/{n}] {v.name}: done in {seconds:.0f} s, loss {_f(row.get('step0_loss'))} -> "
           f"{_f(row.get('final_loss'))}", flush=True)
+
+
+def _remove_run_dir(run_dir: Path) -> None:
+    """Remove a run directory compare made (its mark, or ``variant.json`` from before marks), holding its lock so
+    that a training process still in it is never pulled out from under (refused instead). An empty one stays."""
+    if not [p for p in run_dir.iterdir() if p.name != run_dirs.LOCK]:
+        return
+    lock = files.FileLock(run_dir / run_dirs.LOCK)
+    if not lock.acquire(wait=False):
+        raise _in_use(run_dir, lock.holder() or {})
+    try:
+        files.remove_ours(run_dir, ("compare-run",), legacy=_legacy_run)
+    finally:
+        lock.release()  # the lock file went with the directory: nothing to remove
+
+
+def _train(cmd: list[str], log, timeout: Optional[float]) -> Optional[int]:
+    """Run one training process (its own process group, killed with compare); its exit code, None on timeout."""
+    p = subprocess.Popen(cmd, cwd=train_script().parent, stdout=log, stderr=subprocess.STDOUT, env=run_dirs.child_env(),
+                         start_new_session=True, preexec_fn=run_dirs.child_preexec())
+    try:
+        return p.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        run_dirs.stop(p)
+        return None
+    except BaseException:  # Ctrl-C, SIGTERM as an exception: the training goes with compare
+        run_dirs.stop(p)
+        raise
