@@ -233,10 +233,10 @@ def resume_checkpoint(run_dir: Path, warn: bool = False) -> Optional[Path]:
     pick = nemo_pick(ckdir) if ckdir.is_dir() else None
     if pick is None:
         return None
-    problem = checkpoint_problem(pick)
+    bad = pick.resolve()
+    problem = checkpoint_problem(bad)  # named by its real path (the pick is usually a link)
     if problem is None:
         return None
-    bad = pick.resolve()
     seen, others = {bad}, []
     for d in sorted(ckdir.glob("step=*"), key=lambda d: (_step(d), d.lstat().st_mtime), reverse=True):
         real = d.resolve()
@@ -258,41 +258,50 @@ def resume_checkpoint(run_dir: Path, warn: bool = False) -> Optional[Path]:
 
 
 # ---- children die with their parent -----------------------------------------------------------------------------
-def _prctl_pdeathsig(sig: int) -> bool:
-    if not sys.platform.startswith("linux"):
-        return False
-    import ctypes
+_LIBC: list = []
 
-    libc = ctypes.CDLL(None, use_errno=True)
-    return libc.prctl(1, int(sig), 0, 0, 0) == 0  # PR_SET_PDEATHSIG = 1
+
+def _libc():
+    """The C library (loaded once, before any fork: a ``preexec_fn`` only calls it), or None off Linux."""
+    if not _LIBC:
+        import ctypes
+
+        _LIBC.append(ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None)
+    return _LIBC[0]
+
+
+def _prctl_pdeathsig(sig: int) -> bool:
+    libc = _libc()
+    return libc is not None and libc.prctl(1, int(sig), 0, 0, 0) == 0  # PR_SET_PDEATHSIG = 1
 
 
 def die_with_parent(parent: int) -> None:
     """In a child (``preexec_fn``, or first thing at start): be killed when ``parent`` dies, including if it already
-    has. Then children of this process started with the environment do the same with this one as their parent."""
+    has (then this process is no longer its child). Fit for a ``preexec_fn``: one call into the C library loaded
+    before the fork, the environment untouched."""
     if _prctl_pdeathsig(signal.SIGKILL) and os.getppid() != parent:
-        os.kill(os.getpid(), signal.SIGKILL)  # the parent died before the request was in place
-    os.environ[PARENT_ENV] = str(os.getpid())
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def child_preexec():
     """A ``preexec_fn`` for ``subprocess.Popen`` that makes the child die with this process."""
     parent = os.getpid()
-    if sys.platform.startswith("linux"):
-        import ctypes  # noqa: F401 -- loaded before the fork, not in the child
-
+    _libc()  # loaded here, not in the child
     return lambda: die_with_parent(parent)
 
 
 def child_env() -> dict:
+    """The environment for a child of this process: it and the processes it starts die with their parents."""
     return {**os.environ, PARENT_ENV: str(os.getpid())}
 
 
 def die_with_parent_if_asked() -> None:
-    """``train.py``: when started by ``compare`` (or by a process it started), die with that parent."""
+    """``train.py``: when started by ``compare`` (or by a process it started), die with that parent; the processes
+    this one starts with the environment (e.g. Lightning's per-device processes) then die with this one."""
     parent = os.environ.get(PARENT_ENV, "")
     if parent.isdigit():
         die_with_parent(int(parent))
+        os.environ[PARENT_ENV] = str(os.getpid())
 
 
 def stop(p, grace: float = 10.0) -> None:

@@ -355,3 +355,56 @@ def test_resume_falls_back_to_the_newest_complete_checkpoint_or_refuses(checkpoi
     write_run_identity(compose("tiny_llama_upcycle", ["mode=train"]), run)
     with pytest.raises(UpcycleError, match="cannot be resumed"):
         check_run_dir(compose("tiny_llama_upcycle", ["mode=train"]), run)
+
+
+# ---- processes started for a run die with their parent ------------------------------------------------------------
+MID = """
+import os, subprocess, sys, time
+from nemo_upcycle.run_dir import die_with_parent_if_asked
+die_with_parent_if_asked()
+leaf = subprocess.Popen([sys.executable, "-c", "import time; from nemo_upcycle.run_dir import die_with_parent_if_asked;"
+                         " die_with_parent_if_asked(); time.sleep(300)"])
+print(leaf.pid, flush=True)
+time.sleep(300)
+"""
+
+
+def _alive(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _wait_gone(pid: int, seconds: float = 10) -> bool:
+    import time
+
+    deadline = time.time() + seconds
+    while time.time() < deadline and _alive(pid):
+        time.sleep(0.05)
+    return not _alive(pid)
+
+
+def test_the_processes_a_child_starts_die_with_it(tmp_path):
+    """train.py started by compare passes the request on: Lightning's per-device processes die with train.py."""
+    from nemo_upcycle.run_dir import PARENT_ENV, child_env
+
+    mid = subprocess.Popen([sys.executable, "-c", MID], cwd=REPO, env={**ENV, **child_env()}, stdout=subprocess.PIPE,
+                           text=True)
+    try:
+        leaf = int(mid.stdout.readline())
+        import time
+
+        time.sleep(1.0)
+        assert _alive(leaf)  # negative control: with its parent alive, the leaf runs
+    finally:
+        mid.kill()
+        mid.wait()
+    assert _wait_gone(leaf), f"process {leaf} outlived its parent"
+    # a process whose named parent is already gone (it was re-parented) dies at once
+    late = subprocess.Popen([sys.executable, "-c", "import time; from nemo_upcycle.run_dir import "
+                             "die_with_parent_if_asked; die_with_parent_if_asked(); time.sleep(300)"],
+                            cwd=REPO, env={**ENV, PARENT_ENV: "1"})
+    assert late.wait(timeout=60) == -9
