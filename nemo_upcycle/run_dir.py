@@ -121,21 +121,24 @@ def legacy_export(d: Path) -> bool:
 
 
 def export_problem(run_dir: Path) -> Optional[str]:
-    """Why ``RUN/hf_mixtral`` may not be replaced by the export at the end of training (None: absent or ours)."""
+    """Why ``RUN/hf_mixtral`` may not be replaced by the export at the end of training (None: absent, empty, ours)."""
     out = Path(run_dir) / EXPORT_DIR
     if not out.exists() and not out.is_symlink():
         return None
     try:
         files.check_replaceable(out, ("export",), flag="the export directory", legacy=legacy_export)
     except UpcycleError as e:
-        return str(e)
+        if out.is_dir() and not out.is_symlink() and "holds files" in str(e):
+            return f"{out} holds files nemo-upcycle did not write (no {files.MARK} mark)"
+        return str(e).rstrip(".")
     return None
 
 
 def check_export_target(run_dir: Path) -> None:
     problem = export_problem(run_dir)
     if problem is not None:
-        raise UpcycleError(f"{problem.rstrip('.')}; or set logging.export_hf=false.")
+        raise UpcycleError(f"{problem}; the export at the end of training would replace it: move it away, set "
+                           "logging.export_hf=false, or choose another hydra.run.dir.")
 
 
 # ---- checkpoints ------------------------------------------------------------------------------------------------

@@ -2,7 +2,9 @@
 
 Fast: the budget arithmetic against hand-computed model FLOPs (tiny and SmolLM2 recipes), every variant's overrides
 composing into the intended config, the table from a synthetic result, failure reasons, bad input, a stale output
-directory, a variant refused before training (outputs still written).
+directory, a variant refused before training (outputs still written); compare deletes only what it made: --out FILE,
+a foreign OUT or OUT/<variant>, a run directory a live training process holds and an OUT another compare holds
+are refused with nothing touched (control: a stale start of ours is removed and trained again).
 Slow (one comparison shared by the module): all nine variants of the tiny recipe for two steps, one of them made to
 fail in its subprocess (a corpus file that does not exist): both outputs, a row per variant, the failure as a row,
 the same first batch for every variant (the dense model's and the exact upcycles' first training losses agree), and

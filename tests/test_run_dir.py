@@ -1,6 +1,10 @@
 """A run directory belongs to one run: train.py refuses one holding another run's checkpoints (one line, exit 2,
 nothing there touched), accepts its own (resume), and a resumed run's metrics.jsonl drops the killed run's
-records past the checkpoint it resumes from."""
+records past the checkpoint it resumes from. Also (``run_dir``): a directory or an ``hf_mixtral/`` nemo-upcycle did
+not write is refused and never replaced (the lifecycle skips such an export), a directory another process holds is
+refused and a killed holder leaves no stuck lock, a damaged checkpoint is named by file and passed over for the
+newest complete one (or the run refused), and processes started for a run die with their parent.
+Real training processes: tests/test_resume_safety.py."""
 
 from __future__ import annotations
 

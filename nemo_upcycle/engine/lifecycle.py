@@ -188,7 +188,8 @@ class UpcycleLifecycle(pl.Callback):
             rec["hf_mixtral"] = None  # a dense run (moe=dense) has no Mixtral to export
         elif problem is not None:  # never replace what we did not write
             rec.update(hf_mixtral=None, export_skipped=problem)
-            print(f"warning: export skipped: {problem}", flush=True)
+            print(f"warning: export to {EXPORT_DIR}/ skipped: {problem}; export a checkpoint elsewhere with python -m "
+                  "nemo_upcycle.engine.export CKPT OUT", flush=True)
         elif self.export:
             from .export import export_hf_mixtral, unwrap
 
