@@ -62,7 +62,10 @@ def precheck(argv: list[str]) -> None:
             run = validate(compose(name, overrides=overrides))
         preflight(run, name)
         if run_dir is not None and run.mode == "train":
-            check_run_dir(run, run_dir)  # before Hydra writes its files there
+            from nemo_upcycle.run_dir import claim
+
+            claim(run_dir)  # refuses a directory another run holds, before Hydra writes its files there
+            check_run_dir(run, run_dir)
     except UpcycleError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -73,6 +76,9 @@ def precheck(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    from nemo_upcycle.run_dir import die_with_parent_if_asked
+
+    die_with_parent_if_asked()  # started by nemo-upcycle compare: die with it
     precheck(sys.argv[1:])
     main()
     sys.exit(EXIT["code"])

@@ -43,7 +43,6 @@ import argparse
 import hashlib
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -53,6 +52,10 @@ import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+from nemo_upcycle import files  # noqa: E402 -- marks: this script removes only the directories it made
+
 GB = 1e9
 RATIO_TARGET = 1.8
 SMOL = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
@@ -131,12 +134,11 @@ def make_models(workdir: Path, which: list[str]) -> dict[str, Path]:
     out = {}
     for name in which:
         path = workdir / f"dense-{name}"
-        if not path.is_dir():
+        if not path.is_dir():  # written into a marked staging directory, renamed into place (files.staging)
             print(f"writing {path} ...", flush=True)
-            tmp = path.with_name(path.name + ".tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            subprocess.run([sys.executable, __file__, "--make", name, str(tmp)], check=True)
-            tmp.rename(path)
+            with files.staging(path) as tmp:
+                subprocess.run([sys.executable, __file__, "--make", name, str(tmp)], check=True)
+                files.publish(tmp, path, "bench-dense")
         out[name] = path
     return out
 
@@ -151,8 +153,9 @@ def make_child(name: str, path: str) -> None:
 def launch(method: str, dense: Path, ranks: int, log: Path, stock_malloc: bool) -> tuple[list[dict], float]:
     torchrun = Path(sys.executable).with_name("torchrun")
     out = log.parent / "ranks"
-    shutil.rmtree(out, ignore_errors=True)
+    files.remove_ours(out, ("bench-ranks",))  # a previous launch's (never a directory this script did not make)
     out.mkdir()
+    files.write_mark(out, "bench-ranks")
     cmd = [str(torchrun), "--standalone", "--nproc_per_node", str(ranks), __file__, "--rank-child", method, str(dense),
            str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1" if ranks > 1 else "2", "PYTHONPATH": str(ROOT),
@@ -167,7 +170,7 @@ def launch(method: str, dense: Path, ranks: int, log: Path, stock_malloc: bool) 
     if p.returncode:
         sys.exit(f"child failed ({p.returncode}): {' '.join(cmd)}; see {log}\n{p.stderr[-3000:]}")
     rows = [json.loads(f.read_text()) for f in out.glob("rank*.json")]
-    shutil.rmtree(out)
+    files.remove_ours(out, ("bench-ranks",))
     if len(rows) != ranks:
         sys.exit(f"expected {ranks} rank results, got {len(rows)}; see {log}")
     return sorted(rows, key=lambda r: r["rank"]), wall
@@ -193,6 +196,8 @@ def main(argv=None) -> int:
     temp = a.workdir is None
     workdir = Path(tempfile.mkdtemp(prefix="nemo-upcycle-online-", dir="/tmp")) if temp else a.workdir.absolute()
     workdir.mkdir(parents=True, exist_ok=True)
+    if temp:
+        files.write_mark(workdir, "bench-work")
     log = workdir / "bench.log"
     names = [a.only] if a.only else ["tiny", "smol"]
     results: dict[tuple[str, str, int], list[list[dict]]] = {}
@@ -209,7 +214,7 @@ def main(argv=None) -> int:
             print(f"log: {log}")
     finally:
         if temp:
-            shutil.rmtree(workdir, ignore_errors=True)
+            files.remove_ours(workdir, ("bench-work",))
 
     label = {"A": "(A) online", "B": "(B) megatron"}
     print(f"\nE{MOE['num_moe_experts']} top-{MOE['moe_router_topk']}, fp32, CPU/gloo; GB = 1e9 bytes; "

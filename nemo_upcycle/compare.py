@@ -27,15 +27,20 @@ table) and ``comparison.png`` (validation loss against tokens and against traini
 A variant that fails (bad override, a crash, a kill) is a table row with its one-line reason; the others run. A
 variant whose run directory holds a finished run with the same settings is skipped, so an interrupted comparison
 is continued by the same command; a run directory made with other settings is refused (new --out, or delete it).
+
+What compare removes: only what it made. OUT carries the mark of kind ``compare`` and every run directory the
+mark ``compare-run`` (``files``; ``variant.json`` recognises those made before marks existed); an OUT or
+OUT/<variant> holding anything else, an --out that is a file, an OUT another compare is writing (its lock) and a
+run directory a training process still holds (its lock, ``run_dir``) are refused in one line before any training.
+Each training process is the leader of its own process group and dies with compare (``run_dir.die_with_parent``),
+so a killed comparison leaves no orphan training to race the next one.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -43,10 +48,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
+from . import files, run_dir as run_dirs
+from .compare_out import (MARKER, REFERENCE, check_not_running, check_out, claim_out, finish_row, fmt,  # noqa: F401
+                          markdown, remove_run_dir, write_outputs, write_text)  # markdown: compare.markdown as before
 from .errors import UpcycleError
 
 GRANULARITY = 2
-MARKER = "variant.json"  # written by compare into each run directory: settings, status
 
 
 @dataclass(frozen=True)
@@ -82,7 +89,6 @@ VARIANTS = (
             ("upcycle=copy", "upcycle.router_init=zeros")),
 )
 BY_NAME = {v.name: v for v in VARIANTS}
-REFERENCE = "copy"  # the MoE whose FLOPs per token set the equal-FLOPs budget
 
 
 # ---- budget arithmetic (pure) -------------------------------------------------------------------------------
@@ -161,139 +167,6 @@ def failure_reason(log_text: str, returncode: Optional[int]) -> str:
     return f"exit code {returncode}"
 
 
-# ---- rows and the table (pure) ------------------------------------------------------------------------------
-def finish_row(row: dict, budget_flops: float) -> dict:
-    """Fill the equal-tokens / equal-FLOPs readings of a row from its final loss and training FLOPs."""
-    loss = row.get("final_loss")
-    row["final_ppl"] = math.exp(min(loss, 50.0)) if loss is not None else None
-    train_flops = row.get("train_flops")
-    row["flops_ratio"] = train_flops / budget_flops if train_flops and budget_flops else None
-    same_flops = row.get("equal_flops") or (row["flops_ratio"] is not None and abs(row["flops_ratio"] - 1) <= 0.01)
-    row["loss_equal_tokens"] = None if row.get("equal_flops") else loss
-    row["loss_equal_flops"] = loss if same_flops else None
-    return row
-
-
-def _f(v, fmt: str = "{:.4f}") -> str:
-    return "–" if v is None else fmt.format(v)
-
-
-def row_note(r: dict) -> str:
-    if r["status"] == "failed":
-        return f"**failed**: {r.get('reason') or '?'}"
-    if r["status"] != "done":
-        return r["status"]
-    notes = []
-    if r.get("equal_flops") and r.get("flops_ratio"):
-        notes.append(f"{r['steps']} steps = {r['flops_ratio']:.2f}x the MoE's FLOPs")
-    elif r.get("flops_ratio") and abs(r["flops_ratio"] - 1) > 0.01:
-        notes.append(f"{r['flops_ratio']:.2f}x the MoE's FLOPs")
-    if r.get("dense"):
-        notes.append("no experts")
-    elif r.get("step0_passed") is True:
-        notes.append("step 0 = dense")
-    elif r.get("step0_max_abs_logit_diff") is not None:
-        notes.append(f"step 0 != dense (max dlogit {r['step0_max_abs_logit_diff']:.2g})")
-    return "; ".join(notes)
-
-
-def markdown(result: dict) -> str:
-    """comparison.md from a comparison.json dict."""
-    b = result["budget"]
-    head = ("| variant | step-0 loss | loss @ equal tokens | ppl | loss @ equal FLOPs | ppl | tokens/s "
-            "| load CV | load max/mean | note |")
-    lines = [f"# Upcycling comparison: {result['recipe']}", "",
-             f"Budget: {b['steps']} steps x {b['tokens_per_step']:,} tokens = {b['tokens']:,} tokens per variant; "
-             f"equal FLOPs = {b['flops']:.3e} model FLOPs ({b['flops_per_token']:.4g} per token, the `{REFERENCE}` "
-             f"MoE). Seeds: seed {result['seeds']['seed']}, data {result['seeds']['data']}, upcycle "
-             f"{result['seeds']['upcycle']} (every variant).", "",
-             "Losses: next-token cross entropy on the fixed validation windows (step0.json / final_eval.json) before "
-             "and after training; tokens/s: the fastest training step after the first (on a shared machine the "
-             "others also measure the neighbours' load); load: the last training window's coefficient of variation "
-             "and max/mean of tokens per expert (mean / worst over MoE layers).", "",
-             head, "|" + "---|" * (head.count("|") - 1)]
-    for r in result["variants"]:
-        lines.append("| " + " | ".join([
-            f"`{r['name']}`", _f(r.get("step0_loss")), _f(r.get("loss_equal_tokens")),
-            _f(r.get("final_ppl") if r.get("loss_equal_tokens") is not None else None, "{:.2f}"),
-            _f(r.get("loss_equal_flops")),
-            _f(r.get("final_ppl") if r.get("loss_equal_flops") is not None else None, "{:.2f}"),
-            _f(r.get("tokens_per_s"), "{:.1f}"), _f(r.get("load_cv"), "{:.3f}"),
-            _f(r.get("load_max_over_mean"), "{:.2f}"), row_note(r)]) + " |")
-    lines += ["", "Variants:", ""]
-    lines += [f"- `{r['name']}`: {r['what']} (`{' '.join(r['overrides'])}`)" for r in result["variants"]]
-    lines += ["", "![validation loss](comparison.png)", "",
-              "Plot: the validation loop (the first `trainer.limit_val_batches` validation batches, the same for "
-              "every variant) against training tokens and training FLOPs (tokens x model FLOPs per token).", ""]
-    return "\n".join(lines)
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def plot_top(curves: list) -> float:
-    """Upper y limit: 25% above the best final loss, so that a method far behind (Drop-Upcycling's first steps, an
-    unscaled granular MoE) does not flatten the others; curves entirely above it are named in the legend."""
-    everything = max(p[1] for c in curves for p in c) if curves else 1.0
-    best_final = min(c[-1][1] for c in curves) if curves else 1.0
-    return min(everything + 0.02 * abs(everything), best_final + 0.25 * abs(best_final))
-
-
-def plot(result: dict, path: Path) -> None:
-    """comparison.png: validation loss vs tokens (left) and vs training FLOPs (right), one line per variant."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_t, ax_f) = plt.subplots(1, 2, figsize=(14, 4.6))
-    colors = [c for i, c in enumerate(plt.get_cmap("tab10").colors) if i != 7]  # no grey: grey is dense_flops
-    curves = [r for r in result["variants"] if r.get("val_curve")]
-    top = plot_top([r["val_curve"] for r in curves])
-    for i, r in enumerate(curves):
-        x, y = [p[0] for p in r["val_curve"]], [p[1] for p in r["val_curve"]]
-        label = r["name"] if min(y) < top else f"{r['name']} (above: {y[-1]:.2f} at the end)"
-        style = dict(color="black" if r.get("dense") else colors[i % len(colors)], marker="o", markersize=3,
-                     linestyle="--" if r.get("dense") else "-", label=label)
-        if r.get("equal_flops"):
-            style.update(color="0.45", linestyle=":")
-        ax_t.plot(x, y, **style)
-        ax_f.plot([t * r["flops_per_token"] for t in x], y, **style)
-    if curves:
-        low = min(p[1] for r in curves for p in r["val_curve"])
-        for ax in (ax_t, ax_f):
-            ax.set_ylim(low - 0.04 * (top - low), top)
-    ax_t.set_xlabel("training tokens")
-    ax_f.set_xlabel("training FLOPs (model FLOPs, fwd + bwd)")
-    budget = result["budget"]["flops"]
-    ax_f.axvline(budget, color="0.7", linewidth=0.8)
-    ax_t.axvline(result["budget"]["tokens"], color="0.7", linewidth=0.8)
-    for ax in (ax_t, ax_f):
-        ax.set_ylabel("validation loss")
-        ax.grid(alpha=0.3)
-    handles, labels = ax_t.get_legend_handles_labels()
-    if handles:
-        fig.legend(handles, labels, loc="center right", fontsize=7)
-    else:
-        for ax in (ax_t, ax_f):
-            ax.text(0.5, 0.5, "no validation records", ha="center", va="center", transform=ax.transAxes)
-    fig.suptitle(f"{result['recipe']}: validation loss, {result['budget']['tokens']:,} tokens per variant", fontsize=10)
-    fig.tight_layout(rect=(0, 0, 0.8 if handles else 1, 1))
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-
-
-def write_outputs(result: dict, out: Path) -> None:
-    _write_text(out / "comparison.json", json.dumps(result, indent=2) + "\n")
-    _write_text(out / "comparison.md", markdown(result))
-    plot(result, out / "comparison.png")
-
-
 # ---- running -------------------------------------------------------------------------------------------------
 def train_script() -> Path:
     from .catalog import conf_dir
@@ -336,6 +209,8 @@ def compare(config_name: str, overrides: Sequence[str] = (), variants: Optional[
 
     chosen = parse_variants(variants)
     per_variant = _per_variant_sets(sets, [v.name for v in chosen])
+    out = Path(out or Path("outputs") / f"compare_{config_name}").resolve()
+    check_out(out, [v.name for v in chosen], [v.name for v in VARIANTS])
     overrides = list(overrides)
     base = compose(config_name, overrides)
     if base.moe.num_moe_experts is None:
@@ -345,23 +220,36 @@ def compare(config_name: str, overrides: Sequence[str] = (), variants: Optional[
     E, k = base.moe.num_moe_experts, base.moe.moe_router_topk
     f_ref = flops_for_run(compose(config_name, overrides + variant_overrides(BY_NAME[REFERENCE], E, k)))
     f_dense = flops_for_run(compose(config_name, overrides + ["moe=dense"]))
-    out = Path(out or Path("outputs") / f"compare_{config_name}").resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "logs").mkdir(exist_ok=True)
-    source = _shared_source(base, out)
-    common = [f"model.source={source}"] if source else []
     result = {"recipe": config_name, "overrides": overrides, "out": str(out),
               "seeds": {"seed": base.seed, "data": base.data.seed, "upcycle": base.upcycle.seed},
               "budget": {"steps": n_steps, "tokens_per_step": tps, "tokens": n_steps * tps, "flops_per_token": f_ref,
                          "flops": n_steps * tps * f_ref, "dense_flops_per_token": f_dense,
                          "dense_flops_steps": equal_flops_steps(n_steps, f_ref, f_dense)},
               "variants": []}
+    lock = claim_out(out)
+    try:
+        return _run_all(config_name, overrides, base, chosen, per_variant, result, out, keep_checkpoints, timeout)
+    finally:
+        lock.release()
+
+
+def _run_all(config_name: str, overrides: list, base, chosen: list, per_variant: dict, result: dict, out: Path,
+             keep_checkpoints: bool, timeout: Optional[float]) -> dict:
+    from .catalog import compose
+    from .throughput import flops_for_run
+
+    n_steps, tps = result["budget"]["steps"], result["budget"]["tokens_per_step"]
+    E, k = base.moe.num_moe_experts, base.moe.moe_router_topk
+    (out / "logs").mkdir(exist_ok=True)
+    source = _shared_source(base, out)
+    common = [f"model.source={source}"] if source else []
     plans = []
     for v in chosen:  # settle every variant's command first: a stale run directory stops before any training
         s = result["budget"]["dense_flops_steps"] if v.equal_flops else n_steps
         args = _variant_args(v, E, k, s, max(1, n_steps // 3), common, overrides, per_variant.get(v.name, []),
                              keep_checkpoints)
         _check_stale(out / v.name, args)
+        check_not_running(out / v.name)
         plans.append((v, s, args))
     for i, (v, s, args) in enumerate(plans, 1):
         row = {"name": v.name, "what": v.what, "overrides": variant_overrides(v, E, k) + per_variant.get(v.name, []),
@@ -428,20 +316,23 @@ def _run_variant(v: Variant, i: int, n: int, args: list[str], out: Path, row: di
         return
     ckpts = run_dir / "run" / "checkpoints"
     if run_dir.is_dir() and not (ckpts.is_dir() and any(ckpts.iterdir())):
-        shutil.rmtree(run_dir)  # an unfinished start without a checkpoint: start over (with one: train.py resumes)
+        try:  # an unfinished start without a checkpoint: start over (with one: train.py resumes)
+            remove_run_dir(run_dir)
+        except UpcycleError as e:
+            row.update(status="failed", reason=str(e))
+            print(f"[{i}/{n}] {v.name}: FAILED before training: {e}", flush=True)
+            return
     run_dir.mkdir(parents=True, exist_ok=True)
-    _write_text(run_dir / MARKER, json.dumps({"args": args, "status": "running"}, indent=2) + "\n")
+    if files.read_mark(run_dir) is None:
+        files.write_mark(run_dir, "compare-run", variant=v.name)
+    write_text(run_dir / MARKER, json.dumps({"args": args, "status": "running"}, indent=2) + "\n")
     cmd = [sys.executable, str(train_script()), f"--config-name={config_name}", f"hydra.run.dir={run_dir}", *args]
     print(f"[{i}/{n}] {v.name}: training {row['steps']} steps ({row['tokens']:,} tokens), log {log}", flush=True)
     t0 = time.perf_counter()
     with open(log, "w") as f:
         f.write("$ " + " ".join(cmd) + "\n")
         f.flush()
-        try:
-            p = subprocess.run(cmd, cwd=train_script().parent, stdout=f, stderr=subprocess.STDOUT, timeout=timeout)
-            rc = p.returncode
-        except subprocess.TimeoutExpired:
-            rc = None
+        rc = _train(cmd, f, timeout)
     seconds = time.perf_counter() - t0
     done = rc == 0 and (run_dir / "final_eval.json").is_file()
     if not done:
@@ -449,10 +340,24 @@ def _run_variant(v: Variant, i: int, n: int, args: list[str], out: Path, row: di
         if rc == 0:
             reason = "exited 0 without final_eval.json"
         row.update(status="failed", reason=reason, seconds=seconds)
-        _write_text(run_dir / MARKER, json.dumps({"args": args, "status": "failed", "reason": reason}, indent=2) + "\n")
+        write_text(run_dir / MARKER, json.dumps({"args": args, "status": "failed", "reason": reason}, indent=2) + "\n")
         print(f"[{i}/{n}] {v.name}: FAILED after {seconds:.0f} s: {reason}", flush=True)
         return
-    _write_text(run_dir / MARKER, json.dumps({"args": args, "status": "done", "seconds": seconds}, indent=2) + "\n")
+    write_text(run_dir / MARKER, json.dumps({"args": args, "status": "done", "seconds": seconds}, indent=2) + "\n")
     row.update(status="done", seconds=seconds, **read_run(run_dir))
-    print(f"[{i}/{n}] {v.name}: done in {seconds:.0f} s, loss {_f(row.get('step0_loss'))} -> "
-          f"{_f(row.get('final_loss'))}", flush=True)
+    print(f"[{i}/{n}] {v.name}: done in {seconds:.0f} s, loss {fmt(row.get('step0_loss'))} -> "
+          f"{fmt(row.get('final_loss'))}", flush=True)
+
+
+def _train(cmd: list[str], log, timeout: Optional[float]) -> Optional[int]:
+    """Run one training process (its own process group, killed with compare); its exit code, None on timeout."""
+    p = subprocess.Popen(cmd, cwd=train_script().parent, stdout=log, stderr=subprocess.STDOUT, env=run_dirs.child_env(),
+                         start_new_session=True, preexec_fn=run_dirs.child_preexec())
+    try:
+        return p.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        run_dirs.stop(p)
+        return None
+    except BaseException:  # Ctrl-C, SIGTERM as an exception: the training goes with compare
+        run_dirs.stop(p)
+        raise

@@ -15,9 +15,12 @@ Cache: ``out_dir/<key>/`` with ``train.{bin,idx}``, ``validation.{bin,idx}`` and
 summary), where the key hashes the corpus files (resolved path, size, mtime), the tokenizer files (contents),
 seq_length, validation_fraction and the format version. A second call with the same inputs reads only
 ``corpus.json`` (no tokenizer, no Megatron import). The entry is written in a temporary directory and renamed
-into place, so it is never half-written. A lock file per key (in the node's temp directory) makes concurrent
-ranks wait for the first one instead of tokenizing again; where ``flock`` does not reach (ranks on other nodes
-sharing the cache), the rename still keeps the entry whole and the loser discards its copy.
+into place, so it is never half-written; it carries the mark (``files``, kind ``data-cache``). A damaged entry
+(files not as recorded) is replaced only if it carries the mark; an unmarked one is moved aside, never deleted.
+Temporary entries of killed processes are swept by the next call. A lock file per key (in the node's temp
+directory, removed when released) makes concurrent ranks wait for the first one instead of tokenizing again;
+where ``flock`` does not reach (ranks on other nodes sharing the cache), the rename still keeps the entry whole
+and the loser discards its copy.
 
 Bad input (missing corpus file or tokenizer directory, no text, a corpus too small for one training and one
 validation window, a tokenizer whose ids do not fit the model's vocabulary) raises ``UpcycleError`` before
@@ -32,7 +35,9 @@ import json
 import math
 import os
 import shutil
+import sys
 import tempfile
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -259,22 +264,35 @@ def _corpus(entry: Path, s: dict, key: str, reused: bool) -> PreparedCorpus:
 
 @contextmanager
 def _key_lock(key: str):
-    """Exclusive flock on <tmp>/nemo-upcycle-data-<key>.lock, held while one process prepares that entry.
+    """Exclusive lock on <tmp>/nemo-upcycle-data-<key>.lock (``files.FileLock``), held while one process prepares that
+    entry; removed when released (a killed holder's flock goes with it, its file is reused by the next one).
 
-    The lock lives in the node's temp directory, not in the cache (bad input leaves the cache untouched), and
-    stays there: removing it would let two holders in at once.
+    The lock lives in the node's temp directory, not in the cache (bad input leaves the cache untouched).
     """
-    fd = os.open(Path(tempfile.gettempdir()) / f"nemo-upcycle-data-{key}.lock", os.O_CREAT | os.O_RDWR, 0o666)
-    try:
-        try:
-            import fcntl
+    from .files import FileLock
 
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        except (ImportError, OSError):
-            pass  # no flock here: the rename in _build still keeps the entry whole
+    lock = FileLock(Path(tempfile.gettempdir()) / f"nemo-upcycle-data-{key}.lock")
+    try:
+        lock.acquire()
+    except (ImportError, OSError):
+        pass  # no flock or no writable temp directory here: the rename in _build still keeps the entry whole
+    try:
         yield
     finally:
-        os.close(fd)  # releases the lock
+        lock.release()
+
+
+def _set_aside(entry: Path) -> None:
+    """A damaged cache entry: removed if nemo-upcycle made it (its mark), else moved aside (never deleted)."""
+    from .files import MARK, is_ours, remove_ours
+
+    if is_ours(entry, ("data-cache",)):
+        remove_ours(entry, ("data-cache",))
+        return
+    aside = entry.with_name(f"{entry.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+    os.rename(entry, aside)
+    print(f"warning: cache entry {entry} is damaged and carries no {MARK} mark; moved it to {aside} (not "
+          "deleted: remove it yourself) and prepared the corpus again", file=sys.stderr, flush=True)
 
 
 # -------------------------------------------------------------------------------------------- entry point
@@ -296,6 +314,10 @@ def prepare_corpus(paths: Sequence, tokenizer_dir, out_dir, *, seq_length: int, 
     key = cache_key(files, tok_files, seq_length, validation_fraction)
     entry = Path(out_dir) / key
     with _key_lock(key):
+        if entry.parent.is_dir():
+            from .files import sweep_stale
+
+            sweep_stale(entry)  # temporary entries of killed processes
         hit = _load_cached(entry, key)  # also when another rank finished it while we waited for the lock
         if hit is None:
             return _build(files, tokenizer_dir, tok_files, entry, seq_length, validation_fraction, vocab_size,
@@ -321,9 +343,11 @@ def _build(files: list[Path], tokenizer_dir: Path, tok_files: dict, entry: Path,
     cut = split_position(total, seq_length, validation_fraction)
     parts = dict(zip(SPLITS, split_documents(docs, cut)))
 
-    # 2. write a temporary directory next to the entry and rename it into place
+    # 2. write a marked temporary directory next to the entry and rename it into place
+    from .files import signals_as_exceptions, write_errors, write_mark
+
     entry.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=entry.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.tmp-{os.getpid()}-", dir=entry.parent))
     summary = dict(format=FORMAT, key=entry.name, sources=sources, seq_length=seq_length,
                    validation_fraction=validation_fraction, dtype=np.dtype(dtype).name,
                    split=f"token position {cut} of {total}: the documents in order, the last {total - cut} tokens "
@@ -331,18 +355,21 @@ def _build(files: list[Path], tokenizer_dir: Path, tok_files: dict, entry: Path,
                    tokenizer=dict(dir=str(tokenizer_dir.resolve()), size=size, max_id=max_id,
                                   eos_id=int(tok.eos_token_id), files=tok_files))
     try:
-        for split, split_docs in parts.items():
-            _write(tmp / split, split_docs, dtype)
-            summary[split] = dict(prefix=split, tokens=int(sum(len(d) for d in split_docs)), documents=len(split_docs),
-                                  bin_bytes=(tmp / f"{split}.bin").stat().st_size,
-                                  idx_bytes=(tmp / f"{split}.idx").stat().st_size)
-        (tmp / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache may be shared
-        if entry.exists() and _load_cached(entry, entry.name) is None:  # damaged (not as recorded): replace
-            shutil.rmtree(entry)
-        os.rename(tmp, entry)
+        with signals_as_exceptions(), write_errors(entry.parent, total * np.dtype(dtype).itemsize):
+            write_mark(tmp, "staging", target=str(entry))  # swept by a later run if this process is killed
+            for split, split_docs in parts.items():
+                _write(tmp / split, split_docs, dtype)
+                summary[split] = dict(prefix=split, tokens=int(sum(len(d) for d in split_docs)),
+                                      documents=len(split_docs), bin_bytes=(tmp / f"{split}.bin").stat().st_size,
+                                      idx_bytes=(tmp / f"{split}.idx").stat().st_size)
+            (tmp / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+            write_mark(tmp, "data-cache", key=entry.name)
+            os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache may be shared
+            if entry.exists() and _load_cached(entry, entry.name) is None:  # damaged (not as recorded)
+                _set_aside(entry)
+            os.rename(tmp, entry)
     except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # made above by mkdtemp: this process's own
         # without flock (another node, some network file systems) another process may have renamed its copy first
         hit = _load_cached(entry, entry.name) if isinstance(e, OSError) else None
         if hit is None:

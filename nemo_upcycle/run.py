@@ -193,7 +193,14 @@ def run_identity(run: RunConfig) -> dict:
 
 
 def check_run_dir(run: RunConfig, out_dir: Path) -> None:
-    """Refuse a run directory holding another run's checkpoints (nothing there is touched)."""
+    """Refuse, before training and with nothing there touched: a directory nemo-upcycle did not write, one holding
+    another run's checkpoints, one whose checkpoints are all damaged, one whose ``hf_mixtral/`` the export at the end
+    would replace but is not ours (``run_dir``)."""
+    from .run_dir import check_contents, check_export_target, resume_checkpoint
+
+    check_contents(out_dir)
+    if run.logging.export_hf and run.moe.num_moe_experts:
+        check_export_target(out_dir)
     ckpts = out_dir / "run" / "checkpoints"
     if not (ckpts.is_dir() and any(ckpts.iterdir())):
         return
@@ -211,17 +218,21 @@ def check_run_dir(run: RunConfig, out_dir: Path) -> None:
         shown = ", ".join(f"{k}={old.get(k)!r} there, {new.get(k)!r} here" for k in diff[:3])
         more = f" (+{len(diff) - 3} more)" if len(diff) > 3 else ""
         raise UpcycleError(f"run directory {out_dir} holds checkpoints of another run ({shown}{more}); {fix}.")
+    resume_checkpoint(out_dir)  # refuses when no checkpoint is complete (the warning comes when training starts)
 
 
 def write_run_identity(run: RunConfig, out_dir: Path) -> None:
-    tmp = out_dir / (IDENTITY_FILE + ".tmp")
-    tmp.write_text(json.dumps(run_identity(run), indent=2) + "\n")
-    tmp.replace(out_dir / IDENTITY_FILE)
+    from .files import atomic_write_json
+
+    atomic_write_json(out_dir / IDENTITY_FILE, run_identity(run))
 
 
 def dispatch(run: RunConfig, config_name: str, out_dir: Path) -> int:
     preflight(run, config_name)
     if run.mode == "train":
+        from .run_dir import start
+
+        start(out_dir)  # this run's lock on its directory (held until exit) and its mark
         check_run_dir(run, out_dir)
     (out_dir / "resolved_config.json").write_text(json.dumps(dataclasses.asdict(run), indent=2, default=str) + "\n")
     if run.mode == "plan":

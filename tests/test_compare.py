@@ -2,7 +2,9 @@
 
 Fast: the budget arithmetic against hand-computed model FLOPs (tiny and SmolLM2 recipes), every variant's overrides
 composing into the intended config, the table from a synthetic result, failure reasons, bad input, a stale output
-directory, a variant refused before training (outputs still written).
+directory, a variant refused before training (outputs still written); compare deletes only what it made: --out FILE,
+a foreign OUT or OUT/<variant>, a run directory a live training process holds and an OUT another compare holds
+are refused with nothing touched (control: a stale start of ours is removed and trained again).
 Slow (one comparison shared by the module): all nine variants of the tiny recipe for two steps, one of them made to
 fail in its subprocess (a corpus file that does not exist): both outputs, a row per variant, the failure as a row,
 the same first batch for every variant (the dense model's and the exact upcycles' first training losses agree), and
@@ -187,6 +189,91 @@ def test_variant_refused_at_composition_is_a_row_and_outputs_are_written(tmp_pat
     assert (tmp_path / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((tmp_path / "comparison.json").read_text())["variants"][0]["status"] == "failed"
     assert not (tmp_path / "logs" / "granular_exact.log").exists()  # no training process was started
+
+
+# ---- compare deletes only what it made; foreign folders and live training are refused ------------------------------
+BAD_CORPUS = ["dense:data.kind=files", "dense:data.paths=[/nonexistent/corpus.txt]"]  # train.py refuses it at once
+
+
+def _tree(d: Path) -> dict:
+    return {str(p.relative_to(d)): None if p.is_dir() else p.read_bytes() for p in d.rglob("*")}
+
+
+def _user_dir(path: Path) -> Path:
+    path.mkdir(parents=True)
+    (path / "results.csv").write_text("a user's numbers")
+    return path
+
+
+def test_out_that_is_a_file_is_refused(tmp_path, capsys):
+    f = tmp_path / "notes.txt"
+    f.write_text("a user's notes")
+    code = cli_main(["compare", f"--config-name={TINY}", "--steps", "1", "--out", str(f)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err and err.startswith(f"error: --out {f} is a file"), err
+    assert f.read_text() == "a user's notes"
+
+
+def test_foreign_out_and_foreign_variant_dir_are_refused_before_anything_is_written(tmp_path):
+    from nemo_upcycle.files import write_mark
+
+    out = _user_dir(tmp_path / "o")
+    before = _tree(out)
+    with pytest.raises(UpcycleError, match=r"--out .*/o holds files nemo-upcycle compare did not write"):
+        cmp.compare(TINY, variants="dense", steps=1, out=out)
+    assert _tree(out) == before
+    # OUT is ours, OUT/dense is not: refused, the user's files survive byte for byte
+    (out / "results.csv").unlink()
+    write_mark(out, "compare")
+    _user_dir(out / "dense")
+    before = _tree(out)
+    with pytest.raises(UpcycleError, match=r"/o/dense holds files nemo-upcycle compare did not write .* never removed"):
+        cmp.compare(TINY, variants="dense", steps=1, out=out)
+    assert _tree(out) == before
+
+
+def _hold(lock_path: Path) -> subprocess.Popen:
+    """Another process holding a lock file, as a running train.py (or compare) holds its directory."""
+    p = subprocess.Popen([sys.executable, "-c", "import time; from nemo_upcycle.files import FileLock; "
+                          f"assert FileLock({str(lock_path)!r}).acquire(); print('held', flush=True); time.sleep(300)"],
+                         cwd=REPO, env=ENV, stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "held"
+    return p
+
+
+def test_a_live_training_dir_is_never_removed_and_a_stale_one_of_ours_is(tmp_path):
+    from nemo_upcycle.files import MARK, read_mark, write_mark
+    from nemo_upcycle.run_dir import LOCK
+
+    out = tmp_path / "o"
+    run_dir = out / "dense"
+    run_dir.mkdir(parents=True)
+    write_mark(out, "compare")
+    write_mark(run_dir, "compare-run", variant="dense")
+    (run_dir / "stale.txt").write_text("from a start that was killed before its first checkpoint")
+    holder = _hold(run_dir / LOCK)  # a train.py left running (e.g. by a compare killed before this fix)
+    try:
+        before = _tree(run_dir)
+        with pytest.raises(UpcycleError, match=rf"dense is in use by a running training process \(pid {holder.pid} "):
+            cmp.compare(TINY, variants="dense", steps=1, out=out, sets=BAD_CORPUS)
+        assert _tree(run_dir) == before and not (out / "logs" / "dense.log").exists()
+        out_holder = _hold(out / LOCK)  # another compare writing the same OUT
+        try:
+            with pytest.raises(UpcycleError, match=rf"--out .* is in use by another nemo-upcycle compare \(pid "
+                                                   rf"{out_holder.pid} "):
+                cmp.compare(TINY, variants="dense", steps=1, out=out, sets=BAD_CORPUS)
+        finally:
+            out_holder.kill()
+            out_holder.wait()
+    finally:
+        holder.kill()
+        holder.wait()
+    # negative control: once the holder is gone, the stale start (ours, no checkpoint) is removed and trained again
+    res = cmp.compare(TINY, variants="dense", steps=1, out=out, sets=BAD_CORPUS)
+    (row,) = res["variants"]
+    assert row["status"] == "failed" and row["reason"].startswith("corpus file /nonexistent/corpus.txt"), row
+    assert not (run_dir / "stale.txt").exists() and read_mark(run_dir)["kind"] == "compare-run"
+    assert (run_dir / MARK).is_file() and not (run_dir / LOCK).exists() and not (out / LOCK).exists()
 
 
 # ---- end to end --------------------------------------------------------------------------------------------------

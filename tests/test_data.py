@@ -186,6 +186,57 @@ def test_cache_reused_then_invalidated_by_a_changed_file(corpus, tokenizer_dir, 
         prepare(files, tokenizer_dir, cache, vocab_size=200)
 
 
+def test_no_lock_file_remains_after_prepare_corpus(corpus, tokenizer_dir, tmp_path, monkeypatch):
+    import tempfile
+
+    locks = tmp_path / "locks"
+    locks.mkdir()
+    monkeypatch.setattr(tempfile, "gettempdir", lambda: str(locks))
+    seen = []
+    build = data_prep._build
+
+    def watched(*a, **k):  # negative control: while the entry is prepared, the lock file is there
+        seen.extend(p.name for p in locks.iterdir())
+        return build(*a, **k)
+
+    monkeypatch.setattr(data_prep, "_build", watched)
+    c = prepare(corpus, tokenizer_dir, tmp_path / "cache")
+    assert seen == [f"nemo-upcycle-data-{c.key}.lock"] and list(locks.iterdir()) == []
+    prepare(corpus, tokenizer_dir, tmp_path / "cache")  # a cache hit takes and removes it too
+    assert list(locks.iterdir()) == []
+
+
+def test_damaged_entry_is_replaced_only_if_ours_else_moved_aside(corpus, tokenizer_dir, tmp_path, capsys):
+    from nemo_upcycle.files import MARK, read_mark, write_mark
+
+    cache = tmp_path / "cache"
+    first = prepare(corpus, tokenizer_dir, cache)
+    entry = Path(first.dir)
+    assert read_mark(entry)["kind"] == "data-cache" and read_mark(entry)["key"] == first.key
+    stale = cache / f".{first.key}.tmp-999999999-x"  # a killed process's temporary entry (marked, process gone)
+    stale.mkdir()
+    write_mark(stale, "staging", target=str(entry))
+    (stale / MARK).write_text(json.dumps(json.loads((stale / MARK).read_text()) | {"pid": 999999999}))
+    foreign_tmp = cache / f".{first.key}.tmp-1-user"  # negative control: unmarked, never swept
+    foreign_tmp.mkdir()
+    (foreign_tmp / "notes.txt").write_text("a user's file")
+    (entry / "train.bin").write_bytes(b"\0" * 10)  # damaged: not as corpus.json records
+    again = prepare(corpus, tokenizer_dir, cache)
+    assert not again.reused and again.dir == first.dir and data_prep._load_cached(entry, first.key) is not None
+    assert not stale.exists() and (foreign_tmp / "notes.txt").read_text() == "a user's file"
+    assert capsys.readouterr().err == ""
+    # an entry without our mark (written before marks existed, or not by us): moved aside, never deleted
+    (entry / MARK).unlink()
+    (entry / "train.bin").write_bytes(b"\1" * 10)
+    before = {p.name: p.read_bytes() for p in entry.iterdir()}
+    third = prepare(corpus, tokenizer_dir, cache)
+    assert not third.reused and data_prep._load_cached(entry, first.key) is not None
+    (aside,) = cache.glob(f"{first.key}.damaged-*")
+    assert {p.name: p.read_bytes() for p in aside.iterdir()} == before
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"moved it to {aside}" in err and "not deleted" in err, err
+
+
 def _bad(tmp_path: Path, tokenizer_dir: Path, corpus: list[Path], case: str):
     """(paths, tokenizer dir, extra kwargs) for a bad-input case."""
     f = tmp_path / "in.txt"

@@ -11,7 +11,9 @@ process, i.e. TP = PP = EP = 1 -- other layouts skip them with a note and keep `
                            batch counter is aligned with the step (validation on the same steps as unresumed).
   on_train_end             the MoE's loss on the same windows after training -> ``final_eval.json``; the MoE
                            exported as an HF Mixtral directory (``hf_mixtral/``) with reference logits, which
-                           ``nemo-upcycle verify DENSE hf_mixtral`` checks.
+                           ``nemo-upcycle verify DENSE hf_mixtral`` checks. An ``hf_mixtral/`` that nemo-upcycle
+                           did not write is never replaced: the export is skipped with a note (train.py refuses
+                           such a run directory before training; this catches one made during training).
 """
 
 from __future__ import annotations
@@ -19,18 +21,17 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from pathlib import Path
 from typing import Optional
 
 import lightning.pytorch as pl
 import torch
 
+from ..files import atomic_write_json, atomic_write_text
+from ..launcher import is_rank0 as _rank0
+from ..run_dir import EXPORT_DIR, export_problem
+
 log = logging.getLogger(__name__)
-
-
-def _rank0() -> bool:
-    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
 
 
 def _world() -> int:
@@ -38,9 +39,7 @@ def _world() -> int:
 
 
 def write_json(path: Path, record: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write_json(path, record)
 
 
 def window_loss(logits: torch.Tensor, ids: torch.Tensor, vocab: int) -> float:
@@ -74,9 +73,7 @@ def truncate_metrics(path: Path, step: int) -> int:
         else:
             keep.append(line)
     if dropped:
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in keep))
-        os.replace(tmp, path)
+        atomic_write_text(path, "".join(line + "\n" for line in keep))
     return dropped
 
 
@@ -186,12 +183,17 @@ class UpcycleLifecycle(pl.Callback):
             rec["moe_loss"] = window_loss(logits, self.check_ids, vocab)
             rec["moe_ppl"] = math.exp(rec["moe_loss"])
             rec["tokens"] = self.check_ids.numel()
+        problem = export_problem(self.out_dir) if self.export else None
         if self.export and not getattr(pl_module.config, "num_moe_experts", None):
             rec["hf_mixtral"] = None  # a dense run (moe=dense) has no Mixtral to export
+        elif problem is not None:  # never replace what we did not write
+            rec.update(hf_mixtral=None, export_skipped=problem)
+            print(f"warning: export to {EXPORT_DIR}/ skipped: {problem}; export a checkpoint elsewhere with python -m "
+                  "nemo_upcycle.engine.export CKPT OUT", flush=True)
         elif self.export:
             from .export import export_hf_mixtral, unwrap
 
-            out = export_hf_mixtral(unwrap(pl_module.module), pl_module.config, self.out_dir / "hf_mixtral",
+            out = export_hf_mixtral(unwrap(pl_module.module), pl_module.config, self.out_dir / EXPORT_DIR,
                                     hf_llama_config=self._dense_config(), tokenizer_dir=self.tokenizer_dir,
                                     reference_ids=self.check_ids, overwrite=True,
                                     info={"steps": int(trainer.global_step), "source": str(self.dense_source),

@@ -127,13 +127,16 @@ def logger(r: RunConfig, out_dir: Path) -> run.Config:
                       tensorboard=tb)
 
 
-def recipe(r: RunConfig, out_dir: Path, source: Optional[str] = None, tokenizer_dir: Optional[str] = None) -> run.Partial:
+def recipe(r: RunConfig, out_dir: Path, source: Optional[str] = None, tokenizer_dir: Optional[str] = None,
+           resume_from: Optional[str] = None) -> run.Partial:
     """The ``run.Partial(llm.train, ...)`` for this recipe (``source``: the dense checkpoint for online upcycling;
-    the callbacks run the step-0 check on the data module's first validation windows)."""
+    the callbacks run the step-0 check on the data module's first validation windows). ``resume_from``: a checkpoint
+    directory to resume instead of the newest (``run_dir.resume_checkpoint``: the newest one is damaged)."""
     model = run.Config(UpcycledLlamaModel, config=model_config(r),
                        upcycle_from=source if r.upcycle.online else None)
     return run.Partial(llm.train, model=model, data=data_module(r, tokenizer_dir),
                        trainer=trainer(r, out_dir, source, tokenizer_dir),
                        log=logger(r, out_dir), optim=optimizer(r),
-                       resume=run.Config(nl.AutoResume, resume_if_exists=True, resume_ignore_no_checkpoint=True),
+                       resume=run.Config(nl.AutoResume, resume_if_exists=True, resume_ignore_no_checkpoint=True,
+                                         resume_from_path=resume_from),
                        tokenizer=None)

@@ -55,6 +55,9 @@ T0 = time.perf_counter()  # this module is imported when mode=train starts: the 
 
 
 def train(run: RunConfig, out_dir: Path) -> int:
+    from ..run_dir import resume_checkpoint
+
+    resume_from = resume_checkpoint(out_dir, warn=True)  # NeMo's pick is damaged: an earlier complete one (no NeMo)
     import fiddle as fdl
 
     from ..run import resolve_source, write_run_identity
@@ -67,7 +70,7 @@ def train(run: RunConfig, out_dir: Path) -> int:
     tok = None if run.data.kind == "mock" else run.data.tokenizer or tokenizer_dir(source, out_dir)
     if _rank0():
         write_run_identity(run, out_dir)
-    fdl.build(recipe(run, out_dir, str(source), tok))()
+    fdl.build(recipe(run, out_dir, str(source), tok, resume_from=resume_from and str(resume_from)))()
     if _rank0() and run.logging.report:
         write_run_report(run, out_dir)
     return 0
