@@ -148,34 +148,20 @@ def check_gpu(run: RunConfig, config_name: str) -> None:
 
 
 def preflight(run: RunConfig, config_name: str) -> None:
-    """Everything that can be refused before a run directory or a model exists: the layout, and GPUs for train."""
+    """Everything that can be refused before a run directory or a model exists: for mode=train the launcher's world
+    first (its fix explains a layout error that follows from it), the layout, GPUs, the dense source, the corpus and
+    the memory of a CPU run (``precheck``); plan and verify: the layout."""
     from .plan import check_layout
+    from .precheck import check_data, check_launcher, check_memory, check_source
 
+    if run.mode == "train":
+        check_launcher(run)
     check_layout(model_dims(run), parallel_layout(run), training_setup(run))
     if run.mode == "train":
         check_gpu(run, config_name)
+        check_source(run)
         check_data(run)
-
-
-def check_data(run: RunConfig) -> None:
-    """The corpus files and an explicit tokenizer, refused before anything is built or written."""
-    d = run.data
-    if d.kind == "files":
-        if not d.paths:
-            raise UpcycleError("data.kind=files needs data.paths=[file,...]: text (.txt) or jsonl ({\"text\": ...}) files.")
-        for p in map(Path, d.paths):
-            if not p.is_file():
-                raise UpcycleError(f"corpus file {p} does not exist; pass existing text or jsonl files in data.paths.")
-            if p.stat().st_size == 0:
-                raise UpcycleError(f"corpus file {p} is empty; pass a file with text in it.")
-    if d.tokenizer and d.kind != "mock":
-        from .data_prep import _check_vocab, _load_tokenizer, _tokenizer_files
-
-        tok_dir = Path(d.tokenizer)
-        _tokenizer_files(tok_dir)
-        tok = _load_tokenizer(tok_dir)
-        ids = tok.get_vocab().values()
-        _check_vocab(tok_dir, len(tok), max(ids) if ids else 0, run.model.vocab_size)
+        check_memory(run)
 
 
 IDENTITY_FILE = "run_identity.json"
@@ -219,8 +205,11 @@ def write_run_identity(run: RunConfig, out_dir: Path) -> None:
     tmp.replace(out_dir / IDENTITY_FILE)
 
 
-def dispatch(run: RunConfig, config_name: str, out_dir: Path) -> int:
-    preflight(run, config_name)
+def dispatch(run: RunConfig, config_name: str, out_dir: Path, prechecked: bool = False) -> int:
+    """Run ``run.mode`` into ``out_dir``; ``prechecked``: train.py's precheck already ran ``preflight`` on this very
+    config (it opens the source and reads the corpus: not twice)."""
+    if not prechecked:
+        preflight(run, config_name)
     if run.mode == "train":
         check_run_dir(run, out_dir)
     (out_dir / "resolved_config.json").write_text(json.dumps(dataclasses.asdict(run), indent=2, default=str) + "\n")
