@@ -22,8 +22,9 @@ sharing the cache), the rename still keeps the entry whole and the loser discard
 Bad input (missing corpus file or tokenizer directory, a directory given as a file, no text, a file that is not
 UTF-8 text: more than ``NOT_TEXT_LIMIT`` of its bytes undecodable or NUL, a corpus too small for one training and
 one validation window, a tokenizer whose ids do not fit the model's vocabulary) raises ``UpcycleError`` before
-anything is written. ``corpus_check.check_corpus_file`` does the same checks on a file's first few MB (train.py's precheck). Memory: the token ids are held in memory before writing (2 bytes a token for
-vocabularies under 65,500, else 4). No NeMo import here.
+anything is written; ``corpus_check.check_corpus_file`` checks a file's first few MB the same way (train.py's
+precheck). Memory: the token ids are held in memory before writing (2 bytes a token for vocabularies under 65,500,
+else 4). No NeMo import here.
 """
 
 from __future__ import annotations

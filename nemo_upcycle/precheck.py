@@ -112,9 +112,12 @@ def check_data(run: RunConfig) -> None:
     val = max(math.ceil(most * d.validation_fraction), window)
     if most - val < window or (val - 1) // d.seq_length < d.global_batch_size:
         raise UpcycleError(f"the corpus holds at most {most} tokens (one per byte): too few for training and one "
-                           f"validation batch of data.global_batch_size={d.global_batch_size} windows of data.seq_length="
-                           f"{d.seq_length} tokens; add text, or lower data.seq_length or data.global_batch_size.")
-    if d.tokenizer:
+                           f"validation batch of data.global_batch_size={d.global_batch_size} windows of "
+                           f"data.seq_length={d.seq_length} tokens (data.validation_fraction={d.validation_fraction}); "
+                           "add text, or lower data.seq_length or data.global_batch_size.")
+    if not d.tokenizer:
+        _source_has_a_tokenizer(run)
+    else:
         from .data_prep import _check_vocab, _load_tokenizer, _tokenizer_files
 
         tok_dir = Path(d.tokenizer)
@@ -122,6 +125,21 @@ def check_data(run: RunConfig) -> None:
         tok = _load_tokenizer(tok_dir)
         ids = tok.get_vocab().values()
         _check_vocab(tok_dir, len(tok), max(ids) if ids else 0, run.model.vocab_size)
+
+
+def _source_has_a_tokenizer(run: RunConfig) -> None:
+    """Text data without data.tokenizer is tokenized with the source's own: the tiny model made by the run has none,
+    an HF directory needs tokenizer.json or tokenizer.model (a GGUF carries its own)."""
+    src = run.model.source
+    fix = "set data.tokenizer=DIR (an HF tokenizer directory whose ids fit model.vocab_size), or use data=mock"
+    if src == "tiny":
+        raise UpcycleError(f"model.source=tiny is a random model made by the run, without a tokenizer, and data.kind="
+                           f"{run.data.kind} needs one; {fix}.")
+    p = Path(src).expanduser()
+    if p.is_dir() and not (p / "context").is_dir() and not any((p / f).is_file() for f in ("tokenizer.json",
+                                                                                           "tokenizer.model")):
+        raise UpcycleError(f"the dense source {p} has no tokenizer (tokenizer.json or tokenizer.model) to tokenize "
+                           f"the corpus with; {fix}.")
 
 
 # ---- memory ------------------------------------------------------------------------------------------------------
