@@ -14,6 +14,7 @@ removed again.
 
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -129,7 +130,8 @@ def precheck(argv: list[str]) -> list[str]:
         cause = f": {' '.join(str(e.__cause__).split()[:40])}" if e.__cause__ else ""
         refuse(UpcycleError(f"{' '.join(str(e).split())}{cause}"))
     if "${" not in str(pinned):
-        absent = [d for d in (pinned.absolute(), *pinned.absolute().parents) if not d.exists()]
+        full = Path(os.path.abspath(pinned))  # as Hydra makes it
+        absent = [d for d in (full, *full.parents) if not d.exists()]
         RUN_DIR.update(path=pinned.resolve(), made=absent[-1] if absent else None)
         if run_dir is None:
             argv = [*argv, f"hydra.run.dir={_quote(str(pinned))}"]

@@ -109,7 +109,11 @@ def resolve_source(run: RunConfig, out_dir: Path) -> Path:
 
 
 def make_tiny_llama(run: RunConfig, path: Path) -> Path:
+    """A random dense Llama of the recipe's sizes at ``path``, written through a staging directory (a run killed
+    while writing it leaves no half model); when several ranks write it, the first one's stays."""
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    from .files import publish, staging
 
     if (path / "config.json").is_file():
         return path
@@ -117,9 +121,19 @@ def make_tiny_llama(run: RunConfig, path: Path) -> Path:
     torch.manual_seed(run.seed)
     cfg = LlamaConfig(hidden_size=m.hidden_size, intermediate_size=m.ffn_hidden_size, num_hidden_layers=m.num_layers,
                       num_attention_heads=m.num_attention_heads, num_key_value_heads=m.num_query_groups,
+                      head_dim=m.kv_channels or m.hidden_size // m.num_attention_heads,
                       vocab_size=m.vocab_size, max_position_embeddings=m.seq_length, rms_norm_eps=m.layernorm_epsilon,
                       rope_theta=m.rotary_base, tie_word_embeddings=m.share_embeddings_and_output_weights)
-    LlamaForCausalLM(cfg).save_pretrained(path, safe_serialization=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with staging(path) as tmp:
+            LlamaForCausalLM(cfg).save_pretrained(tmp, safe_serialization=True)
+            if (path / "config.json").is_file():
+                raise FileExistsError(path)  # another rank was first: drop this copy (the staging cleanup)
+            publish(tmp, path, "tiny-dense")
+    except OSError:
+        if not (path / "config.json").is_file():
+            raise
     return path
 
 

@@ -454,6 +454,26 @@ def test_tokenizer_is_written_through_a_staging_directory(tmp_path, monkeypatch)
     assert (tmp_path / "run" / "tokenizer" / "tokenizer.json").is_file()
 
 
+def test_tiny_dense_model_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    from transformers import LlamaForCausalLM
+
+    from nemo_upcycle.run import make_tiny_llama
+
+    real = LlamaForCausalLM.save_pretrained
+
+    def killed(self, out, **kw):
+        (Path(out) / "config.json").write_text("{}")  # what save_pretrained writes first
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(LlamaForCausalLM, "save_pretrained", killed)
+    with pytest.raises(KeyboardInterrupt):
+        make_tiny_llama(compose(TINY), tmp_path / "dense_tiny")
+    assert list(tmp_path.iterdir()) == []  # no half model that a restart would take for a whole one
+    monkeypatch.setattr(LlamaForCausalLM, "save_pretrained", real)
+    out = make_tiny_llama(compose(TINY), tmp_path / "dense_tiny")  # negative control
+    assert (out / "model.safetensors").is_file() and [p.name for p in tmp_path.iterdir()] == ["dense_tiny"]
+
+
 def test_fiddle_dump_is_stripped_from_a_refusal_raised_inside_the_build():
     import fiddle as fdl
 

@@ -76,9 +76,9 @@ def train(run: RunConfig, out_dir: Path) -> int:
     from .cpu import enable_cpu_support
     from .recipe import recipe
 
-    if not torch.cuda.is_available():
-        enable_cpu_support()
     try:
+        if not torch.cuda.is_available():
+            enable_cpu_support()
         source = resolve_source(run, out_dir)
         tok = None if run.data.kind == "mock" else run.data.tokenizer or tokenizer_dir(source, out_dir)
         start = fdl.build(recipe(run, out_dir, str(source), tok))
