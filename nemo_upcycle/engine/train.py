@@ -28,8 +28,9 @@ from ..errors import UpcycleError
 
 def tokenizer_dir(source: Path, out_dir: Path) -> str:
     """The source's tokenizer directory, or ``out_dir/tokenizer`` written from it (GGUF) through a staging directory
-    that a failure removes; when several ranks write it, the first one's stays."""
-    from ..files import publish, staging
+    that a failure removes; when several ranks write it, the first one's stays. It keeps no mark: the HF export
+    copies every file of it (``export.copy_tokenizer``), and nothing ever replaces it."""
+    from ..files import MARK, publish, staging
     from ..hf.source import open_dense
 
     if source.is_dir() and ((source / "tokenizer.json").is_file() or (source / "tokenizer.model").is_file()):
@@ -43,6 +44,7 @@ def tokenizer_dir(source: Path, out_dir: Path) -> str:
                 if tok.is_dir() and any(tok.iterdir()):
                     raise FileExistsError(tok)  # another rank was first: drop this copy (the staging cleanup)
                 publish(tmp, tok, "tokenizer")
+            (tok / MARK).unlink(missing_ok=True)
         except OSError:
             if not (tok.is_dir() and any(tok.iterdir())):
                 raise
