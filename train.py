@@ -6,19 +6,25 @@
   torchrun --nproc_per_node 2 train.py --config-name=smollm2_135m_upcycle parallel=cpu_2_ep2 mode=train
 
 mode: train | plan | verify (see nemo_upcycle/run.py). Outputs go to Hydra's run directory
-(``outputs/<recipe>/<time>``; ``hydra.run.dir=...`` moves it). Bad input: one line ``error: ...``, exit code 2.
+(``outputs/<recipe>/<time>``; ``hydra.run.dir=...`` moves it). Bad input: one line ``error: ...``, exit code 2,
+printed by rank 0 only under torchrun / srun; refused before Hydra makes the run directory (``precheck``), or,
+for what only the build finds (a corpus too small once tokenized), with the run directory this invocation made
+removed again.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 from pathlib import Path
+from typing import Optional
 
 warnings.filterwarnings("ignore", message="The pynvml package is deprecated", category=FutureWarning)
 
 import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from hydra.types import RunMode  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from nemo_upcycle.conf_schema import register, validate  # noqa: E402
@@ -26,24 +32,74 @@ from nemo_upcycle.errors import UpcycleError  # noqa: E402
 
 register()
 EXIT = {"code": 0}
+RUN_DIR: dict = {}  # precheck's record: "checked", "path" (absolute), "made" (its highest ancestor then absent)
 
 
 @hydra.main(config_path="conf", config_name="smollm2_135m_upcycle", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    from nemo_upcycle.launcher import is_rank0
     from nemo_upcycle.run import dispatch
 
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    made = cfg.get("mode") == "train" and made_here(out_dir)
     try:
         run = validate(cfg)
-        out_dir = Path(HydraConfig.get().runtime.output_dir)
-        EXIT["code"] = dispatch(run, HydraConfig.get().job.config_name, out_dir)
+        hc = HydraConfig.get()
+        EXIT["code"] = dispatch(run, hc.job.config_name, out_dir, prechecked=RUN_DIR.get("checked", False)
+                                and hc.mode == RunMode.RUN)
     except UpcycleError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if made and getattr(e, "before_start", False):
+            remove_run_dir(out_dir)
+        if is_rank0():
+            print(f"error: {e}", file=sys.stderr)
         EXIT["code"] = e.exit_code
 
 
-def precheck(argv: list[str]) -> None:
-    """Compose and validate once before Hydra runs, so a bad override or recipe is one line, exit 2, no run dir."""
+def made_here(out_dir: Path) -> bool:
+    """Whether this invocation (one process) made the run directory, which precheck saw absent; if so, mark it."""
+    from nemo_upcycle.files import write_mark
+    from nemo_upcycle.launcher import launcher_world
+
+    if RUN_DIR.get("made") is None or out_dir.resolve() != RUN_DIR["path"] or (launcher_world() or 1) > 1:
+        return False
+    write_mark(out_dir, "train-run")
+    return True
+
+
+def remove_run_dir(out_dir: Path) -> None:
+    """A run refused before it started (data, source) leaves nothing: the run directory this invocation made (marked,
+    no run_identity.json, no checkpoints) is removed, with the empty parents it made."""
+    from nemo_upcycle.files import remove_ours
+    from nemo_upcycle.run import IDENTITY_FILE
+
+    if (out_dir / IDENTITY_FILE).exists() or (out_dir / "run" / "checkpoints").exists():
+        return
+    remove_ours(out_dir, ("train-run",))
+    d, top = out_dir.parent, RUN_DIR["made"]
+    while top in (d, *d.parents) and d.is_dir() and not any(d.iterdir()):
+        d.rmdir()
+        d = d.parent
+
+
+def _run_dir(cfg, given: Optional[Path]) -> Path:
+    """hydra.run.dir as Hydra will make it (a given one, or the recipe's pattern resolved now)."""
+    if given is not None:
+        return given
+    from hydra.core.hydra_config import HydraConfig as HC
+    from omegaconf import OmegaConf
+
+    HC.instance().set_config(cfg)
+    return Path(OmegaConf.select(cfg, "hydra.run.dir"))
+
+
+def precheck(argv: list[str]) -> list[str]:
+    """Compose and validate once before Hydra runs, so a bad override or recipe, a bad source or corpus, a run too
+    big for this machine or a launcher world that is not the recipe's is one line (printed by rank 0 only), exit 2,
+    and no run directory. Returns argv with ``hydra.run.dir`` pinned to the directory checked here."""
     from hydra import compose, initialize_config_dir
+    from omegaconf import open_dict
+
+    from nemo_upcycle.launcher import refuse
 
     name, overrides, run_dir, it = "smollm2_135m_upcycle", [], None, iter(argv)
     for a in it:
@@ -59,26 +115,43 @@ def precheck(argv: list[str]) -> None:
         from nemo_upcycle.run import check_run_dir, preflight
 
         with initialize_config_dir(str(Path(__file__).parent / "conf"), version_base="1.3"):
-            run = validate(compose(name, overrides=overrides))
+            cfg = compose(name, overrides=overrides, return_hydra_config=True)
+            pinned = _run_dir(cfg, run_dir)
+            with open_dict(cfg):
+                del cfg["hydra"]
+            run = validate(cfg)
         preflight(run, name)
-        if run_dir is not None and run.mode == "train":
+        if run.mode == "train":
             from nemo_upcycle.run_dir import claim
 
-            claim(run_dir)  # refuses a directory another run holds, before Hydra writes its files there
-            check_run_dir(run, run_dir)
+            claim(pinned)  # refuses a directory another run holds, before Hydra writes its files there
+            check_run_dir(run, pinned)
+        RUN_DIR["checked"] = True
     except UpcycleError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        refuse(e)
     except Exception as e:  # Hydra / OmegaConf composition errors: unknown key, wrong type, missing recipe
         cause = f": {' '.join(str(e.__cause__).split()[:40])}" if e.__cause__ else ""
-        print(f"error: {' '.join(str(e).split())}{cause}", file=sys.stderr)
-        sys.exit(2)
+        refuse(UpcycleError(f"{' '.join(str(e).split())}{cause}"))
+    if "${" not in str(pinned):
+        full = Path(os.path.abspath(pinned))  # as Hydra makes it
+        absent = [d for d in (full, *full.parents) if not d.exists()]
+        RUN_DIR.update(path=pinned.resolve(), made=absent[-1] if absent else None)
+        if run_dir is None:
+            argv = [*argv, f"hydra.run.dir={_quote(str(pinned))}"]
+    return argv
+
+
+def _quote(value: str) -> str:
+    """A Hydra override value: as is when plain, else single-quoted."""
+    if all(c.isalnum() or c in "/._-:+" for c in value):
+        return value
+    return "'" + value.replace("'", "\\'") + "'"
 
 
 if __name__ == "__main__":
     from nemo_upcycle.run_dir import die_with_parent_if_asked
 
     die_with_parent_if_asked()  # started by nemo-upcycle compare: die with it
-    precheck(sys.argv[1:])
+    sys.argv[1:] = precheck(sys.argv[1:])
     main()
     sys.exit(EXIT["code"])

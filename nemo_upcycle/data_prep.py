@@ -22,10 +22,12 @@ directory, removed when released) makes concurrent ranks wait for the first one 
 where ``flock`` does not reach (ranks on other nodes sharing the cache), the rename still keeps the entry whole
 and the loser discards its copy.
 
-Bad input (missing corpus file or tokenizer directory, no text, a corpus too small for one training and one
-validation window, a tokenizer whose ids do not fit the model's vocabulary) raises ``UpcycleError`` before
-anything is written. Memory: the token ids are held in memory before writing (2 bytes a token for
-vocabularies under 65,500, else 4). No NeMo import here.
+Bad input (missing corpus file or tokenizer directory, a directory given as a file, no text, a file that is not
+UTF-8 text: more than ``NOT_TEXT_LIMIT`` of its bytes undecodable or NUL, a corpus too small for one training and
+one validation window, a tokenizer whose ids do not fit the model's vocabulary) raises ``UpcycleError`` before
+anything is written; ``corpus_check.check_corpus_file`` checks a file's first few MB the same way (train.py's
+precheck). Memory: the token ids are held in memory before writing (2 bytes a token for vocabularies under 65,500,
+else 4). No NeMo import here.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
+from .corpus_check import NOT_TEXT_LIMIT, check_path, not_text_bytes, not_text_error
 from .errors import UpcycleError
 
 FORMAT = 1
@@ -81,17 +84,28 @@ class PreparedCorpus:
 
 
 def read_documents(path: Path) -> Iterator[str]:
-    """The documents of one corpus file: the whole text of a .txt file, the "text" of each jsonl line."""
+    """The documents of one corpus file: the whole text of a .txt file, the "text" of each jsonl line.
+    Refuses a file with more than ``NOT_TEXT_LIMIT`` of its bytes undecodable or NUL once it has read it."""
     if path.suffix != ".jsonl":
-        yield path.read_text(encoding="utf-8", errors="replace")
+        data = path.read_bytes()
+        bad = not_text_bytes(data)
+        if bad > NOT_TEXT_LIMIT * len(data):
+            raise not_text_error(path, bad, len(data))
+        yield data.decode("utf-8", errors="replace")
         return
-    with path.open(encoding="utf-8", errors="replace") as f:
-        for n, line in enumerate(f, 1):
+    bad = size = 0
+    with path.open("rb") as f:
+        for n, raw in enumerate(f, 1):
+            line_bad = not_text_bytes(raw)
+            bad, size = bad + line_bad, size + len(raw)
+            line = raw.decode("utf-8", errors="replace")
             if not line.strip():
                 continue
             try:
                 text = json.loads(line).get("text")
             except (json.JSONDecodeError, AttributeError):
+                if line_bad > NOT_TEXT_LIMIT * len(raw):
+                    raise not_text_error(path, line_bad, len(raw), f"line {n}'s") from None
                 raise UpcycleError(f"corpus file {path} line {n} is not a JSON object; write one "
                                    '{"text": ...} object per line.') from None
             if text is not None and not isinstance(text, str):
@@ -99,6 +113,8 @@ def read_documents(path: Path) -> Iterator[str]:
                                    'write one {"text": "..."} object per line.')
             if text:
                 yield text
+    if bad > NOT_TEXT_LIMIT * size:
+        raise not_text_error(path, bad, size)
 
 
 def _check_sources(paths: Sequence) -> list[Path]:
@@ -106,8 +122,7 @@ def _check_sources(paths: Sequence) -> list[Path]:
     if not files:
         raise UpcycleError("no corpus files given; pass text or jsonl files in data.paths.")
     for f in files:
-        if not f.is_file():
-            raise UpcycleError(f"corpus file {f} does not exist; pass existing text or jsonl files in data.paths.")
+        check_path(f)
     return [f.resolve() for f in files]
 
 

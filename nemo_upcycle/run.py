@@ -109,7 +109,11 @@ def resolve_source(run: RunConfig, out_dir: Path) -> Path:
 
 
 def make_tiny_llama(run: RunConfig, path: Path) -> Path:
+    """A random dense Llama of the recipe's sizes at ``path``, written through a staging directory (a run killed
+    while writing it leaves no half model); when several ranks write it, the first one's stays."""
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    from .files import publish, staging
 
     if (path / "config.json").is_file():
         return path
@@ -117,9 +121,19 @@ def make_tiny_llama(run: RunConfig, path: Path) -> Path:
     torch.manual_seed(run.seed)
     cfg = LlamaConfig(hidden_size=m.hidden_size, intermediate_size=m.ffn_hidden_size, num_hidden_layers=m.num_layers,
                       num_attention_heads=m.num_attention_heads, num_key_value_heads=m.num_query_groups,
+                      head_dim=m.kv_channels or m.hidden_size // m.num_attention_heads,
                       vocab_size=m.vocab_size, max_position_embeddings=m.seq_length, rms_norm_eps=m.layernorm_epsilon,
                       rope_theta=m.rotary_base, tie_word_embeddings=m.share_embeddings_and_output_weights)
-    LlamaForCausalLM(cfg).save_pretrained(path, safe_serialization=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with staging(path) as tmp:
+            LlamaForCausalLM(cfg).save_pretrained(tmp, safe_serialization=True)
+            if (path / "config.json").is_file():
+                raise FileExistsError(path)  # another rank was first: drop this copy (the staging cleanup)
+            publish(tmp, path, "tiny-dense")
+    except OSError:
+        if not (path / "config.json").is_file():
+            raise
     return path
 
 
@@ -148,34 +162,20 @@ def check_gpu(run: RunConfig, config_name: str) -> None:
 
 
 def preflight(run: RunConfig, config_name: str) -> None:
-    """Everything that can be refused before a run directory or a model exists: the layout, and GPUs for train."""
+    """Everything that can be refused before a run directory or a model exists: for mode=train the launcher's world
+    first (its fix explains a layout error that follows from it), the layout, GPUs, the dense source, the corpus and
+    the memory of a CPU run (``precheck``); plan and verify: the layout."""
     from .plan import check_layout
+    from .precheck import check_data, check_launcher, check_memory, check_source
 
+    if run.mode == "train":
+        check_launcher(run)
     check_layout(model_dims(run), parallel_layout(run), training_setup(run))
     if run.mode == "train":
         check_gpu(run, config_name)
+        check_source(run)
         check_data(run)
-
-
-def check_data(run: RunConfig) -> None:
-    """The corpus files and an explicit tokenizer, refused before anything is built or written."""
-    d = run.data
-    if d.kind == "files":
-        if not d.paths:
-            raise UpcycleError("data.kind=files needs data.paths=[file,...]: text (.txt) or jsonl ({\"text\": ...}) files.")
-        for p in map(Path, d.paths):
-            if not p.is_file():
-                raise UpcycleError(f"corpus file {p} does not exist; pass existing text or jsonl files in data.paths.")
-            if p.stat().st_size == 0:
-                raise UpcycleError(f"corpus file {p} is empty; pass a file with text in it.")
-    if d.tokenizer and d.kind != "mock":
-        from .data_prep import _check_vocab, _load_tokenizer, _tokenizer_files
-
-        tok_dir = Path(d.tokenizer)
-        _tokenizer_files(tok_dir)
-        tok = _load_tokenizer(tok_dir)
-        ids = tok.get_vocab().values()
-        _check_vocab(tok_dir, len(tok), max(ids) if ids else 0, run.model.vocab_size)
+        check_memory(run)
 
 
 IDENTITY_FILE = "run_identity.json"
@@ -227,8 +227,11 @@ def write_run_identity(run: RunConfig, out_dir: Path) -> None:
     atomic_write_json(out_dir / IDENTITY_FILE, run_identity(run))
 
 
-def dispatch(run: RunConfig, config_name: str, out_dir: Path) -> int:
-    preflight(run, config_name)
+def dispatch(run: RunConfig, config_name: str, out_dir: Path, prechecked: bool = False) -> int:
+    """Run ``run.mode`` into ``out_dir``; ``prechecked``: train.py's precheck already ran ``preflight`` on this very
+    config (it opens the source and reads the corpus: not twice)."""
+    if not prechecked:
+        preflight(run, config_name)
     if run.mode == "train":
         from .run_dir import start
 

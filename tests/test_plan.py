@@ -3,7 +3,7 @@
 References nobody here wrote: transformers' MixtralForCausalLM on the meta device (zero memory), the HF
 converter's own key table (nemo_upcycle.hf.mixtral), closed forms typed out below from the papers, Megatron's
 theoretical_memory_usage interleaving factor and NeMo's flops_formulas.mixtral; negative controls prove the
-checks can fail.
+checks can fail. The CPU training memory estimate (``precheck.cpu_training_memory``) against peaks measured here.
 """
 
 from __future__ import annotations
@@ -304,3 +304,55 @@ def test_plan_module_imports_no_nemo_or_megatron():
     code = ("import sys, nemo_upcycle.plan; bad = [m for m in sys.modules if m.split('.')[0] in "
             "('nemo', 'megatron', 'torch')]; assert not bad, bad[:5]")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ---- CPU training memory (precheck.cpu_training_memory: train.py refuses a CPU run larger than the machine) ----
+# Measured peak RSS on this machine (2 cores; /usr/bin/time's maximum resident set size in KiB): the embedded default
+# (README: 18.6 GB, read as 18.6e6 KiB), the tiny recipe, tiny with 2048-token windows (attention scores dominate)
+# and a 155M-parameter E8 tiny-family model with a checkpoint every step (weights, gradients and Adam dominate).
+TINY_RECIPE = "tiny_llama_upcycle"
+BIGGER_TINY = ["model.hidden_size=512", "model.ffn_hidden_size=2048", "model.num_layers=6",
+               "model.num_attention_heads=8", "model.num_query_groups=2", "model.kv_channels=64", "moe=e8_top2",
+               "trainer.max_steps=2", "trainer.checkpoint_every_n_steps=1", "trainer.val_check_interval=1"]
+MEASURED = {  # case -> (recipe, overrides, peak RSS in KiB)
+    "smollm2 default": ("smollm2_135m_upcycle", [], 18.6e6),
+    "tiny": (TINY_RECIPE, [], 850_632),
+    "tiny seq 2048": (TINY_RECIPE, ["model.seq_length=2048", "data.seq_length=2048", "trainer.max_steps=2"], 2_198_900),
+    "tiny 155M E8": (TINY_RECIPE, BIGGER_TINY, 4_639_356),
+}
+
+
+def _estimate(run):
+    from nemo_upcycle.precheck import cpu_training_memory
+    from nemo_upcycle.run import model_dims, parallel_layout, training_setup
+
+    return cpu_training_memory(model_dims(run), parallel_layout(run), training_setup(run),
+                               checkpoints=run.trainer.checkpoint_every_n_steps > 0, mock_data=run.data.kind == "mock")
+
+
+@pytest.mark.parametrize("case", list(MEASURED))
+def test_cpu_memory_estimate_is_within_ten_percent_of_the_measured_peak(case):
+    from nemo_upcycle.catalog import compose
+
+    recipe, overrides, kib = MEASURED[case]
+    est = _estimate(compose(recipe, overrides))["total"]
+    assert 0.9 < est / (kib * 1024) < 1.1, (case, est / 1e9, kib * 1024 / 1e9)
+
+
+def test_cpu_run_larger_than_the_machine_is_refused(monkeypatch):
+    import nemo_upcycle.precheck as pc
+    from nemo_upcycle.catalog import compose
+    from nemo_upcycle.precheck import check_memory
+
+    monkeypatch.setattr(pc, "machine_memory", lambda: 24 * 10**9)  # this machine: 24 GB
+    assert check_memory(compose("smollm2_135m_upcycle"))["total"] < 20e9  # the embedded default runs
+    check_memory(compose(TINY_RECIPE))
+    with pytest.raises(UpcycleError, match=r"needs about 2725.\d GiB of memory .*activations 2724.\d GiB.* this "
+                                           r"machine has 22.4 GiB; lower data.seq_length or data.micro_batch_size"):
+        check_memory(compose(TINY_RECIPE, ["model.seq_length=100000", "data.seq_length=100000"]))
+    monkeypatch.setattr(pc, "machine_memory", lambda: 16 * 2**30)  # a 16 GiB laptop cannot hold the default
+    with pytest.raises(UpcycleError, match=r"needs about 17.5 GiB .* has 16.0 GiB; use fewer experts"):
+        check_memory(compose("smollm2_135m_upcycle"))
+    # two processes on one node (torchrun, EP 2) each hold their half of the experts: counted per process, twice
+    two = check_memory(compose(TINY_RECIPE, ["parallel=cpu_2_ep2"]))
+    assert two["parameters"] < _estimate(compose(TINY_RECIPE))["parameters"]

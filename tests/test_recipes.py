@@ -115,6 +115,22 @@ def test_top_level_recipe_composes_and_validates(name):
     assert catalog.describe(name) and "\n" not in catalog.describe(name)
 
 
+def test_catalog_refuses_what_train_py_refuses():
+    """recipes/<name>.py and examples/ compose through the same validation as train.py: ranges, NaN, relations."""
+    kwargs = catalog.overrides_from_kwargs({"optim__lr": float("nan"), "trainer__max_steps": 100})
+    with pytest.raises(UpcycleError, match=r"^optim.lr=nan is not a finite number"):
+        catalog.compose("llama3_8x8b_upcycle", kwargs)
+    with pytest.raises(UpcycleError, match=r"data.seq_length=16384 is above the model's maximum positions "
+                                           r"model.seq_length=8192"):
+        catalog.compose("llama3_8x8b_upcycle", ["data.seq_length=16384"])
+    with pytest.raises(UpcycleError, match=r"^trainer.max_steps=0 is out of range"):
+        catalog.compose("llama3_8x8b_upcycle", catalog.overrides_from_kwargs({"trainer__max_steps": 0}))
+    # negative control: the same keys with good values compose
+    good = catalog.compose("llama3_8x8b_upcycle", catalog.overrides_from_kwargs({"optim__lr": 3e-4,
+                                                                                "trainer__max_steps": 100}))
+    assert (good.optim.lr, good.trainer.max_steps) == (3e-4, 100)
+
+
 def _flat(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():

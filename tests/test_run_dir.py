@@ -88,57 +88,6 @@ def test_truncate_metrics_drops_records_past_the_resume_step(tmp_path):
     assert truncate_metrics(path, 4) == 0  # idempotent
 
 
-# ---- training input refused before anything exists (train.py's precheck: no NeMo import, no run directory)
-
-
-def _train_py(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "train.py", "--config-name=tiny_llama_upcycle", *overrides,
-                           f"hydra.run.dir={tmp_path / 'run'}"], cwd=REPO, env=ENV, capture_output=True, text=True,
-                          timeout=300)
-
-
-def _one_error_line(p: subprocess.CompletedProcess, tmp_path: Path) -> str:
-    assert p.returncode == 2, p.stderr
-    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), p.stderr
-    assert not (tmp_path / "run").exists()
-    return lines[0]
-
-
-def _tokenizer(path: Path, size: int) -> Path:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<unk>": 0, "</s>": 1, **{f"w{i}": i + 2 for i in range(size - 2)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>").save_pretrained(str(path))
-    return path
-
-
-def test_missing_and_empty_corpus_are_refused(tmp_path):
-    line = _one_error_line(_train_py(tmp_path, "data=text_files", f"data.paths=[{tmp_path / 'nope.txt'}]"), tmp_path)
-    assert "nope.txt does not exist" in line
-    (tmp_path / "empty.txt").write_text("")
-    line = _one_error_line(_train_py(tmp_path, "data=text_files", f"data.paths=[{tmp_path / 'empty.txt'}]"), tmp_path)
-    assert "empty.txt is empty" in line
-    line = _one_error_line(_train_py(tmp_path, "data=text_files"), tmp_path)
-    assert "data.paths" in line
-
-
-def test_tokenizer_larger_than_the_vocabulary_is_refused(tmp_path):
-    (tmp_path / "c.txt").write_text("w1 w2 w3 " * 100)
-    big = _tokenizer(tmp_path / "tok200", 200)  # the tiny model's vocabulary is 99
-    line = _one_error_line(_train_py(tmp_path, "data=text_files", f"data.paths=[{tmp_path / 'c.txt'}]",
-                                     f"data.tokenizer={big}"), tmp_path)
-    assert "has 200 tokens but the model's vocabulary is 99" in line
-    # negative control: a tokenizer that fits passes the precheck (checked without training: mode=plan skips data)
-    from nemo_upcycle.run import check_data
-
-    check_data(compose("tiny_llama_upcycle", ["data=text_files", f"data.paths=[{tmp_path / 'c.txt'}]",
-                                              f"data.tokenizer={_tokenizer(tmp_path / 'tok50', 50)}"]))
-
-
 # ---- whose directory it is: foreign run directories and hf_mixtral/ are refused, ours accepted -------------------
 
 

@@ -5,17 +5,17 @@
   2. the corpus prepared once by the data module (``data_prep``: Megatron .bin/.idx, train / validation
      split, cached by content); its first ``trainer.eval_windows`` validation windows serve the step-0 check
      and the before / after loss;
-  3. the recipe's ``run.Partial(llm.train, ...)`` (engine/recipe.py) built and called: the MoE is made from the
-     dense weights when training starts (online upcycling) unless the run directory holds a checkpoint to
-     resume; callbacks: ``MetricsLogger`` (metrics.jsonl, TensorBoard, progress bar) and ``UpcycleLifecycle``
-     (step0.json, final_eval.json, hf_mixtral/);
+  3. the recipe's ``run.Partial(llm.train, ...)`` (engine/recipe.py) built (steps 1-2 happen here: a refusal
+     leaves no ``run_identity.json``, which is written next, and no Fiddle dump: the error is one line), then
+     called: the MoE is made from the dense weights when training starts (online upcycling) unless the run
+     directory holds a checkpoint to resume; callbacks: ``MetricsLogger`` (metrics.jsonl, TensorBoard, progress
+     bar) and ``UpcycleLifecycle`` (step0.json, final_eval.json, hf_mixtral/);
   4. rank 0 writes ``report.md`` with its plots.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Optional
@@ -23,55 +23,77 @@ from typing import Optional
 import torch
 
 from ..conf_schema import RunConfig
+from ..errors import UpcycleError
 
 
 def tokenizer_dir(source: Path, out_dir: Path) -> str:
+    """The source's tokenizer directory, or ``out_dir/tokenizer`` written from it (GGUF) through a staging directory
+    that a failure removes; when several ranks write it, the first one's stays. It keeps no mark: the HF export
+    copies every file of it (``export.copy_tokenizer``), and nothing ever replaces it."""
+    from ..files import MARK, publish, staging
     from ..hf.source import open_dense
 
     if source.is_dir() and ((source / "tokenizer.json").is_file() or (source / "tokenizer.model").is_file()):
         return str(source)
     tok = out_dir / "tokenizer"
     if not (tok.is_dir() and any(tok.iterdir())):
-        tmp = out_dir / "tokenizer.tmp"
-        tmp.mkdir(parents=True, exist_ok=True)
-        open_dense(source).save_tokenizer(tmp)
-        tmp.replace(tok)
+        tok.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with staging(tok) as tmp:
+                open_dense(source).save_tokenizer(tmp)
+                if tok.is_dir() and any(tok.iterdir()):
+                    raise FileExistsError(tok)  # another rank was first: drop this copy (the staging cleanup)
+                publish(tmp, tok, "tokenizer")
+            (tok / MARK).unlink(missing_ok=True)
+        except OSError:
+            if not (tok.is_dir() and any(tok.iterdir())):
+                raise
     return str(tok)
 
 
 def corpus_paths(run: RunConfig) -> list[str]:
-    if run.data.kind == "shakespeare":
-        from ..resources import shakespeare_texts
+    from ..precheck import corpus_paths as paths
 
-        return [str(p) for p in shakespeare_texts()]
-    return list(run.data.paths)
-
-
-def _rank0() -> bool:
-    return os.environ.get("RANK", "0") == "0"
+    return paths(run)
 
 
 T0 = time.perf_counter()  # this module is imported when mode=train starts: the run's wall time counts from here
 
 
-def train(run: RunConfig, out_dir: Path) -> int:
-    from ..run_dir import resume_checkpoint
+def without_fiddle_context(e: BaseException) -> BaseException:
+    """The exception itself, not Fiddle's proxy of it: ``fdl.build`` re-raises an error of a constructor it calls as
+    a subclass whose message ends with a multi-KB dump of the arguments ("Fiddle context: ...")."""
+    while hasattr(e, "proxy_base_exception") and isinstance(e.proxy_base_exception, BaseException):
+        e = e.proxy_base_exception
+    return e
 
-    resume_from = resume_checkpoint(out_dir, warn=True)  # NeMo's pick is damaged: an earlier complete one (no NeMo)
+
+def train(run: RunConfig, out_dir: Path) -> int:
+    """Build the recipe (the source resolved, its tokenizer written, the corpus prepared: data and source refusals
+    happen here, flagged ``before_start``), then record the run's identity and train."""
     import fiddle as fdl
 
+    from ..launcher import is_rank0
     from ..run import resolve_source, write_run_identity
     from .cpu import enable_cpu_support
+    from ..run_dir import resume_checkpoint
     from .recipe import recipe
 
-    if not torch.cuda.is_available():
-        enable_cpu_support()
-    source = resolve_source(run, out_dir)
-    tok = None if run.data.kind == "mock" else run.data.tokenizer or tokenizer_dir(source, out_dir)
-    if _rank0():
-        write_run_identity(run, out_dir)
-    fdl.build(recipe(run, out_dir, str(source), tok, resume_from=resume_from and str(resume_from)))()
-    if _rank0() and run.logging.report:
+    resume_from = resume_checkpoint(out_dir, warn=True)  # NeMo's pick is damaged: an earlier complete one (no NeMo)
+    try:
+        if not torch.cuda.is_available():
+            enable_cpu_support()
+        source = resolve_source(run, out_dir)
+        tok = None if run.data.kind == "mock" else run.data.tokenizer or tokenizer_dir(source, out_dir)
+        start = fdl.build(recipe(run, out_dir, str(source), tok, resume_from=resume_from and str(resume_from)))
+    except UpcycleError as e:
+        e = without_fiddle_context(e)
+        e.before_start = True  # nothing trained: train.py may remove a run directory this invocation made
+        raise e from None
+    if is_rank0():
+        write_run_identity(run, out_dir)  # only now: a refused run leaves none
+    start()
+    if is_rank0() and run.logging.report:
         write_run_report(run, out_dir)
     return 0
 
