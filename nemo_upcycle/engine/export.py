@@ -70,7 +70,7 @@ from .mcore_map import split_qkv
 
 log = logging.getLogger(__name__)
 
-_NOT_TOKENIZER = re.compile(r"(config\.json|.*\.safetensors|.*\.bin|.*\.pt|.*\.index\.json)")
+_NOT_TOKENIZER = re.compile(r"(config\.json|.*\.safetensors|.*\.bin|.*\.pt|.*\.index\.json|\.nemo-upcycle.*)")  # weights, marks
 
 
 def unwrap(module):
