@@ -6,7 +6,7 @@ What it measures
     8 KV heads, head_dim 64, vocab 128256, tied embeddings, llama3 rope scaling, bf16), written as sharded
     safetensors + index + an HF LlamaConfig config.json, one tensor at a time with the project's
     ``ShardedWriter``. It is kept (and reused) when ``--workdir`` is given.
-  * convert: ``python -m nemo_upcycle.cli convert SRC OUT -E 8 -k 2 --no-progress`` in a child process
+  * convert: ``python -m nemo_upcycle.apps.cli convert SRC OUT -E 8 -k 2 --no-progress`` in a child process
     (about 13.7 GB of output for the full model).
   * copy (baseline): a child process writing the same number of bytes to the same filesystem by copying
     the source shards' bytes over and over with 16 MiB unbuffered reads and writes, in 2 GiB files.
@@ -54,7 +54,7 @@ COPY_FILE_BYTES = 2 << 30
 CHUNK = 16 << 20
 GB = 1e9
 warnings.filterwarnings("ignore", message="The pynvml package is deprecated", category=FutureWarning)
-from nemo_upcycle.files import remove_ours, write_mark  # noqa: E402 (no torch here: children time their own import)
+from nemo_upcycle.system.files import remove_ours, write_mark  # noqa: E402 (no torch here: children time their own import)
 
 
 def llama_config(layers: int) -> dict:
@@ -90,9 +90,9 @@ def generate(workdir: Path, layers: int, cfg: dict | None = None, name: str | No
     import torch
 
     from nemo_upcycle.errors import UpcycleError
-    from nemo_upcycle.files import check_writable, publish, remove_ours, staging
-    from nemo_upcycle.hf.safetensors_stream import ShardedWriter, TensorSpec
-    from nemo_upcycle.hf.source import open_dense
+    from nemo_upcycle.system.files import check_writable, publish, remove_ours, staging
+    from nemo_upcycle.formats.safetensors_stream import ShardedWriter, TensorSpec
+    from nemo_upcycle.formats.base import open_dense
 
     cfg = cfg or llama_config(layers)
     src = workdir / (name or f"llama-3.2-1b-shaped-L{layers}")
@@ -127,7 +127,7 @@ def generate(workdir: Path, layers: int, cfg: dict | None = None, name: str | No
 
 def copy_child(src: Path, out: Path, nbytes: int) -> None:
     """The baseline: write ``nbytes`` to ``out`` by copying the source shards' bytes, over and over."""
-    from nemo_upcycle.files import write_mark
+    from nemo_upcycle.system.files import write_mark
 
     out.mkdir()
     write_mark(out, "bench-copy")
@@ -193,9 +193,9 @@ MICRO = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_a
 
 def per_tensor_child(src: Path, out: Path, experts: int, shard_bytes: int) -> None:
     """Convert ``src`` into ``experts`` experts in this process; print output tensors and the peak-RSS growth."""
-    from nemo_upcycle.convert import convert
+    from nemo_upcycle.offline.convert import convert
     from nemo_upcycle.core import UpcycleOptions
-    from nemo_upcycle.files import remove_ours
+    from nemo_upcycle.system.files import remove_ours
 
     def status(key: str) -> int:
         with open("/proc/self/status") as fh:
@@ -268,7 +268,7 @@ def main(argv=None) -> int:
         src = generate(workdir, 4 if a.small else 16)
         out, log = workdir / "out", workdir / "bench.log"
         remove_ours(out, OUT_KINDS)  # a leftover of an earlier run; refused if it is not one
-        conv_cmd = [sys.executable, "-m", "nemo_upcycle.cli", "convert", str(src), str(out),
+        conv_cmd = [sys.executable, "-m", "nemo_upcycle.apps.cli", "convert", str(src), str(out),
                     "-E", str(a.experts), "-k", str(a.topk), "--no-progress"]
         runs: dict[str, list[dict]] = {"convert": [], "copy": []}
         os.sync()  # a freshly generated source would still be in writeback during the first run

@@ -54,7 +54,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
-from nemo_upcycle import files  # noqa: E402 -- marks: this script removes only the directories it made
+from nemo_upcycle.system import files  # noqa: E402 -- marks: this script removes only the directories it made
 
 GB = 1e9
 RATIO_TARGET = 1.8
@@ -85,9 +85,9 @@ def rank_child(method: str, dense: str, out: str) -> None:
 
     from nemo_upcycle.engine.config import UpcycledLlamaConfig
     from nemo_upcycle.engine.cpu import cpu_config_overrides, enable_cpu_support
-    from nemo_upcycle.engine.mcore_map import MegatronFiller
+    from nemo_upcycle.engine.filler import MegatronFiller
     from nemo_upcycle.engine.model import rank_layout, upcycle_into
-    from nemo_upcycle.hf.source import open_dense
+    from nemo_upcycle.formats.base import open_dense
 
     enable_cpu_support()
     dist.init_process_group("gloo")

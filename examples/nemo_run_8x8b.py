@@ -53,7 +53,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def make_partial(a: argparse.Namespace):
-    from nemo_upcycle.catalog import overrides_from_kwargs, partial
+    from nemo_upcycle.engine.catalog import partial
+    from nemo_upcycle.config.compose import overrides_from_kwargs
 
     files = [f"{DATA}/{f.strip()}" for f in a.data_files.split(",") if f.strip()]
     overrides = overrides_from_kwargs({"model.source": MODEL, "data.paths": files}) + list(a.overrides)
@@ -63,7 +64,7 @@ def make_partial(a: argparse.Namespace):
 def make_executor(a: argparse.Namespace, job_dir: str):
     import nemo_run as run
 
-    from nemo_upcycle.catalog import compose
+    from nemo_upcycle.config.compose import compose
 
     p = compose(NAME, a.overrides).parallel
     if a.host and not a.dry_run:

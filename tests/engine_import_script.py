@@ -59,7 +59,7 @@ def main(work: Path) -> None:
 
     from nemo_upcycle.engine.config import UpcycledLlamaConfig
     from nemo_upcycle.engine.model import UpcycledLlamaModel
-    from nemo_upcycle.hf.source import open_dense
+    from nemo_upcycle.formats.base import open_dense
 
     dense = make_llama(work / "dense")
     hf = open_dense(dense)

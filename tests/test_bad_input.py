@@ -24,8 +24,8 @@ import pytest
 import torch
 from helpers import make_llama
 
-from nemo_upcycle.cli import main
-from nemo_upcycle.files import MARK
+from nemo_upcycle.apps.cli import main
+from nemo_upcycle.system.files import MARK
 
 REPO = Path(__file__).resolve().parent.parent
 OPTS = ("-E", 4, "-k", 2, "--no-progress")
@@ -73,7 +73,7 @@ def env() -> dict:
 
 def cli_cmd() -> list[str]:
     exe = Path(sys.executable).parent / "nemo-upcycle"
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "nemo_upcycle.cli"]
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "nemo_upcycle.apps.cli"]
 
 
 @pytest.fixture()
@@ -104,7 +104,7 @@ def work(tmp_path, tiny_llama) -> Path:
 ])
 def test_never_replaces_what_is_not_ours(capsys, monkeypatch, tmp_path, work, case, src, out, match, overwrite):
     """Each refused before the source is read (open_dense would raise), and nothing under tmp_path changes."""
-    import nemo_upcycle.convert as conv
+    import nemo_upcycle.offline.convert as conv
 
     def no_read(*a, **k):
         raise AssertionError("the source was read before the output was checked")
@@ -231,7 +231,7 @@ def test_sigkill_leftover_swept_by_next_convert(capsys, tmp_path, medium_llama):
 
 def test_signal_handlers_only_while_writing(capsys, tmp_path, tiny_llama, monkeypatch):
     """The CLI installs nothing global: SIGTERM's handler is ours only while the output is being written."""
-    from nemo_upcycle.hf.safetensors_stream import ShardedWriter
+    from nemo_upcycle.formats.safetensors_stream import ShardedWriter
 
     before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     during = []
@@ -329,7 +329,7 @@ def test_tensor_dtypes(capsys, tmp_path, dense_copy, dtype, match):
 # ---- sizes that cannot fit ---------------------------------------------------------------------------------------
 def test_too_many_experts_refused_before_layout(capsys, tmp_path, tiny_llama, monkeypatch):
     """-E 100000000 once ran 160 s building the layout, then the OOM killer struck: refused from the sizes alone."""
-    import nemo_upcycle.convert as conv
+    import nemo_upcycle.offline.convert as conv
 
     def no_layout(*a, **k):
         raise AssertionError("layout() was built")
@@ -356,7 +356,7 @@ sys.path.insert(0, sys.argv[2])
 from pathlib import Path
 import torch
 from helpers import make_llama
-from nemo_upcycle.convert import convert, peak_memory_bytes
+from nemo_upcycle.offline.convert import convert, peak_memory_bytes
 from nemo_upcycle.core import UpcycleOptions
 d = make_llama(Path(sys.argv[1]) / "dense", hidden_size=8, intermediate_size=8, num_hidden_layers=1,
                num_attention_heads=2, num_key_value_heads=1, vocab_size=16)
@@ -381,7 +381,7 @@ print(status("VmHWM") - rss, peak_memory_bytes(res.config | {"intermediate_size"
                                          (False, 4, torch.float16)])
 def test_closed_form_sizes_equal_layout(tiny_llama, tied, G, dtype):
     from nemo_upcycle.core import UpcycleOptions
-    from nemo_upcycle.hf.mixtral import layout, num_output_tensors, output_bytes
+    from nemo_upcycle.formats.mixtral import layout, num_output_tensors, output_bytes
 
     cfg = {**json.loads((tiny_llama / "config.json").read_text()), "tie_word_embeddings": tied}
     opts = UpcycleOptions(8, 2, granularity=G)
@@ -411,7 +411,7 @@ def test_read_only_parent(capsys, tmp_path, tiny_llama):
 
 def test_not_writable_parent(capsys, tmp_path, tiny_llama, monkeypatch):
     """os.access says no (read-only mount, no permission): refused up front; control: the same call converts."""
-    import nemo_upcycle.files as files
+    import nemo_upcycle.system.files as files
 
     real = os.access
     monkeypatch.setattr(files.os, "access", lambda p, mode: False if Path(p) == tmp_path else real(p, mode))
@@ -424,7 +424,7 @@ def test_not_writable_parent(capsys, tmp_path, tiny_llama, monkeypatch):
 def test_write_error_mid_write(capsys, tmp_path, tiny_llama, monkeypatch, err, match):
     """A disk that fills (or turns read-only) mid-write: one line naming the path (and the space needed); the
     staging directory is removed."""
-    from nemo_upcycle.hf.safetensors_stream import ShardedWriter
+    from nemo_upcycle.formats.safetensors_stream import ShardedWriter
 
     calls = []
     write = ShardedWriter.write
@@ -511,7 +511,7 @@ def test_impossible_options(capsys, tmp_path, tiny_llama, extra, match):
 # ---- verify: the same input checks as convert, before transformers loads anything ---------------------------------
 @pytest.fixture(scope="module")
 def moe_of_tiny(tiny_llama, tmp_path_factory) -> Path:
-    from nemo_upcycle.convert import convert
+    from nemo_upcycle.offline.convert import convert
     from nemo_upcycle.core import UpcycleOptions
 
     return convert(tiny_llama, tmp_path_factory.mktemp("moe") / "moe", UpcycleOptions(4, 2), progress=False,
@@ -604,7 +604,7 @@ def _loop(t: Path) -> Path:
 
 @pytest.mark.parametrize("case", list(VERIFY_CASES))
 def test_verify_refusals(capsys, tmp_path, tiny_llama, moe_of_tiny, monkeypatch, case):
-    import nemo_upcycle.verify as verify
+    import nemo_upcycle.offline.verify as verify
 
     make, match = VERIFY_CASES[case]
     dense, moe = make(tiny_llama, moe_of_tiny, tmp_path)
@@ -657,7 +657,7 @@ def test_export_module_refuses_as_module(tmp_path):
 
 def test_failure_midway_leaves_nothing(tmp_path, tiny_llama, monkeypatch):
     """A crash while writing (here: a failing expert) removes the temporary directory."""
-    import nemo_upcycle.convert as conv
+    import nemo_upcycle.offline.convert as conv
     from nemo_upcycle.core import UpcycleOptions
 
     def boom(*a, **k):

@@ -1,7 +1,7 @@
 """Bad training input (``python train.py``): refused in one line naming the key or the file, exit code 2, before NeMo is
 imported and before a run directory exists, printed once under torchrun; nothing left behind.
 
-  * Hydra values: NaN / inf in every float key, every numeric key against its range (``conf_schema.RANGES``, one
+  * Hydra values: NaN / inf in every float key, every numeric key against its range (``conf_validate.RANGES``, one
     entry per numeric field), the relations (min_lr <= lr, data.seq_length <= model.seq_length, ...);
   * the dense source (a path: opened headers-only by the precheck): missing, corrupt, sizes other than the recipe's,
     data.seq_length above its max_position_embeddings;
@@ -32,17 +32,18 @@ from pathlib import Path
 import pytest
 from helpers import make_llama
 
-from nemo_upcycle import conf_schema
-from nemo_upcycle.catalog import compose
+from nemo_upcycle.config import schema as conf_schema
+from nemo_upcycle.config import validate as conf_validate
+from nemo_upcycle.config.compose import compose
 from nemo_upcycle.errors import UpcycleError
-from nemo_upcycle.precheck import check_data, check_launcher, check_source
+from nemo_upcycle.apps.precheck import check_data, check_launcher, check_source
 
 REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
 TINY = "tiny_llama_upcycle"
 
 
-# ---- Hydra values (in process: conf_schema.validate) ---------------------------------------------------------------
+# ---- Hydra values (in process: conf_validate.validate) ---------------------------------------------------------------
 def numeric_keys() -> dict[str, type]:
     """Every numeric field of RunConfig by its declared type (int / float, Optional or not)."""
     out = {}
@@ -59,10 +60,10 @@ def numeric_keys() -> dict[str, type]:
 
 def test_every_numeric_key_has_a_range():
     keys = numeric_keys()
-    assert len(keys) > 40 and set(conf_schema.RANGES) == set(keys)
+    assert len(keys) > 40 and set(conf_validate.RANGES) == set(keys)
     assert {k for k, t in keys.items() if t is float} >= {"optim.lr", "model.rotary_base", "upcycle.router_std"}
     # negative control: a key without a range is found (a KeyError in check_numbers, caught by this set comparison)
-    assert set(conf_schema.RANGES) - {"optim.clip_grad"} != set(keys)
+    assert set(conf_validate.RANGES) - {"optim.clip_grad"} != set(keys)
 
 
 def _with(run, key: str, value):
@@ -74,21 +75,21 @@ def _with(run, key: str, value):
 
 def _outside_inside(spec: str) -> tuple[list, object]:
     """Values just outside the interval, and its edge inside (or its middle / a little above an open low end)."""
-    lo, hi, lo_in, hi_in = conf_schema._interval(spec)
+    lo, hi, lo_in, hi_in = conf_validate._interval(spec)
     bad = [lo - 1 if lo_in else lo] + ([] if hi == math.inf else [hi + 1 if hi_in else hi])
     return bad, (lo if lo_in else (lo + hi) / 2 if hi < math.inf else lo + 1e-6)
 
 
-@pytest.mark.parametrize("key", sorted(conf_schema.RANGES))
+@pytest.mark.parametrize("key", sorted(conf_validate.RANGES))
 def test_every_numeric_key_is_refused_outside_its_range(key):
     run = compose(TINY)
     typ = numeric_keys()[key]
-    bad, good = _outside_inside(conf_schema.RANGES[key])
+    bad, good = _outside_inside(conf_validate.RANGES[key])
     for v in bad:
         v = typ(v) if typ is int else float(v)
         with pytest.raises(UpcycleError, match=rf"^{key}={v} is out of range; {key} must be "):
-            conf_schema.check_numbers(_with(run, key, v))
-    conf_schema.check_numbers(_with(run, key, typ(good)))  # negative control: the edge inside is accepted
+            conf_validate.check_numbers(_with(run, key, v))
+    conf_validate.check_numbers(_with(run, key, typ(good)))  # negative control: the edge inside is accepted
 
 
 @pytest.mark.parametrize("key", sorted(k for k, t in numeric_keys().items() if t is float))
@@ -96,7 +97,7 @@ def test_nan_and_inf_in_every_float_key_are_refused_by_name(key):
     run = compose(TINY)
     for v in (math.nan, math.inf, -math.inf):
         with pytest.raises(UpcycleError, match=rf"^{key}={v} is not a finite number"):
-            conf_schema.check_numbers(_with(run, key, v))
+            conf_validate.check_numbers(_with(run, key, v))
 
 
 BAD_OVERRIDES = {  # Hydra override -> (words of the one error line, the accepted neighbour)
@@ -232,7 +233,7 @@ def test_tokenizer_larger_than_the_vocabulary_is_refused(tmp_path, tokenizer):
 
 # ---- not text ----------------------------------------------------------------------------------------------------
 def test_not_text_bytes_counts_undecodable_and_nul_bytes():
-    from nemo_upcycle.corpus_check import not_text_bytes
+    from nemo_upcycle.data.text import not_text_bytes
 
     assert not_text_bytes("Æther, ünïcode — ok\n".encode()) == 0
     assert not_text_bytes(b"ab\x00c\xff\xfe") == 3
@@ -241,7 +242,7 @@ def test_not_text_bytes_counts_undecodable_and_nul_bytes():
 
 
 def test_binary_or_latin1_corpus_is_refused_with_the_fraction(tmp_path):
-    from nemo_upcycle.corpus_check import check_corpus_file
+    from nemo_upcycle.data.text import check_corpus_file
 
     binary = tmp_path / "weights.txt"
     binary.write_bytes(bytes(range(256)) * 400)  # 128 of 256 byte values are not UTF-8 alone, + NUL
@@ -257,8 +258,8 @@ def test_binary_or_latin1_corpus_is_refused_with_the_fraction(tmp_path):
 
 def test_binary_after_the_prefix_is_refused_by_data_prep(tmp_path):
     """The precheck reads a prefix; the full tokenization meets the rest and refuses it (txt and jsonl)."""
-    from nemo_upcycle.corpus_check import check_corpus_file
-    from nemo_upcycle.data_prep import read_documents
+    from nemo_upcycle.data.text import check_corpus_file
+    from nemo_upcycle.data.prepare import read_documents
 
     f = tmp_path / "tail.txt"
     f.write_bytes(b"w1 w2 " * 1000 + bytes(range(128, 256)) * 100)
@@ -377,7 +378,7 @@ def test_train_py_refuses_before_nemo_and_leaves_nothing(precheck_runs, case):
 def test_train_py_accepted_neighbours_pass_the_precheck(sources, no_nemo, tmp_path, tok_arg):
     """Negative control of the subprocess cases: the same recipe with good values passes train.py's precheck (mode=plan
     stops there) and the checks it skips for plan pass in process on the good source and corpus."""
-    from nemo_upcycle.run import preflight
+    from nemo_upcycle.apps.modes import preflight
 
     r, run_dir = train_py(tmp_path, "mode=plan", "trainer.max_steps=1", f"model.source={sources['dense']}")
     assert r.returncode == 0 and (run_dir / "plan.json").is_file(), r.stderr[-3000:]
@@ -430,8 +431,8 @@ def test_refusal_found_by_the_build_leaves_nothing_and_no_fiddle_dump(tokenizer,
 
 # ---- the pieces of "nothing left" (in process) ----------------------------------------------------------------------
 def test_tokenizer_is_written_through_a_staging_directory(tmp_path, monkeypatch):
-    import nemo_upcycle.hf.source as hs
-    from nemo_upcycle.engine.train import tokenizer_dir
+    import nemo_upcycle.data.sources as hs
+    from nemo_upcycle.data.sources import tokenizer_dir
 
     class Broken:
         def save_tokenizer(self, out):
@@ -458,7 +459,7 @@ def test_tokenizer_is_written_through_a_staging_directory(tmp_path, monkeypatch)
 def test_tiny_dense_model_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
     from transformers import LlamaForCausalLM
 
-    from nemo_upcycle.run import make_tiny_llama
+    from nemo_upcycle.data.sources import make_tiny_llama
 
     real = LlamaForCausalLM.save_pretrained
 
@@ -478,7 +479,7 @@ def test_tiny_dense_model_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
 def test_fiddle_dump_is_stripped_from_a_refusal_raised_inside_the_build():
     import fiddle as fdl
 
-    from nemo_upcycle.engine.train import without_fiddle_context
+    from nemo_upcycle.engine.build import without_fiddle_context
 
     def corpus(paths, seq_length):
         raise UpcycleError("the corpus has 31 tokens; add text.")

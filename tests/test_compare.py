@@ -23,11 +23,11 @@ from pathlib import Path
 
 import pytest
 
-from nemo_upcycle import compare as cmp
-from nemo_upcycle.catalog import compose
-from nemo_upcycle.cli import main as cli_main
+from nemo_upcycle.apps import compare as cmp
+from nemo_upcycle.config.compose import compose
+from nemo_upcycle.apps.cli import main as cli_main
 from nemo_upcycle.errors import UpcycleError
-from nemo_upcycle.throughput import flops_for_run
+from nemo_upcycle.config.translate import flops_for_run
 
 REPO = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
@@ -215,7 +215,7 @@ def test_out_that_is_a_file_is_refused(tmp_path, capsys):
 
 
 def test_foreign_out_and_foreign_variant_dir_are_refused_before_anything_is_written(tmp_path):
-    from nemo_upcycle.files import write_mark
+    from nemo_upcycle.system.files import write_mark
 
     out = _user_dir(tmp_path / "o")
     before = _tree(out)
@@ -234,7 +234,7 @@ def test_foreign_out_and_foreign_variant_dir_are_refused_before_anything_is_writ
 
 def _hold(lock_path: Path) -> subprocess.Popen:
     """Another process holding a lock file, as a running train.py (or compare) holds its directory."""
-    p = subprocess.Popen([sys.executable, "-c", "import time; from nemo_upcycle.files import FileLock; "
+    p = subprocess.Popen([sys.executable, "-c", "import time; from nemo_upcycle.system.files import FileLock; "
                           f"assert FileLock({str(lock_path)!r}).acquire(); print('held', flush=True); time.sleep(300)"],
                          cwd=REPO, env=ENV, stdout=subprocess.PIPE, text=True)
     assert p.stdout.readline().strip() == "held"
@@ -242,8 +242,8 @@ def _hold(lock_path: Path) -> subprocess.Popen:
 
 
 def test_a_live_training_dir_is_never_removed_and_a_stale_one_of_ours_is(tmp_path):
-    from nemo_upcycle.files import MARK, read_mark, write_mark
-    from nemo_upcycle.run_dir import LOCK
+    from nemo_upcycle.system.files import MARK, read_mark, write_mark
+    from nemo_upcycle.apps.run_dir import LOCK
 
     out = tmp_path / "o"
     run_dir = out / "dense"
@@ -281,7 +281,7 @@ FAIL_SETS = ["--set", "drop_upcycle:data.kind=files", "--set", "drop_upcycle:dat
 
 
 def _compare(out: Path) -> tuple[subprocess.CompletedProcess, float]:
-    cmd = [sys.executable, "-m", "nemo_upcycle.cli", "compare", f"--config-name={TINY}", "--steps", "2",
+    cmd = [sys.executable, "-m", "nemo_upcycle.apps.cli", "compare", f"--config-name={TINY}", "--steps", "2",
            "--out", str(out), *FAIL_SETS, "optim.warmup_steps=1"]  # an override for every variant
     t0 = time.perf_counter()
     p = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=1800)

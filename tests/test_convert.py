@@ -13,7 +13,7 @@ import torch
 from helpers import load_llama, load_mixtral, max_logit_diff
 from safetensors import safe_open
 
-from nemo_upcycle.convert import convert
+from nemo_upcycle.offline.convert import convert
 from nemo_upcycle.core import UpcycleOptions, step0_report
 
 ATOL = 1e-5
@@ -109,7 +109,7 @@ def test_negative_topk_not_multiple_of_granularity(tiny_llama, tmp_path, token_i
 
 def test_pre_softmax_needs_renormalization(tiny_llama, tmp_path, token_ids):
     """softmax then top-k scales the output by the kept mass (< 1): the recorded routing must show it."""
-    from nemo_upcycle.verify import load_moe
+    from nemo_upcycle.offline.verify import load_moe
 
     dense = load_llama(tiny_llama)
     raw = UpcycleOptions(8, 2, moe_router_pre_softmax=True, scaling="none")
@@ -146,7 +146,7 @@ def test_noise_and_drop_change_experts_differently(tiny_llama, tmp_path, token_i
 
 
 def test_verify_cli_exit_codes(tiny_llama, tmp_path, capsys):
-    from nemo_upcycle.cli import main
+    from nemo_upcycle.apps.cli import main
 
     good, noisy = tmp_path / "good", tmp_path / "noisy"
     assert main(["convert", str(tiny_llama), str(good), "-E", "4", "-k", "2", "--no-progress"]) == 0

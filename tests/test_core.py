@@ -7,7 +7,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nemo_upcycle.core import UpcycleOptions, expert_weights, iter_experts, moe_mlp, resolve_moe_layers, route, router_weight
+from nemo_upcycle.core import (
+    UpcycleOptions,
+    expert_weights,
+    iter_experts,
+    moe_mlp,
+    resolve_moe_layers,
+    route,
+    router_weight,
+)
 from nemo_upcycle.errors import UpcycleError
 
 G0 = torch.Generator().manual_seed(0)

@@ -30,10 +30,11 @@ import numpy as np
 import pytest
 import torch
 
-from nemo_upcycle import data_prep
-from nemo_upcycle.data_prep import prepare_corpus, split_documents, split_position
+from nemo_upcycle.data import prepare as data_prep
+from nemo_upcycle.data.prepare import prepare_corpus, split_documents, split_position
+from nemo_upcycle.engine.indexed import write_indexed
 from nemo_upcycle.errors import UpcycleError
-from nemo_upcycle.resources import shakespeare_texts
+from nemo_upcycle.data.resources import shakespeare_texts
 
 TOK_VOCAB, SEQ, MBS, GBS, FRACTION = 300, 32, 2, 4, 0.1
 REPO = Path(__file__).resolve().parent.parent
@@ -100,7 +101,7 @@ def read_prefix(prefix: str) -> list[np.ndarray]:
 
 def prepare(files, tokenizer_dir, out_dir, **kw):
     args = dict(seq_length=SEQ, validation_fraction=FRACTION, vocab_size=TOK_VOCAB, progress=False) | kw
-    return prepare_corpus([str(f) for f in files], tokenizer_dir, out_dir, **args)
+    return prepare_corpus([str(f) for f in files], tokenizer_dir, out_dir, write=write_indexed, **args)
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +114,7 @@ def prepared(corpus, tokenizer_dir, tmp_path_factory):
 
 
 def test_data_prep_does_not_import_nemo():
-    code = "import sys, nemo_upcycle.data_prep; sys.exit(any(m.split('.')[0] == 'nemo' for m in sys.modules))"
+    code = "import sys, nemo_upcycle.data.prepare; sys.exit(any(m.split('.')[0] == 'nemo' for m in sys.modules))"
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0
 
 
@@ -207,7 +208,7 @@ def test_no_lock_file_remains_after_prepare_corpus(corpus, tokenizer_dir, tmp_pa
 
 
 def test_damaged_entry_is_replaced_only_if_ours_else_moved_aside(corpus, tokenizer_dir, tmp_path, capsys):
-    from nemo_upcycle.files import MARK, read_mark, write_mark
+    from nemo_upcycle.system.files import MARK, read_mark, write_mark
 
     cache = tmp_path / "cache"
     first = prepare(corpus, tokenizer_dir, cache)
@@ -456,18 +457,18 @@ def test_smollm2_tokenizer_on_all_of_shakespeare(tmp_path):
 
     from transformers import AutoTokenizer
 
-    from nemo_upcycle.hf.source import open_dense
-    from nemo_upcycle.resources import smollm2_gguf
+    from nemo_upcycle.formats.base import open_dense
+    from nemo_upcycle.data.resources import smollm2_gguf
 
     tok_dir = tmp_path / "tokenizer"
     open_dense(smollm2_gguf()).save_tokenizer(tok_dir)
     files = shakespeare_texts()
     t0 = time.time()
-    c = prepare_corpus(files, tok_dir, tmp_path / "cache", seq_length=256, validation_fraction=0.05,
+    c = prepare_corpus(files, tok_dir, tmp_path / "cache", seq_length=256, validation_fraction=0.05, write=write_indexed,
                        vocab_size=49152, progress=False)
     seconds = time.time() - t0
     t0 = time.time()
-    assert prepare_corpus(files, tok_dir, tmp_path / "cache", seq_length=256, validation_fraction=0.05,
+    assert prepare_corpus(files, tok_dir, tmp_path / "cache", seq_length=256, validation_fraction=0.05, write=write_indexed,
                           vocab_size=49152).reused
     assert time.time() - t0 < 1.0
     tok = AutoTokenizer.from_pretrained(str(tok_dir))
@@ -480,7 +481,7 @@ def test_smollm2_tokenizer_on_all_of_shakespeare(tmp_path):
     assert c.validation_tokens == int(np.ceil(total * 0.05)) and total > 1_000_000
     print(f"SmolLM2 tokenizer, {len(files)} texts: {total} tokens in {seconds:.1f} s")
     with pytest.raises(UpcycleError, match="has 49152 tokens but the model's vocabulary is 32000"):
-        prepare_corpus(files, tok_dir, tmp_path / "cache", seq_length=256, validation_fraction=0.05, vocab_size=32000)
+        prepare_corpus(files, tok_dir, tmp_path / "cache", seq_length=256, validation_fraction=0.05, write=write_indexed, vocab_size=32000)
 
 
 @pytest.mark.slow

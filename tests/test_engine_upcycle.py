@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow  # imports NeMo (~25 s)
 def build(dense, **moe):
     from nemo_upcycle.engine.config import UpcycledLlamaConfig
     from nemo_upcycle.engine.cpu import cpu_config_overrides
-    from nemo_upcycle.hf.source import open_dense
+    from nemo_upcycle.formats.base import open_dense
 
     src = open_dense(dense)
     moe = {"moe_token_dispatcher_type": "allgather", **moe}
@@ -68,8 +68,8 @@ def test_step0_tied_and_negative_controls(megatron_world, tiny_llama_tied, token
 def test_filler_shards_reassemble(tiny_llama):
     """Every TP / EP / ETP rank's shard, put back together, equals the single-rank tensor."""
     from nemo_upcycle.core import UpcycleOptions
-    from nemo_upcycle.engine.mcore_map import MegatronFiller, RankLayout
-    from nemo_upcycle.hf.source import open_dense
+    from nemo_upcycle.engine.filler import MegatronFiller, RankLayout
+    from nemo_upcycle.formats.base import open_dense
 
     src = open_dense(tiny_llama)
     opts = UpcycleOptions(4, 2, granularity=2)
@@ -104,7 +104,7 @@ def test_filler_shards_reassemble(tiny_llama):
 def test_merge_qkv_equals_nemo(tiny_llama):
     from nemo.lightning.io.state import TransformFns
 
-    from nemo_upcycle.engine.mcore_map import merge_qkv, split_qkv
+    from nemo_upcycle.engine.filler import merge_qkv, split_qkv
 
     g = torch.Generator().manual_seed(0)
     H, KV, hd, D = 6, 2, 5, 7
@@ -121,7 +121,7 @@ def test_bad_dense_source_and_layout(megatron_world, tiny_llama):
     from nemo_upcycle.engine.config import UpcycledLlamaConfig
     from nemo_upcycle.engine.model import check_dense_matches, check_parallel_layout
     from nemo_upcycle.errors import UpcycleError
-    from nemo_upcycle.hf.source import open_dense
+    from nemo_upcycle.formats.base import open_dense
 
     src = open_dense(tiny_llama)
     cfg = UpcycledLlamaConfig.from_dense({**src.config, "hidden_size": 48})
@@ -152,7 +152,7 @@ def test_te_spec_grouped_gemm_on_gpu(tiny_llama, token_ids):
     from nemo_upcycle.engine.config import UpcycledLlamaConfig
     from nemo_upcycle.engine.model import upcycle_into
     from nemo_upcycle.engine.spec import resolve_backend
-    from nemo_upcycle.hf.source import open_dense
+    from nemo_upcycle.formats.base import open_dense
 
     assert resolve_backend("auto") == "te"
     dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)

@@ -42,7 +42,7 @@ def trained_moe(dense, steps: int = 2, **moe):
     from nemo_upcycle.engine.config import UpcycledLlamaConfig
     from nemo_upcycle.engine.cpu import cpu_config_overrides
     from nemo_upcycle.engine.model import upcycle_into
-    from nemo_upcycle.hf.source import open_dense
+    from nemo_upcycle.formats.base import open_dense
 
     src = open_dense(dense)
     moe = {"num_moe_experts": 4, "moe_router_topk": 2, "moe_token_dispatcher_type": "allgather", **moe}
@@ -73,7 +73,7 @@ def export(module, cfg, src, out, ids, **kw):
 
 
 def hf_logits(path, recorded_routing: bool = True):
-    from nemo_upcycle.verify import load_moe
+    from nemo_upcycle.offline.verify import load_moe
 
     if recorded_routing:
         model = load_moe(path).eval()
@@ -141,7 +141,7 @@ def test_verify_cli_trained_export(untied, tiny_llama, tmp_path, capsys):
 
     from safetensors.torch import load_file, save_file
 
-    from nemo_upcycle.cli import main
+    from nemo_upcycle.apps.cli import main
 
     out = untied[3]
     assert main(["verify", str(tiny_llama), str(out)]) == 0
@@ -227,7 +227,7 @@ def test_export_replaces_only_its_own_output(untied, tmp_path, token_ids):
     """overwrite=True (what a training run passes for RUN/hf_mixtral) replaces an export or convert output (mark, or
     an older output without one); a directory holding a user's files is refused and left byte for byte."""
     from nemo_upcycle.errors import UpcycleError
-    from nemo_upcycle.files import MARK
+    from nemo_upcycle.system.files import MARK
 
     src, cfg, module, _ = untied
     out = export(module, cfg, src, tmp_path / "moe", None)
@@ -264,7 +264,7 @@ def save_trained_checkpoint(work: Path) -> None:
     from nemo_upcycle.engine.cpu import cpu_config_overrides, cpu_strategy_kwargs, enable_cpu_support
     from nemo_upcycle.engine.export import export_checkpoint
     from nemo_upcycle.engine.model import UpcycledLlamaModel, megatron_forward_logits
-    from nemo_upcycle.hf.source import open_dense
+    from nemo_upcycle.formats.base import open_dense
 
     enable_cpu_support()
     src = open_dense(make_llama(work / "dense"))
@@ -300,7 +300,7 @@ def saved_checkpoint(tmp_path_factory) -> Path:
 
 
 def test_export_from_nemo_checkpoint(megatron_world, saved_checkpoint, tmp_path):
-    from nemo_upcycle.cli import main
+    from nemo_upcycle.apps.cli import main
     from nemo_upcycle.engine.export import export_checkpoint
 
     work = saved_checkpoint

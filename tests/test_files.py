@@ -1,4 +1,4 @@
-"""nemo_upcycle.files: the mark, what may be replaced or removed, staging directories, locks (no NeMo)."""
+"""nemo_upcycle.system.files: the mark, what may be replaced or removed, staging directories, locks (no NeMo)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,19 @@ from pathlib import Path
 import pytest
 
 from nemo_upcycle.errors import UpcycleError
-from nemo_upcycle.files import (MARK, FileLock, atomic_write_text, check_replaceable, is_ours, publish, read_mark,
-                                remove_ours, staging, sweep_stale, write_mark)
+from nemo_upcycle.system.files import (
+    MARK,
+    FileLock,
+    atomic_write_text,
+    check_replaceable,
+    is_ours,
+    publish,
+    read_mark,
+    remove_ours,
+    staging,
+    sweep_stale,
+    write_mark,
+)
 
 
 def _user_dir(path: Path) -> Path:
@@ -108,7 +119,7 @@ def test_staging_removed_on_sigterm_and_stale_ones_swept(tmp_path):
     code = textwrap.dedent(f"""
         import sys, time
         from pathlib import Path
-        from nemo_upcycle.files import staging
+        from nemo_upcycle.system.files import staging
         with staging(Path({str(out)!r})) as tmp:
             (tmp / "big.bin").write_bytes(b"0" * 1000)
             print(tmp, flush=True)
@@ -151,7 +162,7 @@ def test_file_lock_excludes_a_second_holder_and_is_removed(tmp_path):
     path = tmp_path / "run.lock"
     code = textwrap.dedent(f"""
         import time
-        from nemo_upcycle.files import FileLock
+        from nemo_upcycle.system.files import FileLock
         lock = FileLock({str(path)!r})
         assert lock.acquire()
         print("held", flush=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from nemo_upcycle.core import UpcycleOptions
-from nemo_upcycle.hf.mixtral import layout, mixtral_config, parameter_counts
+from nemo_upcycle.formats.mixtral import layout, mixtral_config, parameter_counts
 
 LLAMA3_8B = {
     "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 4096, "intermediate_size": 14336,

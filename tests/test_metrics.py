@@ -23,11 +23,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from nemo_upcycle import throughput
-from nemo_upcycle.conf_schema import DataSchema, ModelSchema, MoESchema, ParallelSchema, RunConfig
-from nemo_upcycle.plan import ModelDims
-from nemo_upcycle.report import main as report_main
-from nemo_upcycle.report import read_metrics, write_report
+from nemo_upcycle.config import translate
+from nemo_upcycle.planning import flops as throughput
+from nemo_upcycle.config.schema import DataSchema, ModelSchema, MoESchema, ParallelSchema, RunConfig
+from nemo_upcycle.planning.plan import ModelDims
+from nemo_upcycle.apps.report import main as report_main
+from nemo_upcycle.apps.report import read_metrics, write_report
 
 REPO = Path(__file__).resolve().parent.parent
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -60,10 +61,10 @@ def test_flops_per_token_by_hand():
     run = tiny_run()
     # hidden 36, 6 heads of 6, 2 query groups, FFN 44 = expert FFN (granularity 1), vocab 99 (preset: not padded)
     want = hand_flops_per_token(L=3, h=36, F=44, a=6, g=2, d=6, V_pad=99, E=4, k=2, Fe=44, s=32, moe_layers={0, 1, 2})
-    assert throughput.flops_for_run(run) == pytest.approx(want, rel=1e-12)
+    assert translate.flops_for_run(run) == pytest.approx(want, rel=1e-12)
     run.moe.moe_layer_freq = 2  # layers 0 and 2 MoE, layer 1 dense
     want2 = hand_flops_per_token(L=3, h=36, F=44, a=6, g=2, d=6, V_pad=99, E=4, k=2, Fe=44, s=32, moe_layers={0, 2})
-    assert throughput.flops_for_run(run) == pytest.approx(want2, rel=1e-12)
+    assert translate.flops_for_run(run) == pytest.approx(want2, rel=1e-12)
     # negative control: counting all E experts (total instead of active parameters) is a different number
     all_experts = hand_flops_per_token(L=3, h=36, F=44, a=6, g=2, d=6, V_pad=99, E=4, k=4, Fe=44, s=32,
                                        moe_layers={0, 2})
@@ -75,12 +76,12 @@ def test_flops_per_token_by_hand():
 
 
 def test_mfu_arithmetic():
-    fpt = throughput.flops_for_run(tiny_run())
+    fpt = translate.flops_for_run(tiny_run())
     tps, peak, devices = 12_345.0, 2.5e11, 2
     assert throughput.mfu(tps, fpt, peak * devices) == pytest.approx(tps * fpt / (peak * devices), rel=1e-12)
     assert throughput.tflops(tps, fpt) == pytest.approx(tps * fpt / 1e12)
     # the 8x8B plan's own MFU arithmetic: 46.8% of an H100 at its tokens/s/GPU
-    from nemo_upcycle.plan import LAYOUT_8X8B_64_H100, LLAMA3_8X8B, TRAINING_8X8B, plan
+    from nemo_upcycle.planning.plan import LAYOUT_8X8B_64_H100, LLAMA3_8X8B, TRAINING_8X8B, plan
 
     p = plan(LLAMA3_8X8B, LAYOUT_8X8B_64_H100, TRAINING_8X8B)
     assert throughput.mfu(p.tokens_per_s_per_gpu, p.flops_per_token, 989e12) == pytest.approx(0.468)
@@ -93,9 +94,9 @@ def test_peaks():
     assert throughput.gpu_peak("NVIDIA H100 PCIe")[0] is None  # not in the table: no made-up peak
     assert throughput.gpu_peak("Tesla T4")[0] is None
     run = tiny_run()
-    assert throughput.peak_for_run(run) == (None, None)  # CPU: measured by the training process
+    assert translate.peak_for_run(run) == (None, None)  # CPU: measured by the training process
     run.parallel.accelerator = "gpu"
-    assert throughput.peak_for_run(run)[0] == 989e12
+    assert translate.peak_for_run(run)[0] == 989e12
     peak = throughput.measured_cpu_peak(n=256, repeats=2)
     assert 1e8 < peak < 1e14 and throughput.measured_cpu_peak(n=256, repeats=2) == peak  # cached per process
 
@@ -382,7 +383,7 @@ def train_tiny(out_dir: str, steps: int = 4, log_every: int = 2, ep: int = 1) ->
     from nemo_upcycle.engine import cpu
     from nemo_upcycle.engine.config import UpcycledLlamaConfig
     from nemo_upcycle.engine.metrics import MetricsLogger
-    from nemo_upcycle.report import write_report
+    from nemo_upcycle.apps.report import write_report
 
     SEQ, MBS, GBS = 32, 2, 4
     cpu.enable_cpu_support()

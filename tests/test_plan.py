@@ -1,7 +1,7 @@
-"""Plan mode (nemo_upcycle.plan): layout rules, parameter counts, memory and FLOPs, no GPU and no NeMo.
+"""Plan mode (nemo_upcycle.planning.plan): layout rules, parameter counts, memory and FLOPs, no GPU and no NeMo.
 
 References nobody here wrote: transformers' MixtralForCausalLM on the meta device (zero memory), the HF
-converter's own key table (nemo_upcycle.hf.mixtral), closed forms typed out below from the papers, Megatron's
+converter's own key table (nemo_upcycle.formats.mixtral), closed forms typed out below from the papers, Megatron's
 theoretical_memory_usage interleaving factor and NeMo's flops_formulas.mixtral; negative controls prove the
 checks can fail. The CPU training memory estimate (``precheck.cpu_training_memory``) against peaks measured here.
 """
@@ -17,10 +17,26 @@ import pytest
 import torch
 
 from nemo_upcycle.errors import UpcycleError
-from nemo_upcycle.plan import (
-    GPUS, LAYOUT_8X8B_64_H100, LLAMA3_8X8B, TRAINING_8X8B, GiB, ModelDims, ParallelLayout, TrainingSetup,
-    check_layout, flops_per_token, format_plan, in_flight_layers, layer_activation_bytes, layer_parameters,
-    layout_problems, parameter_counts, plan, rank_parameters, stage_memory,
+from nemo_upcycle.planning.plan import (
+    GPUS,
+    LAYOUT_8X8B_64_H100,
+    LLAMA3_8X8B,
+    TRAINING_8X8B,
+    GiB,
+    ModelDims,
+    ParallelLayout,
+    TrainingSetup,
+    check_layout,
+    flops_per_token,
+    format_plan,
+    in_flight_layers,
+    layer_activation_bytes,
+    layer_parameters,
+    layout_problems,
+    parameter_counts,
+    plan,
+    rank_parameters,
+    stage_memory,
 )
 
 V, D, F, L, H, KV, HD, E, K = 128256, 4096, 14336, 32, 32, 8, 128, 8, 2
@@ -123,7 +139,7 @@ def test_parameter_counts_8x8b_closed_form_converter_and_transformers():
     assert round(total / 1e9, 1) == 47.5 and round(active / 1e9, 1) == 13.7  # REFERENCE.md: ~47.5B / ~13.7B
 
     from nemo_upcycle.core import UpcycleOptions
-    from nemo_upcycle.hf.mixtral import parameter_counts as hf_counts
+    from nemo_upcycle.formats.mixtral import parameter_counts as hf_counts
 
     llama = {"hidden_size": D, "intermediate_size": F, "num_hidden_layers": L, "num_attention_heads": H,
              "num_key_value_heads": KV, "vocab_size": V, "tie_word_embeddings": False}
@@ -301,7 +317,7 @@ def test_from_config_duck_typed():
 
 
 def test_plan_module_imports_no_nemo_or_megatron():
-    code = ("import sys, nemo_upcycle.plan; bad = [m for m in sys.modules if m.split('.')[0] in "
+    code = ("import sys, nemo_upcycle.planning.plan; bad = [m for m in sys.modules if m.split('.')[0] in "
             "('nemo', 'megatron', 'torch')]; assert not bad, bad[:5]")
     subprocess.run([sys.executable, "-c", code], check=True)
 
@@ -323,8 +339,8 @@ MEASURED = {  # case -> (recipe, overrides, peak RSS in KiB)
 
 
 def _estimate(run):
-    from nemo_upcycle.precheck import cpu_training_memory
-    from nemo_upcycle.run import model_dims, parallel_layout, training_setup
+    from nemo_upcycle.apps.precheck import cpu_training_memory
+    from nemo_upcycle.config.translate import model_dims, parallel_layout, training_setup
 
     return cpu_training_memory(model_dims(run), parallel_layout(run), training_setup(run),
                                checkpoints=run.trainer.checkpoint_every_n_steps > 0, mock_data=run.data.kind == "mock")
@@ -332,7 +348,7 @@ def _estimate(run):
 
 @pytest.mark.parametrize("case", list(MEASURED))
 def test_cpu_memory_estimate_is_within_ten_percent_of_the_measured_peak(case):
-    from nemo_upcycle.catalog import compose
+    from nemo_upcycle.config.compose import compose
 
     recipe, overrides, kib = MEASURED[case]
     est = _estimate(compose(recipe, overrides))["total"]
@@ -340,9 +356,9 @@ def test_cpu_memory_estimate_is_within_ten_percent_of_the_measured_peak(case):
 
 
 def test_cpu_run_larger_than_the_machine_is_refused(monkeypatch):
-    import nemo_upcycle.precheck as pc
-    from nemo_upcycle.catalog import compose
-    from nemo_upcycle.precheck import check_memory
+    import nemo_upcycle.apps.precheck as pc
+    from nemo_upcycle.config.compose import compose
+    from nemo_upcycle.apps.precheck import check_memory
 
     monkeypatch.setattr(pc, "machine_memory", lambda: 24 * 10**9)  # this machine: 24 GB
     assert check_memory(compose("smollm2_135m_upcycle"))["total"] < 20e9  # the embedded default runs

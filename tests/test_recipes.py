@@ -23,11 +23,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from nemo_upcycle import catalog
+from nemo_upcycle.config import compose as catalog
 from nemo_upcycle.errors import UpcycleError
 
 REPO = Path(__file__).resolve().parent.parent
-CONF = REPO / "conf"
+CONF = REPO / "nemo_upcycle" / "conf"
 PY = sys.executable
 if str(REPO) not in sys.path:  # recipes/ and examples/ are top-level directories of the checkout
     sys.path.insert(0, str(REPO))
@@ -101,7 +101,8 @@ def test_catalog_lists_the_top_level_yaml_files():
     assert catalog.recipe_names() == TOP
     assert {"llama3_8x8b_upcycle", "llama3_1_8x8b_upcycle", "llama3_2_8x1b_upcycle", "smollm2_135m_upcycle",
             "tiny_llama_upcycle"} <= set(TOP)
-    assert sorted(p.stem for p in (REPO / "recipes").glob("*.py") if p.stem != "__init__") == TOP
+    recipes = REPO / "nemo_upcycle" / "engine" / "recipes"
+    assert sorted(p.stem for p in recipes.glob("*.py") if p.stem != "__init__") == TOP
     assert sorted(CONF.rglob("*.yaml")) == sorted([CONF / f"{n}.yaml" for n in TOP] + [CONF / g for g in GROUP_FILES])
     with pytest.raises(UpcycleError, match="unknown recipe 'nope'"):
         catalog.compose("nope")
@@ -192,8 +193,9 @@ def test_closed_form_on_known_sizes():
 
 @pytest.mark.parametrize("name", TOP)
 def test_plan_counts_equal_closed_form_and_meta_model(name):
-    from nemo_upcycle.plan import plan
-    from nemo_upcycle.run import meta_parameter_count, model_dims, parallel_layout, training_setup
+    from nemo_upcycle.planning.plan import plan
+    from nemo_upcycle.apps.modes import meta_parameter_count
+    from nemo_upcycle.config.translate import model_dims, parallel_layout, training_setup
 
     r = catalog.compose(name)
     pl = plan(model_dims(r), parallel_layout(r), training_setup(r), gpu=r.parallel.gpu)
@@ -207,7 +209,7 @@ def test_plan_counts_equal_closed_form_and_meta_model(name):
 
 # ---- nemo-upcycle recipes --------------------------------------------------------------------------------------------
 def test_cli_recipes_lists_every_recipe(capsys):
-    from nemo_upcycle.cli import main
+    from nemo_upcycle.apps.cli import main
 
     assert main(["recipes"]) == 0
     out = capsys.readouterr().out.splitlines()
@@ -276,7 +278,7 @@ def nemo():
     import nemo_run as run
     from nemo.collections import llm
 
-    import recipes
+    from nemo_upcycle.engine import recipes
 
     return run, llm, recipes
 
@@ -289,15 +291,17 @@ def test_recipe_module_is_the_yaml(nemo, name, tmp_path, monkeypatch):
         monkeypatch.delenv(var, raising=False)
     import importlib
 
-    from nemo_upcycle.engine.recipe import recipe as engine_recipe
+    from nemo_upcycle.engine.partial import train_partial as engine_recipe
 
-    mod = importlib.import_module(f"recipes.{name}")
+    mod = importlib.import_module(f"nemo_upcycle.engine.recipes.{name}")
     assert mod.NAME == name and f"conf/{name}.yaml" in mod.__doc__
     p = recipes.get(name)(dir=str(tmp_path))
     assert isinstance(p, run.Partial) and p.__fn_or_cls__ is llm.train
     # one source of truth: exactly the Partial the engine builds from the composed YAML (what train.py runs)
     r = catalog.compose(name)
-    src, tok = catalog._sources(r, tmp_path)
+    from nemo_upcycle.engine import catalog as engine_catalog
+
+    src, tok = engine_catalog._sources(r, tmp_path)
     assert p == engine_recipe(r, tmp_path, src, tok)
     # and the fields are the YAML's
     cfg, tr, st = p.model.config, p.trainer, p.trainer.strategy
@@ -319,7 +323,7 @@ def test_recipe_module_is_the_yaml(nemo, name, tmp_path, monkeypatch):
 def test_8x8b_recipe_fields_and_overrides(nemo, monkeypatch):
     run, llm, recipes = nemo
     monkeypatch.delenv("LLAMA3_8B_PATH", raising=False)
-    from recipes.llama3_8x8b_upcycle import recipe
+    from nemo_upcycle.engine.recipes.llama3_8x8b_upcycle import recipe
 
     p = recipe()
     st = p.trainer.strategy
@@ -410,7 +414,7 @@ def test_gpu_recipe_train_on_cpu_names_plan_mode(train_runs):
 def test_plan_mode_8x8b_writes_counts_that_fit_its_gpus(train_runs):
     import json
 
-    from nemo_upcycle.plan import GPUS
+    from nemo_upcycle.planning.plan import GPUS
 
     r, run_dir = train_runs.get("plan")
     assert r.returncode == 0, r.stderr[-3000:]

@@ -26,8 +26,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from nemo_upcycle.files import read_mark, write_mark
-from nemo_upcycle.run_dir import LOCK, checkpoint_problem, nemo_pick
+from nemo_upcycle.system.files import read_mark, write_mark
+from nemo_upcycle.apps.run_dir import LOCK, checkpoint_problem, nemo_pick
 
 pytestmark = pytest.mark.slow  # two NeMo training processes
 
@@ -139,7 +139,7 @@ def _gone(pid: int) -> bool:
 
 def test_compare_killed_with_sigkill_takes_its_training_process_with_it(tmp_path):
     out = tmp_path / "cmp"
-    cmd = [sys.executable, "-m", "nemo_upcycle.cli", "compare", "--config-name=tiny_llama_upcycle", "--variants",
+    cmd = [sys.executable, "-m", "nemo_upcycle.apps.cli", "compare", "--config-name=tiny_llama_upcycle", "--variants",
            "copy", "--steps", "30", "--out", str(out)]
     parent = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     child = None

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from nemo_upcycle.catalog import compose
+from nemo_upcycle.config.compose import compose
 from nemo_upcycle.errors import UpcycleError
-from nemo_upcycle.run import check_run_dir, run_identity, write_run_identity
+from nemo_upcycle.apps.run_dir import check_run_dir, run_identity, write_run_identity
 
 REPO = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -98,8 +98,8 @@ def _user_dir(path: Path, name: str = "notes.txt") -> Path:
 
 
 def test_foreign_run_dir_is_refused_and_ours_or_empty_accepted(tmp_path):
-    from nemo_upcycle.files import write_mark
-    from nemo_upcycle.run_dir import LOCK, check_contents
+    from nemo_upcycle.system.files import write_mark
+    from nemo_upcycle.apps.run_dir import LOCK, check_contents
 
     user = _user_dir(tmp_path / "user")
     with pytest.raises(UpcycleError, match="holds files nemo-upcycle did not write"):
@@ -146,8 +146,9 @@ def test_train_py_refuses_a_foreign_run_dir_and_a_foreign_hf_mixtral_touching_no
 
 
 def test_hf_mixtral_of_ours_is_accepted(tmp_path):
-    from nemo_upcycle.files import write_mark
-    from nemo_upcycle.run_dir import check_export_target, export_problem
+    from nemo_upcycle.system.files import write_mark
+    from nemo_upcycle.apps.run_dir import check_export_target
+    from nemo_upcycle.formats.moe_dir import export_problem
 
     run_dir = _hydra_run_dir(tmp_path / "r")
     hf = _user_dir(run_dir / "hf_mixtral", "model.safetensors")
@@ -167,7 +168,7 @@ def test_lifecycle_never_passes_a_foreign_hf_mixtral_to_the_export(tmp_path, mon
     import types
 
     from nemo_upcycle.engine.lifecycle import UpcycleLifecycle
-    from nemo_upcycle.files import write_mark
+    from nemo_upcycle.system.files import write_mark
 
     calls = []
     fake = types.ModuleType("nemo_upcycle.engine.export")
@@ -191,11 +192,11 @@ def test_lifecycle_never_passes_a_foreign_hf_mixtral_to_the_export(tmp_path, mon
 
 
 def test_a_held_run_dir_is_refused_and_a_killed_holder_leaves_no_stuck_lock(tmp_path):
-    from nemo_upcycle import run_dir as rd
+    from nemo_upcycle.apps import run_dir as rd
 
     d = tmp_path / "r"
     d.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from nemo_upcycle.run_dir import claim; "
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from nemo_upcycle.apps.run_dir import claim; "
                                f"claim({str(d)!r}); print('held', flush=True); time.sleep(300)"],
                               cwd=REPO, env=ENV, stdout=subprocess.PIPE, text=True)
     try:
@@ -263,7 +264,7 @@ def _copy_tree(src: Path, dst: Path) -> Path:
     ("remove context", "context is missing"),
 ])
 def test_checkpoint_problem_names_the_damaged_file(checkpoint_dir, tmp_path, damage, words):
-    from nemo_upcycle.run_dir import checkpoint_problem
+    from nemo_upcycle.apps.run_dir import checkpoint_problem
 
     ck = _copy_tree(checkpoint_dir / "step=1", tmp_path / "step=1")
     assert checkpoint_problem(ck) is None  # negative control: the intact checkpoint passes
@@ -285,7 +286,7 @@ def test_checkpoint_problem_names_the_damaged_file(checkpoint_dir, tmp_path, dam
 
 
 def test_resume_falls_back_to_the_newest_complete_checkpoint_or_refuses(checkpoint_dir, tmp_path, capsys):
-    from nemo_upcycle.run_dir import resume_checkpoint
+    from nemo_upcycle.apps.run_dir import resume_checkpoint
 
     run = tmp_path / "r"
     _copy_tree(checkpoint_dir, run / "run" / "checkpoints")
@@ -313,9 +314,9 @@ def test_resume_falls_back_to_the_newest_complete_checkpoint_or_refuses(checkpoi
 # ---- processes started for a run die with their parent ------------------------------------------------------------
 MID = """
 import os, subprocess, sys, time
-from nemo_upcycle.run_dir import die_with_parent_if_asked
+from nemo_upcycle.apps.run_dir import die_with_parent_if_asked
 die_with_parent_if_asked()
-leaf = subprocess.Popen([sys.executable, "-c", "import time; from nemo_upcycle.run_dir import die_with_parent_if_asked;"
+leaf = subprocess.Popen([sys.executable, "-c", "import time; from nemo_upcycle.apps.run_dir import die_with_parent_if_asked;"
                          " die_with_parent_if_asked(); time.sleep(300)"])
 print(leaf.pid, flush=True)
 time.sleep(300)
@@ -342,7 +343,7 @@ def _wait_gone(pid: int, seconds: float = 10) -> bool:
 
 def test_the_processes_a_child_starts_die_with_it(tmp_path):
     """train.py started by compare passes the request on: Lightning's per-device processes die with train.py."""
-    from nemo_upcycle.run_dir import PARENT_ENV, child_env
+    from nemo_upcycle.apps.run_dir import PARENT_ENV, child_env
 
     mid = subprocess.Popen([sys.executable, "-c", MID], cwd=REPO, env={**ENV, **child_env()}, stdout=subprocess.PIPE,
                            text=True)
@@ -357,7 +358,7 @@ def test_the_processes_a_child_starts_die_with_it(tmp_path):
         mid.wait()
     assert _wait_gone(leaf), f"process {leaf} outlived its parent"
     # a process whose named parent is already gone (it was re-parented) dies at once
-    late = subprocess.Popen([sys.executable, "-c", "import time; from nemo_upcycle.run_dir import "
+    late = subprocess.Popen([sys.executable, "-c", "import time; from nemo_upcycle.apps.run_dir import "
                              "die_with_parent_if_asked; die_with_parent_if_asked(); time.sleep(300)"],
                             cwd=REPO, env={**ENV, PARENT_ENV: "1"})
     assert late.wait(timeout=60) == -9

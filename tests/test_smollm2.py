@@ -9,9 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nemo_upcycle.cli import main
-from nemo_upcycle.resources import smollm2_gguf
-from nemo_upcycle.verify import DEFAULT_TEXT, compare, load_dense, load_moe, tokenize
+from nemo_upcycle.apps.cli import main
+from nemo_upcycle.data.resources import smollm2_gguf
+from nemo_upcycle.offline.verify import DEFAULT_TEXT, compare, load_dense, load_moe, tokenize
 
 pytestmark = pytest.mark.slow
 

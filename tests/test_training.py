@@ -133,7 +133,7 @@ def test_export_equals_the_trained_model_and_verify_accepts_it(runs, tmp_path):
     from safetensors.torch import load_file, save_file
     from transformers import MixtralForCausalLM
 
-    from nemo_upcycle.cli import main
+    from nemo_upcycle.apps.cli import main
 
     a = runs["a"]
     hf = a / "hf_mixtral"

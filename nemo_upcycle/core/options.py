@@ -21,7 +21,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
 
-from ..errors import UpcycleError
+from nemo_upcycle.errors import UpcycleError
 
 ROUTER_INITS = ("normal", "zeros", "virtual_group")
 # field -> the CLI flag that sets it (messages name both: the Hydra keys carry the field names)
@@ -190,7 +190,7 @@ def step0_report(opts: UpcycleOptions) -> tuple[bool, str]:
     (SwiGLU acts per intermediate unit), so MoE(x) = s / G * dense(x): exact when the factor s = G sits on
     the linear down projection.
     """
-    E, k, G = opts.num_moe_experts, opts.moe_router_topk, opts.granularity
+    k, G = opts.moe_router_topk, opts.granularity
     if opts.noise_std > 0:
         return False, f"expert noise (std {opts.noise_std}) perturbs every expert away from the dense MLP."
     if opts.drop_ratio > 0:

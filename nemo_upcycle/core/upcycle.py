@@ -21,7 +21,7 @@ from typing import Iterator, NamedTuple, Optional
 
 import torch
 
-from .options import UpcycleOptions
+from nemo_upcycle.core.options import UpcycleOptions
 
 _PURPOSE = {"router": 0, "noise": 1, "drop": 2}
 

@@ -24,9 +24,9 @@ from nemo.collections.llm.gpt.model.llama import (
     Llama32Config3B,
 )
 
-from ..core.options import UpcycleOptions
-from ..errors import UpcycleError
-from .spec import moe_layer_spec, te_importable
+from nemo_upcycle.core.options import UpcycleOptions
+from nemo_upcycle.errors import UpcycleError
+from nemo_upcycle.engine.spec import moe_layer_spec, te_importable
 
 
 @dataclass

@@ -45,8 +45,10 @@ from nemo.collections.llm.gpt.data.pre_training import PreTrainingDataModule
 from nemo.lightning.data import WrappedDataLoader
 from torch.utils.data import Dataset
 
-from ..data_prep import PreparedCorpus, describe, prepare_corpus
-from ..errors import UpcycleError
+from nemo_upcycle.data.prepare import PreparedCorpus, describe, prepare_corpus
+from nemo_upcycle.engine.indexed import write_indexed
+from nemo_upcycle.system.launcher import is_rank0
+from nemo_upcycle.errors import UpcycleError
 
 
 def default_cache_dir() -> Path:
@@ -82,8 +84,8 @@ class CorpusData(PreTrainingDataModule):
                  validation_fraction: float = 0.05, vocab_size: Optional[int] = None, seed: int = 1234,
                  num_workers: int = 0):
         corpus = prepare_corpus(list(paths), tokenizer_dir, cache_dir or default_cache_dir(), seq_length=seq_length,
-                                validation_fraction=validation_fraction, vocab_size=vocab_size,
-                                progress=os.environ.get("RANK", "0") == "0")
+                                validation_fraction=validation_fraction, vocab_size=vocab_size, write=write_indexed,
+                                progress=is_rank0())
         _, n_val = corpus.windows(seq_length)
         if n_val < global_batch_size:
             raise UpcycleError(f"the validation split has {n_val} windows of {seq_length} tokens, fewer than one "

@@ -64,9 +64,9 @@ from typing import Optional
 warnings.filterwarnings("ignore", message="The pynvml package is deprecated", category=FutureWarning)
 import torch  # noqa: E402
 
-from ..errors import UpcycleError
-from ..verify import REFERENCE_FILE, load_reference  # noqa: F401 -- the reader lives with verify (no NeMo there)
-from .mcore_map import split_qkv
+from nemo_upcycle.errors import UpcycleError
+from nemo_upcycle.offline.verify import REFERENCE_FILE, load_reference  # noqa: F401 -- the reader lives with verify (no NeMo there)
+from nemo_upcycle.engine.filler import split_qkv
 
 log = logging.getLogger(__name__)
 
@@ -238,7 +238,7 @@ class MegatronTensors:
 @torch.no_grad()
 def reference_logits(module, input_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """The module's logits [B, T, V] (fp32, cut to the HF vocab) in eval mode, dropless (no capacity)."""
-    from .model import megatron_forward_logits
+    from nemo_upcycle.engine.model import megatron_forward_logits
 
     if input_ids.dtype != torch.long or input_ids.ndim != 2:
         raise UpcycleError(f"reference_ids must be a LongTensor [B, T], got {input_ids.dtype} {list(input_ids.shape)}.")
@@ -304,11 +304,11 @@ def export_hf_mixtral(module, config, out_dir, *, hf_llama_config: dict, tokeniz
     """
     from tqdm.auto import tqdm
 
-    from ..convert import OUTPUT_KINDS, check_output
-    from ..files import check_writable, publish, staging
-    from ..hf.mixtral import layout, mixtral_config, output_bytes
-    from ..hf.moe_dir import is_upcycled_mixtral_dir
-    from ..hf.safetensors_stream import ShardedWriter
+    from nemo_upcycle.offline.convert import OUTPUT_KINDS, check_output
+    from nemo_upcycle.system.files import check_writable, publish, staging
+    from nemo_upcycle.formats.mixtral import layout, mixtral_config, output_bytes
+    from nemo_upcycle.formats.moe_dir import is_upcycled_mixtral_dir
+    from nemo_upcycle.formats.safetensors_stream import ShardedWriter
 
     out = Path(out_dir).expanduser().absolute()
     check_output(out, overwrite)
@@ -388,7 +388,7 @@ def one_rank_world():
     made_state = not ps.model_parallel_is_initialized()
     if made_state:
         if not torch.cuda.is_available():
-            from .cpu import enable_cpu_support
+            from nemo_upcycle.engine.cpu import enable_cpu_support
 
             enable_cpu_support()  # before the seed call: its CUDA RNG tracker is replaced by the CPU one
         ps.initialize_model_parallel()
@@ -407,7 +407,7 @@ def load_module(ckpt: Path):
     from megatron.core import dist_checkpointing
     from nemo.lightning.io import load_context
 
-    from .cpu import cpu_config_overrides, enable_cpu_support
+    from nemo_upcycle.engine.cpu import cpu_config_overrides, enable_cpu_support
 
     try:
         config = load_context(ckpt / "context", subpath="model.config")
@@ -429,7 +429,7 @@ def load_module(ckpt: Path):
 
 def check_checkpoint(ckpt_dir) -> Path:
     """The checkpoint directory, or one line: missing (a broken link, a symlink loop) or not a NeMo 2 checkpoint."""
-    from ..hf.source import locate
+    from nemo_upcycle.formats.base import locate
 
     ckpt = locate(ckpt_dir, "a NeMo 2 checkpoint directory (context/ + weights/)")
     if not (ckpt.is_dir() and (ckpt / "context").is_dir() and (ckpt / "weights").is_dir()):
@@ -446,9 +446,9 @@ def export_checkpoint(ckpt_dir, out_dir, *, hf_llama_config: Optional[dict] = No
     ``hf_llama_config`` defaults to the one implied by the checkpoint's config (pass the dense model's config.json
     to keep its token ids and a vocabulary smaller than the model's); ``tokenizer_dir`` to ``context/nemo_tokenizer``.
     """
-    from .nemo_source import NeMoDenseSource
+    from nemo_upcycle.engine.nemo_source import NeMoDenseSource
 
-    from ..convert import check_output
+    from nemo_upcycle.offline.convert import check_output
 
     ckpt = check_checkpoint(ckpt_dir)
     check_output(Path(out_dir).expanduser().absolute(), overwrite, protect=[ckpt])
@@ -470,7 +470,7 @@ def main(argv=None) -> int:
     line and exit 2, checked before NeMo is imported (the checkpoint, the output, the dense config)."""
     import argparse
 
-    from ..convert import check_output
+    from nemo_upcycle.offline.convert import check_output
 
     p = argparse.ArgumentParser(prog="python -m nemo_upcycle.engine.export",
                                 description="export a NeMo 2 upcycled-MoE checkpoint as an HF Mixtral directory")

@@ -27,9 +27,9 @@ from typing import Optional
 import lightning.pytorch as pl
 import torch
 
-from ..files import atomic_write_json, atomic_write_text
-from ..launcher import is_rank0 as _rank0
-from ..run_dir import EXPORT_DIR, export_problem
+from nemo_upcycle.system.files import atomic_write_json, atomic_write_text
+from nemo_upcycle.system.launcher import is_rank0 as _rank0
+from nemo_upcycle.formats.moe_dir import EXPORT_DIR, export_problem
 
 log = logging.getLogger(__name__)
 
@@ -112,8 +112,8 @@ class UpcycleLifecycle(pl.Callback):
         return _world() == 1
 
     def _logits(self, pl_module) -> torch.Tensor:
-        from .export import unwrap
-        from .model import megatron_forward_logits
+        from nemo_upcycle.engine.export import unwrap
+        from nemo_upcycle.engine.model import megatron_forward_logits
 
         module = unwrap(pl_module.module)
         was = module.training
@@ -133,7 +133,7 @@ class UpcycleLifecycle(pl.Callback):
     def _dense_config(self) -> Optional[dict]:
         """The dense source's HF config (read once): its vocabulary crops the logits, the export needs it whole."""
         if not hasattr(self, "_dense_cfg"):
-            from ..hf.source import open_dense
+            from nemo_upcycle.formats.base import open_dense
 
             self._dense_cfg = dict(open_dense(self.dense_source).config) if self.dense_source else None
         return self._dense_cfg
@@ -191,7 +191,7 @@ class UpcycleLifecycle(pl.Callback):
             print(f"warning: export to {EXPORT_DIR}/ skipped: {problem}; export a checkpoint elsewhere with python -m "
                   "nemo_upcycle.engine.export CKPT OUT", flush=True)
         elif self.export:
-            from .export import export_hf_mixtral, unwrap
+            from nemo_upcycle.engine.export import export_hf_mixtral, unwrap
 
             out = export_hf_mixtral(unwrap(pl_module.module), pl_module.config, self.out_dir / EXPORT_DIR,
                                     hf_llama_config=self._dense_config(), tokenizer_dir=self.tokenizer_dir,
@@ -205,7 +205,7 @@ class UpcycleLifecycle(pl.Callback):
 def validation_windows(datamodule, n: int) -> list[list[int]]:
     """The first ``n`` validation windows (seq_length tokens each) of a ``CorpusData`` or ``MockTokens``: the
     same on every run of the same corpus."""
-    from .data import CorpusData, MockTokens
+    from nemo_upcycle.engine.data import CorpusData, MockTokens
 
     if isinstance(datamodule, MockTokens):
         if datamodule.val_ds is None:
@@ -235,8 +235,8 @@ def dense_reference_model(source: str):
     """
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from ..hf.source import open_dense
-    from ..verify import load_dense
+    from nemo_upcycle.formats.base import open_dense
+    from nemo_upcycle.offline.verify import load_dense
 
     p = Path(source)
     if p.is_dir() and (p / "config.json").is_file() and any(p.glob("*.safetensors")):

@@ -199,7 +199,7 @@ class MetricsLogger(pl.Callback):
     Args:
         path: the JSONL file (appended to: a resumed run continues it).
         tokens_per_step: global batch x sequence length.
-        flops_per_token: model FLOPs per token (``nemo_upcycle.throughput.flops_for_run``); None: no TFLOP/s, MFU.
+        flops_per_token: model FLOPs per token (``nemo_upcycle.planning.flops.flops_for_run``); None: no TFLOP/s, MFU.
         peak_flops: peak FLOP/s of one device; None: the GPU table by device name, or measured on CPU.
         peak_name: what that peak is (written to the records).
         log_every_n_steps: a record every n optimizer steps (values averaged over them), and one at the end.
@@ -223,7 +223,7 @@ class MetricsLogger(pl.Callback):
     # -- setup
     def on_train_start(self, trainer, pl_module):
         if self.peak_flops is None and _rank0():
-            from ..throughput import device_peak
+            from nemo_upcycle.planning.flops import device_peak
 
             self.peak_flops, name = device_peak()
             self.peak_name = self.peak_name or name

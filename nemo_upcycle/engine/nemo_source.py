@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from ..errors import UpcycleError
-from ..hf.source import DenseSource
-from .mcore_map import split_qkv
+from nemo_upcycle.errors import UpcycleError
+from nemo_upcycle.formats.base import DenseSource, Reader, is_nemo_checkpoint, register_reader
+from nemo_upcycle.engine.filler import split_qkv
 
 _PER_LAYER = {
     "input_layernorm.weight": ("self_attention.linear_qkv.layer_norm_weight", "input_layernorm.weight"),
@@ -26,10 +26,6 @@ _PER_LAYER = {
     "mlp.down_proj.weight": ("mlp.linear_fc2.weight",),
 }
 _HF_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
-
-
-def is_nemo_checkpoint(path: Path) -> bool:
-    return path.is_dir() and (path / "context").is_dir() and (path / "weights").is_dir()
 
 
 class NeMoDenseSource(DenseSource):
@@ -147,3 +143,6 @@ class NeMoDenseSource(DenseSource):
                     shutil.copy2(f, out_dir / f.name)
                     copied.append(f.name)
         return copied
+
+
+register_reader(Reader("nemo2", is_nemo_checkpoint, NeMoDenseSource, priority=1))

@@ -17,7 +17,7 @@ from functools import lru_cache
 
 import torch
 
-from ..errors import UpcycleError
+from nemo_upcycle.errors import UpcycleError
 
 log = logging.getLogger(__name__)
 BACKENDS = ("auto", "te", "local")

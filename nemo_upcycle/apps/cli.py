@@ -1,0 +1,252 @@
+"""``nemo-upcycle``: convert a dense Llama into an HF Mixtral MoE, verify step-0 equivalence or a trained export.
+
+  nemo-upcycle convert SRC OUT --num-experts E --topk K [--granularity G] [--router-init ...]
+                       [--scaling exact|megatron] [--pre-softmax] [--drop-ratio R] [--noise-std S]
+                       [--moe-layers all|every:N|i,j,..] [--seed N] [--dtype auto|float32|bfloat16|float16]
+  nemo-upcycle verify DENSE MOE [--text FILE] [--atol A] [--min-top1 F]
+      MOE from convert: transformers' Mixtral vs the dense Llama (step 0: same function, up to --atol).
+      MOE a trained export (engine.export, holds nemo_reference.safetensors): transformers' Mixtral vs the
+      logits NeMo recorded at export on the recorded tokens (the export is faithful, up to --atol); how far
+      training moved the MoE from the dense model is printed as information, not checked.
+  nemo-upcycle recipes                    # list conf/<name>.yaml = recipes/<name>.py: mode, GPUs, description
+  nemo-upcycle compare --config-name=NAME [--variants a,b] [--tokens N | --steps N] [--out DIR] [key=value ...]
+      train dense continuation and each upcycling method on one recipe (nemo_upcycle/compare.py) and write
+      comparison.md / .png / .json in --out; --list-variants prints them.
+
+Exit codes: 0 success, 1 verification failed, 2 bad input (one line on stderr naming the fix, usage errors
+included), 130 / 143 interrupted by SIGINT / SIGTERM (a convert's temporary output is removed; nothing else of the
+process's signal handling is changed outside that write).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import signal
+import sys
+import warnings
+from pathlib import Path
+from typing import Optional, Sequence
+
+from nemo_upcycle.errors import UpcycleError
+from nemo_upcycle.formats.base import is_nemo_checkpoint
+from nemo_upcycle.system.files import Terminated
+
+# torch.cuda imports the deprecated pynvml on every start; its FutureWarning would break the one-line errors.
+warnings.filterwarnings("ignore", message="The pynvml package is deprecated", category=FutureWarning)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the project's one-line errors: ``error: <problem>; <fix>`` and exit 2 (no usage block)."""
+
+    def error(self, message: str):
+        print(f"error: {message}; see {self.prog} -h.", file=sys.stderr)
+        sys.exit(2)
+
+
+def _add_convert(sub) -> None:
+    p = sub.add_parser("convert", help="upcycle a dense Llama (HF directory or .gguf) into an HF Mixtral directory")
+    p.add_argument("src", help="dense HF Llama directory or .gguf file")
+    p.add_argument("out", help="output directory (must not exist unless --overwrite)")
+    p.add_argument("--num-experts", "-E", type=int, required=True, help="E, number of experts")
+    p.add_argument("--topk", "-k", type=int, required=True, help="experts per token")
+    p.add_argument("--granularity", "-G", type=int, default=1, help="dense FFN / expert FFN (default 1: whole copies)")
+    p.add_argument("--router-init", choices=["normal", "zeros", "virtual_group"], default=None,
+                   help="default: virtual_group when G > 1, else normal")
+    p.add_argument("--router-std", type=float, default=0.02)
+    p.add_argument("--scaling", choices=["exact", "megatron", "none"], default="exact",
+                   help="granular weight scaling: exact (factor on down_proj) or megatron (s^(1/3) on each matrix)")
+    p.add_argument("--pre-softmax", action="store_true", help="softmax then top-k (Megatron moe_router_pre_softmax)")
+    p.add_argument("--norm-topk-prob", action=argparse.BooleanOptionalAction, default=None,
+                   help="renormalize the top-k weights (default: yes unless --pre-softmax)")
+    p.add_argument("--score-function", choices=["softmax", "sigmoid"], default="softmax")
+    p.add_argument("--capacity-factor", type=float, default=None, help="recorded for training; default dropless")
+    p.add_argument("--drop-policy", choices=["probs", "position"], default="probs")
+    p.add_argument("--drop-ratio", type=float, default=0.0, help="Drop-Upcycling: fraction of units re-initialized")
+    p.add_argument("--noise-std", type=float, default=0.0, help="Gaussian noise added to every expert weight")
+    p.add_argument("--moe-layers", default="all", help="all | every:N | comma list of layer indices")
+    p.add_argument("--aux-loss-coeff", type=float, default=1e-2)
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--dtype", default="auto", help="auto (the source's) | float32 | bfloat16 | float16")
+    p.add_argument("--shard-size-mb", type=int, default=2048)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _add_verify(sub) -> None:
+    p = sub.add_parser("verify", help="check that the MoE computes the dense model's logits at step 0, or that a "
+                                      "trained export reproduces NeMo's logits")
+    p.add_argument("dense", help="dense HF Llama directory or .gguf file")
+    p.add_argument("moe", help="upcycled HF Mixtral directory (from convert, or a trained export)")
+    p.add_argument("--text", type=Path, default=None,
+                   help="a text file to run (default: a built-in paragraph; a trained export uses its recorded tokens)")
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--atol", type=float, default=1e-3, help="largest accepted |logit difference| (fp32)")
+    p.add_argument("--min-top1", type=float, default=1.0, help="smallest accepted top-1 agreement")
+
+
+def _add_recipes(sub) -> None:
+    sub.add_parser("recipes", help="list the recipes (conf/<name>.yaml = recipes/<name>.py): mode, GPUs, description")
+
+
+def _add_compare(sub) -> None:
+    p = sub.add_parser("compare", help="train dense continuation and every upcycling method on one recipe; "
+                                       "write comparison.md / .png / .json (Hydra overrides key=value may follow)")
+    p.add_argument("--config-name", "-cn", default="smollm2_135m_upcycle", help="the recipe (conf/<name>.yaml)")
+    p.add_argument("--variants", default=None, help="comma list (default: all; --list-variants shows them)")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--tokens", type=int, default=None, help="training tokens per variant (rounded up to steps)")
+    budget.add_argument("--steps", type=int, default=None, help="optimizer steps per variant (default: the recipe's)")
+    p.add_argument("--out", type=Path, default=None, help="output directory (default outputs/compare_<recipe>)")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="VARIANT:KEY=VALUE",
+                   help="an override for one variant only (repeatable)")
+    p.add_argument("--keep-checkpoints", action="store_true", help="keep each run's checkpoints (default: none)")
+    p.add_argument("--timeout", type=float, default=None, help="seconds per variant before it counts as failed")
+    p.add_argument("--list-variants", action="store_true", help="print the variants and exit")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="nemo-upcycle", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_convert(sub)
+    _add_verify(sub)
+    _add_recipes(sub)
+    _add_compare(sub)
+    return parser
+
+
+def run_convert(a: argparse.Namespace) -> int:
+    from nemo_upcycle.offline.convert import convert
+    from nemo_upcycle.core.options import UpcycleOptions
+
+    if a.shard_size_mb < 1:
+        raise UpcycleError(f"--shard-size-mb {a.shard_size_mb} must be at least 1.")
+    if is_nemo_checkpoint(Path(a.src).expanduser()):
+        from nemo_upcycle.engine import nemo_source  # noqa: F401 -- its reader (NeMo: a slow import, only here)
+    opts = UpcycleOptions(
+        num_moe_experts=a.num_experts, moe_router_topk=a.topk, granularity=a.granularity, scaling=a.scaling,
+        router_init=a.router_init, router_std=a.router_std, noise_std=a.noise_std, drop_ratio=a.drop_ratio,
+        moe_layers=a.moe_layers, seed=a.seed, moe_router_score_function=a.score_function,
+        moe_router_pre_softmax=a.pre_softmax, norm_topk_prob=a.norm_topk_prob,
+        moe_expert_capacity_factor=a.capacity_factor, moe_token_drop_policy=a.drop_policy,
+        moe_aux_loss_coeff=a.aux_loss_coeff,
+    ).validate()
+    res = convert(a.src, a.out, opts, dtype=a.dtype, overwrite=a.overwrite,
+                  max_shard_bytes=a.shard_size_mb << 20, progress=not a.no_progress)
+    rec = res.config["upcycling"]
+    print(f"wrote {res.out_dir}: {res.num_tensors} tensors, {res.bytes_written / 2**20:.1f} MiB, "
+          f"E={opts.num_moe_experts} top-{opts.moe_router_topk} G={opts.granularity}")
+    print(f"step-0 equivalent: {'yes' if rec['step0_equivalent'] else 'no'} ({rec['step0_note']})")
+    return 0
+
+
+def run_verify(a: argparse.Namespace) -> int:
+    from nemo_upcycle.offline.verify import TrainedVerifyResult, verify
+
+    if a.max_tokens < 1:
+        raise UpcycleError(f"--max-tokens {a.max_tokens} must be at least 1.")
+    if not (math.isfinite(a.atol) and a.atol >= 0):
+        raise UpcycleError(f"--atol {a.atol} must be a finite number >= 0.")
+    if not 0.0 <= a.min_top1 <= 1.0:  # NaN fails this too
+        raise UpcycleError(f"--min-top1 {a.min_top1} must be a fraction in [0, 1].")
+    text = None
+    if a.text is not None:
+        try:
+            text = a.text.read_text()
+        except OSError as e:
+            raise UpcycleError(f"cannot read --text {a.text}: {e.strerror}; pass a readable text file.") from None
+    r = verify(a.dense, a.moe, text, a.max_tokens)
+    ok = r.passed(a.atol, a.min_top1)
+    if isinstance(r, TrainedVerifyResult):
+        return _print_trained(r, a, ok)
+    print(f"tokens            {r.tokens} ({r.token_source})")
+    print(f"max |dlogit|      {r.max_abs:.3e}   (tolerance {a.atol:g})")
+    print(f"mean |dlogit|     {r.mean_abs:.3e}")
+    print(f"top-1 agreement   {r.top1:.4f}   (minimum {a.min_top1:g})")
+    print(f"upcycling record  {r.note}")
+    print("PASS: the MoE computes the dense function at step 0" if ok else "FAIL: the MoE differs from the dense model")
+    return 0 if ok else 1
+
+
+def _print_trained(r, a: argparse.Namespace, ok: bool) -> int:
+    t = r.trained or {}
+    facts = ", ".join(f"{k} {t[k]}" for k in ("steps", "tokens") if k in t)
+    print(f"trained export    {a.moe} ({facts + ', ' if facts else ''}Megatron {r.reference_dtype})")
+    if a.text is not None:
+        print("note              --text is not used: a trained export is checked on the tokens recorded at export")
+    print(f"tokens            {r.tokens} ({r.token_source})")
+    print(f"max |dlogit|      {r.max_abs:.3e}   (tolerance {a.atol:g}; transformers vs NeMo's recorded logits)")
+    print(f"mean |dlogit|     {r.mean_abs:.3e}")
+    print(f"top-1 agreement   {r.top1:.4f}   (minimum {a.min_top1:g})")
+    mx, mean, top1 = r.drift
+    print(f"vs dense model    max |dlogit| {mx:.3e}, mean {mean:.3e}, top-1 agreement {top1:.4f}   "
+          "(how far training moved the MoE; information, not checked)")
+    if not ok and r.reference_dtype != "float32":
+        print(f"hint              NeMo computed the reference in {r.reference_dtype}; pass a looser --atol for it")
+    print("PASS: transformers' Mixtral reproduces the trained NeMo model's logits" if ok
+          else "FAIL: transformers' Mixtral does not reproduce the logits NeMo recorded at export")
+    return 0 if ok else 1
+
+
+def run_recipes(a: argparse.Namespace) -> int:
+    from nemo_upcycle.config.compose import compose, describe, recipe_names
+
+    rows = []
+    for name in recipe_names():
+        r = compose(name)
+        p = r.parallel
+        if p.accelerator == "gpu":
+            where = f"{p.num_nodes * p.devices} x {p.gpu} ({p.num_nodes} node{'s' if p.num_nodes > 1 else ''} x {p.devices})"
+        else:
+            where = f"CPU, {p.num_nodes * p.devices} process{'es' if p.num_nodes * p.devices > 1 else ''}"
+        rows.append((name, r.mode, where, describe(name)))
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    for row in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[3])
+    print("run: python train.py --config-name=NAME [mode=plan|verify|train] [key=value ...]; "
+          "NeMo-Run: from nemo_upcycle.engine.recipes.NAME import recipe")
+    return 0
+
+
+def run_compare(a: argparse.Namespace) -> int:
+    from nemo_upcycle.apps.compare import VARIANTS, compare
+
+    if a.list_variants:
+        for v in VARIANTS:
+            print(f"{v.name:18s} {v.what}")
+        return 0
+    bad = [x for x in a.overrides if x.startswith("-") or "=" not in x]
+    if bad:
+        raise UpcycleError(f"unrecognized argument(s) {' '.join(bad)}; overrides are key=value "
+                           "(see nemo-upcycle compare -h).")
+    result = compare(a.config_name, a.overrides, variants=a.variants, tokens=a.tokens, steps=a.steps, out=a.out,
+                     sets=a.sets, keep_checkpoints=a.keep_checkpoints, timeout=a.timeout)
+    failed = [r["name"] for r in result["variants"] if r["status"] != "done"]
+    if failed:
+        print(f"failed variants (reasons in the table): {', '.join(failed)}")
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "compare":
+        args.overrides = extra  # Hydra overrides (key=value) may sit anywhere among the options
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        return {"convert": run_convert, "verify": run_verify, "recipes": run_recipes,
+                "compare": run_compare}[args.command](args)
+    except UpcycleError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:  # a convert's staging directory is already removed (files.staging)
+        print("error: interrupted by SIGINT.", file=sys.stderr)
+        return 128 + signal.SIGINT
+    except Terminated as e:  # SIGTERM / SIGHUP during a write, after its cleanup ran; exits 128 + signal
+        print(f"error: interrupted by {signal.Signals(e.code - 128).name}.", file=sys.stderr)
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

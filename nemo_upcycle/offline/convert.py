@@ -1,0 +1,167 @@
+"""The conversion engine: dense Llama (HF directory or GGUF) -> HF Mixtral directory, layer by layer.
+
+Steps:
+  1. cheap checks first, before the source is read: the source path can be opened (``hf.source.locate``); the
+     output is none of the current directory, the home directory, the source or a directory holding it, and an
+     existing output is replaced only with ``overwrite`` and only if nemo-upcycle wrote it (``check_output``);
+  2. open and check the source (``hf.source.open_dense``): a dense Llama whose tensors match its config;
+  3. validate the options against it; refuse, in closed form from the sizes, a conversion whose peak memory
+     exceeds the memory available or whose output exceeds the free disk (``check_fits``);
+  4. lay out every output tensor from the configs alone (``hf.mixtral.layout``);
+  5. stream into a marked staging directory next to the output (``files.staging``: removed on any failure, on
+     SIGTERM / SIGINT, and swept by the next run once a killed process is gone): read one dense layer, write its
+     copies, router and experts, drop it; a progress bar counts bytes;
+  6. prove every source tensor was consumed exactly once; write config, tokenizer, index;
+  7. ``files.publish``: rename the staging directory onto the output, marked ``convert``.
+Peak memory is about one dense layer (plus one expert when noise / drop / scaling makes a new tensor), the router,
+and ~1.5 KB of bookkeeping per output tensor (``BYTES_PER_TENSOR``, measured by ``bench/convert.py --per-tensor``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Optional
+
+import torch
+
+from nemo_upcycle.core.options import UpcycleOptions, resolve_moe_layers
+from nemo_upcycle.core.upcycle import LayerExperts, router_weight
+from nemo_upcycle.errors import UpcycleError
+from nemo_upcycle.system.files import check_not_protected, check_replaceable, check_writable, publish, staging
+from nemo_upcycle.formats.mixtral import layout, mixtral_config, num_output_tensors, output_bytes, source_keys
+from nemo_upcycle.formats.moe_dir import is_upcycled_mixtral_dir
+from nemo_upcycle.formats.safetensors_stream import ShardedWriter
+from nemo_upcycle.formats.base import DenseSource, locate, open_dense, read_dense_mlp
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+DEFAULT_SHARD_BYTES = 2 << 30
+OUTPUT_KINDS = ("convert", "export")  # marks of the HF Mixtral directories ``--overwrite`` may replace
+# Memory per output tensor for the layout, the writer's order, the shard header and the index, and the consumed-key
+# proof. Measured (bench/convert.py --per-tensor): 1.18-1.35 KB with one shard, 0.87 KB with 1 MiB shards.
+BYTES_PER_TENSOR = 1536
+HEADER_BYTES_PER_TENSOR = 256  # on disk: the tensor's entry in its shard header and in the index
+
+
+@dataclass
+class ConvertResult:
+    out_dir: Path
+    bytes_written: int
+    num_tensors: int
+    config: dict
+
+
+def resolve_dtype(name: Optional[str], src: DenseSource) -> torch.dtype:
+    if name in (None, "auto"):
+        return src.dtype("model.embed_tokens.weight")
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise UpcycleError(f"--dtype {name!r} is not one of auto, {', '.join(DTYPES)}.") from None
+
+
+def check_output(out: Path, overwrite: bool, protect: Iterable[Path] = (), flag: str = "output") -> None:
+    """Before any work: the parent exists and is writable; ``out`` is not a link, not protected (the current or home
+    directory, a source, a directory holding one); an existing ``out`` needs ``overwrite`` and must be an HF
+    Mixtral directory nemo-upcycle wrote (its mark, or ``is_upcycled_mixtral_dir`` for older outputs) or empty."""
+    check_writable(out.parent, 0, margin=0, flag=flag)
+    if out.is_symlink():
+        raise UpcycleError(f"{flag} {out} is a symbolic link; it is never replaced: pass a real directory path.")
+    check_not_protected(out, protect, flag)
+    if out.exists():
+        check_replaceable(out, OUTPUT_KINDS, protect, flag, legacy=is_upcycled_mixtral_dir)
+        if not overwrite:
+            raise UpcycleError(f"{out} already exists; choose another output or pass --overwrite to replace it.")
+
+
+def peak_memory_bytes(cfg: dict, opts: UpcycleOptions, out_dtype: torch.dtype, src_dtype: torch.dtype) -> int:
+    """Upper bound of the memory a conversion adds to the process, in closed form (see the module docstring):
+    the dense MLP of one layer, one new expert (noise / drop / scaling), the larger of the embedding (read and
+    cast) and the router (fp32 draw, scaled copy, virtual-group repeat, cast), and the per-tensor bookkeeping."""
+    D, F, V, E = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"], opts.num_moe_experts
+    Fe, o, s = F // opts.granularity, out_dtype.itemsize, src_dtype.itemsize
+    new_expert = opts.noise_std > 0 or opts.drop_ratio > 0 or opts.scale_factor() != 1.0
+    expert = (3 * Fe * D * (8 + o) + (F * D * 4 if opts.drop_ratio > 0 else 0)) if new_expert else Fe * D * o
+    embed, router = V * D * (s + o), E * D * (12 + o)
+    return num_output_tensors(cfg, opts) * BYTES_PER_TENSOR + 3 * F * D * s + expert + max(embed, router)
+
+
+def check_fits(cfg: dict, opts: UpcycleOptions, out_dtype: torch.dtype, src_dtype: torch.dtype, where: Path) -> int:
+    """Refuse a conversion that cannot fit in memory or on the disk under ``where``; return the output's bytes."""
+    import psutil
+
+    n = num_output_tensors(cfg, opts)
+    peak, avail = peak_memory_bytes(cfg, opts, out_dtype, src_dtype), psutil.virtual_memory().available
+    if peak > avail:
+        raise UpcycleError(f"the conversion needs about {peak / 2**30:.1f} GiB of memory ({n:,} output tensors for "
+                           f"{opts.num_moe_experts:,} experts x {cfg['num_hidden_layers']} layers), this machine has "
+                           f"{avail / 2**30:.1f} GiB available; lower --num-experts or use a larger machine.")
+    needed = output_bytes(cfg, opts, out_dtype) + n * HEADER_BYTES_PER_TENSOR
+    check_writable(where, needed, flag="output")
+    return needed
+
+
+def convert(src_path, out_dir, opts: UpcycleOptions, *, dtype: Optional[str] = None, overwrite: bool = False,
+            max_shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool = True) -> ConvertResult:
+    """Upcycle ``src_path`` into an HF Mixtral directory ``out_dir``. See the module docstring."""
+    from tqdm.auto import tqdm
+
+    out = Path(out_dir).expanduser().absolute()
+    src_path = locate(src_path)
+    check_output(out, overwrite, protect=[src_path])
+    src = open_dense(src_path)
+    cfg = src.config
+    opts.validate(ffn_hidden_size=cfg["intermediate_size"], num_layers=cfg["num_hidden_layers"])
+    moe_layers = resolve_moe_layers(opts.moe_layers, cfg["num_hidden_layers"])
+    if len(moe_layers) != cfg["num_hidden_layers"]:
+        raise UpcycleError(f"--moe-layers selects {len(moe_layers)} of {cfg['num_hidden_layers']} layers, but an HF "
+                           "Mixtral checkpoint has no dense layers; use --moe-layers all for HF output.")
+    out_dtype = resolve_dtype(dtype, src)
+    needed = check_fits(cfg, opts, out_dtype, src.dtype("model.embed_tokens.weight"), out.parent)
+    plan = layout(cfg, opts, out_dtype)
+    specs = [spec for spec, _ in plan]
+    with staging(out, needed) as tmp:
+        writer = ShardedWriter(tmp, specs, max_shard_bytes)
+        consumed: list[str] = []
+        experts = LayerExperts(lambda i: read_dense_mlp(src.get, i), opts)
+        with tqdm(total=sum(s.nbytes for s in specs), unit="B", unit_scale=True, desc="upcycle",
+                  disable=not progress) as bar:
+            for spec, recipe in plan:
+                consumed += source_keys(recipe)
+                writer.write(spec.name, _produce(src, recipe, opts, experts, spec.dtype))
+                bar.update(spec.nbytes)
+        writer.close()
+        _check_consumed(src, consumed)
+        config = mixtral_config(cfg, opts, out_dtype, source=str(src.path))
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        src.save_tokenizer(tmp)
+        if out.exists() and not overwrite:  # made by someone else while this ran
+            raise UpcycleError(f"{out} appeared while converting; choose another output or pass --overwrite.")
+        publish(tmp, out, "convert", kinds=OUTPUT_KINDS, protect=[src_path], legacy=is_upcycled_mixtral_dir,
+                source=str(src.path))
+    return ConvertResult(out, writer.bytes_written, len(specs), config)
+
+
+def _produce(src: DenseSource, recipe: tuple, opts: UpcycleOptions, experts: LayerExperts,
+             dtype: torch.dtype) -> torch.Tensor:
+    kind = recipe[0]
+    if kind == "copy":
+        return src.get(recipe[1])
+    if kind == "router":
+        return router_weight(src.config["hidden_size"], opts, recipe[1], dtype)
+    _, layer, e, which = recipe
+    w = experts.get(layer, e)
+    return {"w1": w.gate, "w3": w.up, "w2": w.down}[which]
+
+
+def _check_consumed(src: DenseSource, consumed: list[str]) -> None:
+    seen, twice = set(), set()
+    for k in consumed:
+        (twice if k in seen else seen).add(k)
+    leftover = sorted(k for k in set(src.keys()) - seen if not k.endswith("rotary_emb.inv_freq"))
+    unknown = sorted(seen - set(src.keys()))
+    if twice or leftover or unknown:
+        raise RuntimeError(f"conversion consumed source keys wrongly: twice={sorted(twice)[:3]} "
+                           f"leftover={leftover[:3]} unknown={unknown[:3]}")

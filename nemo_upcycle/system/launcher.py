@@ -1,0 +1,64 @@
+"""Which process this is, as the launcher (torchrun, Slurm's srun) or torch.distributed says: one home for "rank 0".
+
+Before ``torch.distributed`` is initialised the launcher's environment is the only source: torchrun sets ``RANK``,
+``LOCAL_RANK`` and ``WORLD_SIZE`` (torch.distributed.run), Slurm sets ``SLURM_PROCID`` and ``SLURM_STEP_NUM_TASKS``
+for each task of an ``srun`` step (a batch script alone, with ``SLURM_NTASKS`` but one process, is not a launch). Afterwards the process group is the truth. Errors under a launcher are printed by rank 0 only
+(``refuse``), so a bad input reads as one line however many processes were started.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Optional
+
+from nemo_upcycle.errors import UpcycleError
+
+
+def _dist():
+    """torch.distributed if it is already imported and initialised (never imports torch itself)."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        return dist
+    return None
+
+
+def rank() -> int:
+    """Global rank: the process group's, else the launcher's (``RANK``, ``SLURM_PROCID``), else 0."""
+    dist = _dist()
+    if dist is not None:
+        return dist.get_rank()
+    for var in ("RANK", "SLURM_PROCID"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 0
+
+
+def is_rank0() -> bool:
+    return rank() == 0
+
+
+def launcher_world() -> Optional[int]:
+    """How many processes the launcher started (``WORLD_SIZE`` of torchrun, ``SLURM_STEP_NUM_TASKS`` of srun), or None."""
+    dist = _dist()
+    if dist is not None:
+        return dist.get_world_size()
+    for var in ("WORLD_SIZE", "SLURM_STEP_NUM_TASKS"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return None
+
+
+def launcher_name() -> str:
+    if "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_WORLD_SIZE" in os.environ:
+        return "torchrun"
+    if "SLURM_STEP_NUM_TASKS" in os.environ:
+        return "srun"
+    return "the launcher"
+
+
+def refuse(error: UpcycleError) -> "None":
+    """Print ``error: ...`` on rank 0 only and exit with the error's code (2): once, however many processes run."""
+    if is_rank0():
+        print(f"error: {error}", file=sys.stderr, flush=True)
+    sys.exit(error.exit_code)
