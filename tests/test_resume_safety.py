@@ -26,6 +26,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from nemo_upcycle.apps.compare import TRAIN_MODULE
 from nemo_upcycle.system.files import read_mark, write_mark
 from nemo_upcycle.apps.run_dir import LOCK, checkpoint_problem, nemo_pick
 
@@ -146,10 +147,10 @@ def test_compare_killed_with_sigkill_takes_its_training_process_with_it(tmp_path
     try:
         deadline = time.time() + 300
         while time.time() < deadline and parent.poll() is None and child is None:
-            kids = [k for k in psutil.Process(parent.pid).children() if "train.py" in " ".join(k.cmdline())]
+            kids = [k for k in psutil.Process(parent.pid).children() if TRAIN_MODULE in " ".join(k.cmdline())]
             child = kids[0] if kids else None
             time.sleep(0.1)
-        assert child is not None, "compare started no train.py"
+        assert child is not None, "compare started no training process"
         time.sleep(2)
         assert not _gone(child.pid)  # negative control: while compare lives, its training runs
     finally:
@@ -158,4 +159,4 @@ def test_compare_killed_with_sigkill_takes_its_training_process_with_it(tmp_path
     deadline = time.time() + 10
     while time.time() < deadline and not _gone(child.pid):
         time.sleep(0.1)
-    assert _gone(child.pid), f"train.py {child.pid} outlived compare"
+    assert _gone(child.pid), f"training process {child.pid} outlived compare"
