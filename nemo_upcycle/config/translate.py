@@ -9,8 +9,7 @@ from typing import Optional
 
 from nemo_upcycle.config.schema import RunConfig
 from nemo_upcycle.core.options import UpcycleOptions
-from nemo_upcycle.planning.flops import flops_per_token
-from nemo_upcycle.planning.plan import GPUS, ModelDims, ParallelLayout, TrainingSetup
+from nemo_upcycle.planning.plan import GPUS, ModelDims, ParallelLayout, TrainingSetup, flops_per_token
 
 
 def model_dims(run: RunConfig) -> ModelDims:

@@ -15,14 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Callable, List, Optional, Union
 
-from nemo.collections.llm.gpt.model.llama import (
-    Llama3Config,
-    Llama3Config8B,
-    Llama31Config,
-    Llama31Config8B,
-    Llama32Config1B,
-    Llama32Config3B,
-)
+from nemo.collections.llm.gpt.model.llama import Llama3Config, Llama31Config
 
 from nemo_upcycle.core.options import UpcycleOptions
 from nemo_upcycle.errors import UpcycleError
@@ -126,23 +119,3 @@ class UpcycledLlamaConfig(MoEUpcycleFields, Llama3Config):
 @dataclass
 class UpcycledLlama31Config(MoEUpcycleFields, Llama31Config):
     """Llama 3.1 (rope scaling type llama3)."""
-
-
-@dataclass
-class UpcycledLlama3Config8x8B(MoEUpcycleFields, Llama3Config8B):
-    """Llama 3 8B -> 8 experts, top-2 (the Llama 3 Meets MoE setting, arXiv 2412.09952)."""
-
-
-@dataclass
-class UpcycledLlama31Config8x8B(MoEUpcycleFields, Llama31Config8B):
-    """Llama 3.1 8B -> 8 experts, top-2."""
-
-
-@dataclass
-class UpcycledLlama32Config8x1B(MoEUpcycleFields, Llama32Config1B):
-    """Llama 3.2 1B (tied embeddings) -> 8 experts, top-2."""
-
-
-@dataclass
-class UpcycledLlama32Config8x3B(MoEUpcycleFields, Llama32Config3B):
-    """Llama 3.2 3B (tied embeddings) -> 8 experts, top-2."""
