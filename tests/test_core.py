@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 import torch.nn.functional as F
 
 from nemo_upcycle.core import LayerExperts, UpcycleOptions, expert_weights, resolve_moe_layers, route, router_weight
@@ -20,7 +19,8 @@ def dense_probs(probs_TK, idx_TK, E):
     return torch.zeros(probs_TK.shape[0], E).scatter(1, idx_TK, probs_TK)
 
 
-def swiglu_expert(x_TD: torch.Tensor, gate_FD: torch.Tensor, up_FD: torch.Tensor, down_DF: torch.Tensor) -> torch.Tensor:
+def swiglu_expert(x_TD: torch.Tensor, gate_FD: torch.Tensor, up_FD: torch.Tensor,
+                  down_DF: torch.Tensor) -> torch.Tensor:
     """down(silu(gate x) * up x): the Llama / Mixtral expert."""
     return F.linear(F.silu(F.linear(x_TD, gate_FD)) * F.linear(x_TD, up_FD), down_DF)
 

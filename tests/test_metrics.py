@@ -82,7 +82,6 @@ def test_mfu_arithmetic():
     assert throughput.tflops(tps, fpt) == pytest.approx(tps * fpt / 1e12)
     # the 8x8B plan's own MFU arithmetic: 46.8% of an H100 at its tokens/s/GPU
     from helpers import LAYOUT_8X8B_64_H100, LLAMA3_8X8B, TRAINING_8X8B
-
     from nemo_upcycle.planning.plan import plan
 
     p = plan(LLAMA3_8X8B, LAYOUT_8X8B_64_H100, TRAINING_8X8B)

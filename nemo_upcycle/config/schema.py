@@ -1,12 +1,10 @@
-"""Typed schemas for the Hydra recipes in ``conf/``: validated once at the top, plain objects below.
+"""Typed schemas for the Hydra recipes in ``conf/``: one dataclass per config group (model, moe, upcycle, parallel,
+data, optim, trainer, logging) and the ``RunConfig`` that holds them.
 
-Each config group (model, moe, upcycle, parallel, data, optim, trainer, logging) is a dataclass registered
-in Hydra's ConfigStore as ``<group>_schema``; every YAML file of a group lists it first in its defaults, so
-a misspelled key or a wrong type fails at composition with the key named. ``validate(cfg)`` then checks
-what types cannot and returns a ``RunConfig`` of plain dataclasses: every number finite (NaN / inf in any float
-field, found by walking the dataclasses) and inside its key's range (``RANGES``: one entry per numeric field,
-a test keeps it complete), then the relations (k <= E, min_lr <= lr, data.seq_length <= model.seq_length, ...).
-MoE and parallel keys carry their Megatron / NeMo names (``num_moe_experts``, ``expert_model_parallel_size``).
+``register()`` puts each in Hydra's ConfigStore as ``<group>_schema``; every YAML file of a group lists it first in its
+defaults, so a misspelled key or a wrong type fails at composition with the key named. What types cannot say
+(ranges, NaN, relations such as k <= E) is ``config.validate``'s. MoE and parallel keys carry their Megatron / NeMo
+names (``num_moe_experts``, ``expert_model_parallel_size``).
 """
 
 from __future__ import annotations
