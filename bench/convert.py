@@ -15,7 +15,7 @@ What it measures
   RssAnon, which tells anonymous memory from file pages (mmap) counted in RSS.
   The output is deleted after every run; ``--repeats`` runs are interleaved (convert, copy, convert, ...)
   and the table reports every run and the medians. Both children start a Python interpreter, but convert
-  also imports torch (about 3 s here), which weighs more in the ``--small`` (4-layer, 3.8 GB) quick run.
+  also imports torch, which weighs more in the ``--small`` (4-layer, 3.8 GB) quick run.
 
 Targets (PASS/FAIL lines; exit code 0 unless ``--check`` is given and a target fails)
   * bandwidth ratio convert / copy >= 0.70

@@ -1,9 +1,9 @@
-"""nemo-upcycle: turn a dense Llama checkpoint into a Mixture-of-Experts and keep training it.
+"""nemo-upcycle: turn a dense Llama checkpoint into a Mixture-of-Experts and keep training it with NeMo 2.
 
-Sub-packages:
-  core/  the upcycling math on plain tensors (pure PyTorch, no NeMo import).
-  hf/    streaming readers (HF Llama directory, GGUF) and the HF Mixtral writer.
-The CLI is ``nemo-upcycle`` (``nemo_upcycle.apps.cli``).
+Sub-packages, bottom to top; each imports only those below it (``tests/test_architecture.py``): ``errors``,
+``system``, ``core`` (the upcycling math), ``formats`` (checkpoint readers and writers), ``offline`` (convert,
+verify), ``planning``, ``data``, ``config``, ``engine`` (the only one that imports NeMo / Megatron-core), ``apps``.
+The CLI is ``nemo-upcycle`` (``nemo_upcycle.apps.cli``); ``python train.py`` runs ``nemo_upcycle.apps.train``.
 """
 
 __version__ = "0.1.0"

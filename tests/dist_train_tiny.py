@@ -2,8 +2,8 @@
 
     torchrun --standalone --nproc_per_node 2 tests/dist_train_tiny.py --plan plan.json --out results.json
 
-The plan is a JSON list of runs, done one after the other in this process (importing NeMo costs ~25 s, so
-one launch serves several configurations). A run is ``nl.Trainer(accelerator="cpu")`` +
+The plan is a JSON list of runs, done one after the other in this process (importing NeMo is slow, so one
+launch serves several configurations). A run is ``nl.Trainer(accelerator="cpu")`` +
 ``nl.MegatronStrategy`` + ``llm.GPTModel`` with a 2-layer MoE (4 experts, top-2, local spec) on
 deterministic learnable token sequences. Run keys:
     name, ep (expert_model_parallel_size), dispatcher ("alltoall" | "allgather"), steps, lr (Adam, 3e-3),

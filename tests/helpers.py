@@ -1,4 +1,5 @@
-"""Helpers for tests: tiny random dense Llama checkpoints at odd sizes, written by transformers itself."""
+"""Helpers for tests: tiny random dense Llama checkpoints at odd sizes, written by transformers itself, and the
+8x8B sizes and layout the planning tests check."""
 
 from __future__ import annotations
 
@@ -7,11 +8,22 @@ from pathlib import Path
 
 import torch
 
+from nemo_upcycle.planning.plan import ModelDims, ParallelLayout, TrainingSetup
+
 # Odd sizes on purpose (transformers' own tests do the same): hidden 36, 6 heads of 6, GQA 6:2,
 # FFN 44 (divisible by 1, 2, 4), vocab 99, 3 layers.
 TINY = dict(hidden_size=36, intermediate_size=44, num_hidden_layers=3, num_attention_heads=6,
             num_key_value_heads=2, vocab_size=99, max_position_embeddings=64, rms_norm_eps=1e-5,
             rope_theta=500000.0)
+
+# Llama 3 8B -> 8x8B, top-2, on the layout of NeMo's Mixtral 8x7B pre-training recipe
+# (nemo/collections/llm/recipes/mixtral_8x7b.py: 8 nodes x 8 GPUs, TP1 PP4 VP8 EP8, seq 4096) with the global batch
+# of conf/data/pretrain_8k.yaml (256).
+LLAMA3_8X8B = ModelDims(num_layers=32, hidden_size=4096, ffn_hidden_size=14336, num_attention_heads=32,
+                        vocab_size=128256, num_query_groups=8, kv_channels=128, num_moe_experts=8, moe_router_topk=2)
+LAYOUT_8X8B_64_H100 = ParallelLayout(num_nodes=8, gpus_per_node=8, pipeline_model_parallel_size=4,
+                                     virtual_pipeline_model_parallel_size=8, expert_model_parallel_size=8)
+TRAINING_8X8B = TrainingSetup(seq_length=4096, micro_batch_size=1, global_batch_size=256, recompute="selective")
 
 
 def make_llama(path: Path, seed: int = 0, tied: bool = False, **overrides) -> Path:

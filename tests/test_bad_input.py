@@ -8,6 +8,7 @@ compared byte for byte.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import hashlib
 import json
@@ -273,7 +274,7 @@ def test_options_validate_hydra_path(field, value, match):
 
     UpcycleOptions(4, 2).validate()
     with pytest.raises(UpcycleError) as e:
-        UpcycleOptions(4, 2).replace(**{field: value}).validate()
+        dataclasses.replace(UpcycleOptions(4, 2), **{field: value}).validate()
     assert match in str(e.value)
 
 

@@ -6,16 +6,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from nemo_upcycle.core import (
-    UpcycleOptions,
-    expert_weights,
-    iter_experts,
-    moe_mlp,
-    resolve_moe_layers,
-    route,
-    router_weight,
-)
+from nemo_upcycle.core import LayerExperts, UpcycleOptions, expert_weights, resolve_moe_layers, route, router_weight
 from nemo_upcycle.errors import UpcycleError
 
 G0 = torch.Generator().manual_seed(0)
@@ -24,6 +17,25 @@ LOGITS = torch.randn(57, 8, generator=G0)
 
 def dense_probs(probs_TK, idx_TK, E):
     return torch.zeros(probs_TK.shape[0], E).scatter(1, idx_TK, probs_TK)
+
+
+def swiglu_expert(x_TD: torch.Tensor, gate_FD: torch.Tensor, up_FD: torch.Tensor,
+                  down_DF: torch.Tensor) -> torch.Tensor:
+    """down(silu(gate x) * up x): the Llama / Mixtral expert."""
+    return F.linear(F.silu(F.linear(x_TD, gate_FD)) * F.linear(x_TD, up_FD), down_DF)
+
+
+def moe_mlp(x_TD: torch.Tensor, router_ED: torch.Tensor, experts, topk: int, **routing) -> torch.Tensor:
+    """Reference sparse MoE (every token through its k experts, no capacity): out_t = sum_k probs[t,k] *
+    expert_{indices[t,k]}(x_t). ``experts``: (gate, up, down) list."""
+    probs, indices = route(F.linear(x_TD, router_ED), topk, **routing)
+    out = torch.zeros_like(x_TD)
+    for e, (g, u, d) in enumerate(experts):
+        tok, slot = torch.nonzero(indices == e, as_tuple=True)
+        if tok.numel():
+            y = swiglu_expert(x_TD[tok], g, u, d) * probs[tok, slot, None].to(x_TD.dtype)
+            out.index_add_(0, tok, y)
+    return out
 
 
 @pytest.mark.parametrize("pre,score,k", [(False, "softmax", 2), (True, "softmax", 2), (False, "sigmoid", 2),
@@ -82,16 +94,14 @@ def test_router_inits():
 def test_a_rank_builds_only_its_experts_identically(opts):
     g = torch.Generator().manual_seed(1)
     gate, up, down = torch.randn(24, 10, generator=g), torch.randn(24, 10, generator=g), torch.randn(10, 24, generator=g)
-    full = dict(iter_experts(gate, up, down, opts, layer=2))
-    rank1 = dict(iter_experts(gate, up, down, opts, layer=2, experts=range(4, 8)))  # EP=2, rank 1
-    for e, w in rank1.items():
-        assert all(torch.equal(a, b) for a, b in zip(w, full[e]))
+    full = {e: expert_weights(gate, up, down, opts, 2, e) for e in range(opts.num_moe_experts)}
+    rank1 = LayerExperts(lambda layer: (gate, up, down), opts)  # EP=2, rank 1 asks only for experts 4..7
+    for e in range(4, 8):
+        assert all(torch.equal(a, b) for a, b in zip(rank1.get(2, e), full[e]))
 
 
 def test_granular_shards_sum_to_dense():
     """sum_j shard_j(x) == dense(x) for SwiGLU: the identity behind exact granular upcycling."""
-    from nemo_upcycle.core import swiglu_expert
-
     g = torch.Generator().manual_seed(2)
     gate, up, down = torch.randn(24, 10, generator=g), torch.randn(24, 10, generator=g), torch.randn(10, 24, generator=g)
     x = torch.randn(5, 10, generator=g)

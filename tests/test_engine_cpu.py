@@ -12,11 +12,10 @@ top-2, local spec) and printing JSON; the tests compare those results:
 
 Not covered, by Megatron-core 0.15.3 itself and not by CPU: resuming the *optimizer state* across a change of
 expert_model_parallel_size. At EP=1 the expert parameters share the dense optimizer, at EP>1 they get their
-own, so ``ChainedOptimizer.load_state_dict`` (optimizer.py:1218) raises "Expected 2 entries in state dict,
-but got 4". Across EP the runs restore the weights (NeMo's RestoreConfig default) and start Adam afresh.
+own, so megatron-core's ``ChainedOptimizer.load_state_dict`` raises "Expected 2 entries in state dict, but got
+4". Across EP the runs restore the weights (NeMo's RestoreConfig default) and start Adam afresh.
 
-Observed here (2 shared cores): every loss and weight comparison agrees to 0.0 (bit-identical fp32); the
-two launches take ~1 min each (most of it importing NeMo), the file 2-3 min.
+Every loss and weight comparison agrees to 0.0 (bit-identical fp32).
 """
 
 from __future__ import annotations

@@ -9,14 +9,13 @@ Observed with megatron-core 0.15.3: every expert matrix and the router agree bit
 the tolerance below is the brief's tight fp32 one, not a measured error.
 
 CUDA: no monkeypatch is needed, because the test only builds modules and converts state dicts; it
-never runs a Megatron forward pass. The configuration keeps clear of the CUDA-only code paths
-(megatron-core 0.15.3 line numbers):
+never runs a Megatron forward pass. The configuration keeps clear of the CUDA-only code paths of megatron-core:
 - ``use_cpu_initialization=True``: the linear layers use ``_initialize_affine_weight_cpu`` instead of
-  allocating on ``torch.cuda.current_device()`` (e.g. ``moe/experts.py:213/221`` for grouped experts);
-- no expert bias and no ``global_aux_loss``: ``moe/router.py:165/174`` and ``:188/194`` would put buffers
+  allocating on ``torch.cuda.current_device()`` (e.g. the grouped experts of ``moe/experts.py``);
+- no expert bias and no ``global_aux_loss``: ``TopKRouter.__init__`` (``moe/router.py``) would put their buffers
   on ``torch.cuda.current_device()``;
-- the allgather dispatcher: the alltoall one creates ``torch.cuda.Stream()`` (``moe/token_dispatcher.py:425``);
-- no forward: ``Router.gating`` (``moe/router.py:86/88``) moves the router weight to CUDA.
+- the allgather dispatcher: the alltoall one creates a ``torch.cuda.Stream()`` (``moe/token_dispatcher.py``);
+- no forward: ``Router.gating`` moves the router weight to CUDA.
 """
 
 from __future__ import annotations

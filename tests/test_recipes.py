@@ -6,7 +6,8 @@
   * plan mode: the total parameter count equals a closed form typed out here and transformers' Mixtral on the
     meta device, and the 8x8B plan fits the memory of the GPU it names;
   * recipes/<name>.py (slow: imports NeMo): ``run.Partial(llm.train)`` equal to the engine's Partial of the
-    composed YAML, fields as in the YAML, overrides change it, the tiny one builds;
+    composed YAML, fields as in the YAML, overrides change it, the tiny one builds (NeMo's ``nemo llm train
+    --factory NAME``: test_nemo_cli.py);
   * examples/: the Slurm script renders (dry run writes nothing) and equals the committed one; NeMo-Run's dry run
     prints the sbatch script of its SlurmExecutor.
 """
@@ -295,7 +296,7 @@ def test_recipe_module_is_the_yaml(nemo, name, tmp_path, monkeypatch):
 
     mod = importlib.import_module(f"nemo_upcycle.engine.recipes.{name}")
     assert mod.NAME == name and f"conf/{name}.yaml" in mod.__doc__
-    p = recipes.get(name)(dir=str(tmp_path))
+    p = mod.recipe(dir=str(tmp_path))
     assert isinstance(p, run.Partial) and p.__fn_or_cls__ is llm.train
     # one source of truth: exactly the Partial the engine builds from the composed YAML (what train.py runs)
     r = catalog.compose(name)
@@ -357,7 +358,7 @@ def test_tiny_recipe_builds_and_resolves_its_source_on_build(nemo, tmp_path):
     import fiddle as fdl
 
     run, llm, recipes = nemo
-    p = recipes.get("tiny_llama_upcycle")(dir=str(tmp_path / "out"), trainer__max_steps=2)
+    p = recipes.tiny_llama_upcycle.recipe(dir=str(tmp_path / "out"), trainer__max_steps=2)
     assert not (tmp_path / "out").exists(), "building the Partial config wrote files"
     built = fdl.build(p)
     src = Path(built.keywords["model"].upcycle_from)

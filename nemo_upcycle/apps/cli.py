@@ -1,21 +1,17 @@
-"""``nemo-upcycle``: convert a dense Llama into an HF Mixtral MoE, verify step-0 equivalence or a trained export.
+"""``nemo-upcycle``: convert a dense Llama into an HF Mixtral MoE, verify it, list the recipes, compare methods.
 
   nemo-upcycle convert SRC OUT --num-experts E --topk K [--granularity G] [--router-init ...]
                        [--scaling exact|megatron] [--pre-softmax] [--drop-ratio R] [--noise-std S]
                        [--moe-layers all|every:N|i,j,..] [--seed N] [--dtype auto|float32|bfloat16|float16]
   nemo-upcycle verify DENSE MOE [--text FILE] [--atol A] [--min-top1 F]
-      MOE from convert: transformers' Mixtral vs the dense Llama (step 0: same function, up to --atol).
-      MOE a trained export (engine.export, holds nemo_reference.safetensors): transformers' Mixtral vs the
-      logits NeMo recorded at export on the recorded tokens (the export is faithful, up to --atol); how far
-      training moved the MoE from the dense model is printed as information, not checked.
-  nemo-upcycle recipes                    # list conf/<name>.yaml = recipes/<name>.py: mode, GPUs, description
+      MOE from convert: transformers' Mixtral against the dense Llama (step 0: the same function, up to --atol);
+      a trained export (holds nemo_reference.safetensors): against the logits NeMo recorded at export.
+  nemo-upcycle recipes                    # conf/<name>.yaml = engine/recipes/<name>.py: mode, GPUs, description
   nemo-upcycle compare --config-name=NAME [--variants a,b] [--tokens N | --steps N] [--out DIR] [key=value ...]
-      train dense continuation and each upcycling method on one recipe (nemo_upcycle/compare.py) and write
-      comparison.md / .png / .json in --out; --list-variants prints them.
+      dense continuation against each upcycling method (``apps.compare``); --list-variants prints them.
 
 Exit codes: 0 success, 1 verification failed, 2 bad input (one line on stderr naming the fix, usage errors
-included), 130 / 143 interrupted by SIGINT / SIGTERM (a convert's temporary output is removed; nothing else of the
-process's signal handling is changed outside that write).
+included), 130 / 143 interrupted by SIGINT / SIGTERM (a convert's temporary output is removed).
 """
 
 from __future__ import annotations

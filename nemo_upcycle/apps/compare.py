@@ -3,38 +3,17 @@
     nemo-upcycle compare --config-name=smollm2_135m_upcycle --steps 6 --out outputs/compare_smollm2
     nemo-upcycle compare --config-name=tiny_llama_upcycle --variants dense,copy --steps 2 trainer.limit_val_batches=1
 
-Every variant is one ``python -m nemo_upcycle.apps.train --config-name=NAME mode=train`` subprocess (what ``train.py``
-runs) with its own run directory
-``OUT/<variant>/`` (log: ``OUT/logs/<variant>.log``), one after the other, all from the same dense source and
-corpus with the recipe's seeds (``seed``, ``data.seed``, ``upcycle.seed``), so every run sees the same batches in
-the same order and the MoEs start from the same router draws. Variants (``VARIANTS``):
+Each variant (``VARIANTS``, ``--list-variants``) is one ``python -m nemo_upcycle.apps.train mode=train`` subprocess
+with its own run directory ``OUT/<variant>/``, one after the other, all from the same dense source, corpus and seeds:
+every run sees the same batches and the MoEs start from the same router draws. The methods: copy upcycling
+(Komatsuzaki et al., arXiv 2212.05055) routed top-k then softmax or softmax then top-k, granular upcycling G=2 with
+each weight scaling (He et al., arXiv 2410.07524), Drop-Upcycling (Nakamura et al., arXiv 2502.19261) and a zero
+router; against the dense model trained for the same tokens and for the MoE's training FLOPs.
 
-  dense              the dense model trained as it is (``moe=dense``) for the same tokens
-  dense_flops        the same, for the MoE's training FLOPs: steps x F_moe / F_dense whole steps (F: model FLOPs
-                     per token, ``throughput.flops_for_run``), so the equal-FLOPs column has a dense entry
-  copy               copy upcycling, top-k then softmax (Megatron's default), normal router (Komatsuzaki et al.)
-  copy_pre_softmax   copy upcycling, softmax then top-k (``moe_router_pre_softmax``; He et al. arXiv 2410.07524)
-  granular_exact     G=2 shards per copy, virtual-group router, the factor G on the down projection; E and k
-  granular_megatron  are doubled (2E experts of half the FFN, top-2k), so active and total parameters and FLOPs
-  granular_none      equal copy's; weight scaling exact | megatron (s^(1/3) per matrix) | none
-  drop_upcycle       copy, then 50% of each expert's units re-initialized (Nakamura et al. arXiv 2502.19261)
-  router_zeros       copy with a zero router (``copy`` is the normal-router one): the two router inits
-
-Read from each run directory: ``step0.json`` (loss on the fixed validation windows at step 0), ``final_eval.json``
-(loss on the same windows after training), ``metrics.jsonl`` (validation-loop curve, tokens/s, last expert-load
-spread). Output in OUT, rewritten after every variant (temp + rename): ``comparison.json``, ``comparison.md`` (the
-table) and ``comparison.png`` (validation loss against tokens and against training FLOPs).
-
-A variant that fails (bad override, a crash, a kill) is a table row with its one-line reason; the others run. A
-variant whose run directory holds a finished run with the same settings is skipped, so an interrupted comparison
-is continued by the same command; a run directory made with other settings is refused (new --out, or delete it).
-
-What compare removes: only what it made. OUT carries the mark of kind ``compare`` and every run directory the
-mark ``compare-run`` (``files``; ``variant.json`` recognises those made before marks existed); an OUT or
-OUT/<variant> holding anything else, an --out that is a file, an OUT another compare is writing (its lock) and a
-run directory a training process still holds (its lock, ``run_dir``) are refused in one line before any training.
-Each training process is the leader of its own process group and dies with compare (``run_dir.die_with_parent``),
-so a killed comparison leaves no orphan training to race the next one.
+Read from each run: ``step0.json``, ``final_eval.json``, ``metrics.jsonl``. Written to OUT after every variant, by
+``compare_out`` (which also says what compare may remove): ``comparison.json``, ``comparison.md``, ``comparison.png``.
+A variant that fails is a row with its one-line reason; a finished one with the same settings is skipped, so the same
+command continues an interrupted comparison. Training processes die with compare (``run_dir.die_with_parent``).
 """
 
 from __future__ import annotations

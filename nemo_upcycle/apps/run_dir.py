@@ -1,20 +1,15 @@
 """A training run directory: written by one run at a time, marked as ours, resumed only from a complete checkpoint.
 
-- ``claim(run_dir)``: global rank 0 takes ``RUN/.nemo-upcycle.lock`` (``files.FileLock``: ``flock``, so a killed run
-  never leaves it stuck) and holds it until the process exits; a second run on the same directory is refused in
-  one line. ``train.py`` claims an existing directory before Hydra writes into it, ``start`` any directory once
-  Hydra has made it (and marks it, kind ``train-run``, unless it already carries a mark, e.g. ``compare-run``).
-- ``check_contents(run_dir)``: a non-empty directory that nemo-upcycle did not write (no mark, no ``.hydra/`` or
-  ``run_identity.json`` of a run made before marks existed) is refused: training writes and replaces files there.
-- ``check_export_target(run_dir)``: ``RUN/hf_mixtral`` is replaced at the end of training only if it is ours.
-- ``checkpoint_problem(ckpt)`` / ``resume_checkpoint(run_dir)``: the checkpoint NeMo's ``AutoResume`` would resume
-  (the newest ``*-last`` link) is checked from its own records without importing NeMo: ``weights/.metadata``
-  (torch.distributed.checkpoint's index: every storage item's file, offset and length; each file must be long
-  enough), ``metadata.json``, ``common.pt`` (a zip: its CRCs), ``context/``. A damaged one is never deleted: the
-  newest complete checkpoint is resumed instead with a warning naming the bad file, or, with none, the run is
-  refused in one line.
-- ``die_with_parent``: children that ``compare`` starts die with it (Linux ``PR_SET_PDEATHSIG``), and so do the
-  processes they start (``NEMO_UPCYCLE_PARENT``, ``die_with_parent_if_asked`` in ``train.py``).
+- ``claim``: global rank 0 holds ``RUN/.nemo-upcycle.lock`` (``system.files.FileLock``) until it exits; a second run
+  on the directory is refused in one line. ``write_run_identity``, when training starts, writes the run's identity
+  and the mark ``train-run`` (unless the directory has one, e.g. ``compare-run``).
+- ``check_contents`` refuses a non-empty directory nemo-upcycle did not write (no mark, no ``.hydra/`` or
+  ``run_identity.json`` of an older run); ``check_export_target``: ``RUN/hf_mixtral`` is replaced only if ours.
+- ``checkpoint_problem`` / ``resume_checkpoint``: the checkpoint NeMo's ``AutoResume`` would pick (the newest
+  ``*-last``) is checked from its own records without importing NeMo (``weights/.metadata``: every storage item's
+  file and extent; ``metadata.json``; ``common.pt``'s zip CRCs; ``context/``). A damaged one is never deleted: the
+  newest complete one is resumed with a warning naming the bad file, or the run is refused.
+- ``die_with_parent``: the processes ``compare`` starts, and theirs, die with it (Linux ``PR_SET_PDEATHSIG``).
 """
 
 from __future__ import annotations

@@ -1,16 +1,15 @@
 """The Hydra entry point: ``python train.py [--config-name=NAME] [key=value ...]`` (the repository's ``train.py`` is a
-shim for it) or ``python -m nemo_upcycle.apps.train ...``: run an upcycling recipe from ``nemo_upcycle/conf/``.
+shim) or ``python -m nemo_upcycle.apps.train ...``: run an upcycling recipe from ``nemo_upcycle/conf/``.
 
-  python train.py                                          # the embedded default: smollm2_135m_upcycle
+  python train.py                                               # the embedded default: smollm2_135m_upcycle
   python train.py --config-name=llama3_8x8b_upcycle mode=plan   # check the 8x8B layout on any machine
   python train.py --config-name=tiny_llama_upcycle mode=verify
   torchrun --nproc_per_node 2 train.py --config-name=smollm2_135m_upcycle parallel=cpu_2_ep2 mode=train
 
-mode: train | plan | verify (``apps/modes.py``). Outputs go to Hydra's run directory
-(``outputs/<recipe>/<time>``; ``hydra.run.dir=...`` moves it). Bad input: one line ``error: ...``, exit code 2,
-printed by rank 0 only under torchrun / srun; refused before Hydra makes the run directory (``precheck``), or,
-for what only the build finds (a corpus too small once tokenized), with the run directory this invocation made
-removed again.
+mode: train | plan | verify (``apps.modes``). Outputs go to Hydra's run directory (``outputs/<recipe>/<time>``;
+``hydra.run.dir=...`` moves it). Bad input: one line ``error: ...``, exit code 2, printed by rank 0 only under
+torchrun / srun; refused before Hydra makes the run directory (``precheck``), or, for what only the build finds
+(a corpus too small once tokenized), with the run directory this invocation made removed again.
 """
 
 from __future__ import annotations

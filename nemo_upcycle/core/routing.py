@@ -8,14 +8,12 @@ kept experts; ``indices`` [T, k] which experts.
   only when ``renormalize`` (HF ``norm_topk_prob``).
 - sigmoid: sigmoid scores, top-k, divided by their sum when ``renormalize``.
 
-``moe_mlp`` is a dense reference MoE forward (every token through its k experts, no capacity), used by
-``verify`` to give an HF Mixtral checkpoint the routing recorded in its config.
+``offline.verify`` gives an HF Mixtral checkpoint the routing recorded in its config with ``route``.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 
 def route(logits_TE: torch.Tensor, topk: int, score_function: str = "softmax", pre_softmax: bool = False,
@@ -37,20 +35,3 @@ def route(logits_TE: torch.Tensor, topk: int, score_function: str = "softmax", p
         return probs, indices
     top, indices = torch.topk(logits, topk, dim=-1)
     return torch.softmax(top, dim=-1), indices
-
-
-def swiglu_expert(x_TD: torch.Tensor, gate_FD: torch.Tensor, up_FD: torch.Tensor, down_DF: torch.Tensor) -> torch.Tensor:
-    """down(silu(gate x) * up x): the Llama / Mixtral expert."""
-    return F.linear(F.silu(F.linear(x_TD, gate_FD)) * F.linear(x_TD, up_FD), down_DF)
-
-
-def moe_mlp(x_TD: torch.Tensor, router_ED: torch.Tensor, experts, topk: int, **routing) -> torch.Tensor:
-    """Reference sparse MoE: out_t = sum_k probs[t,k] * expert_{indices[t,k]}(x_t). ``experts``: (gate, up, down) list."""
-    probs, indices = route(F.linear(x_TD, router_ED), topk, **routing)
-    out = torch.zeros_like(x_TD)
-    for e, (g, u, d) in enumerate(experts):
-        tok, slot = torch.nonzero(indices == e, as_tuple=True)
-        if tok.numel():
-            y = swiglu_expert(x_TD[tok], g, u, d) * probs[tok, slot, None].to(x_TD.dtype)
-            out.index_add_(0, tok, y)
-    return out

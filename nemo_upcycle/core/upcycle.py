@@ -17,7 +17,7 @@ Nakamura et al. Drop-Upcycling (arXiv 2502.19261).
 from __future__ import annotations
 
 import hashlib
-from typing import Iterator, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -116,13 +116,6 @@ def _drop_upcycle(gate, up, down, gate_FD, up_FD, down_DF, opts: UpcycleOptions,
     return tuple(out)
 
 
-def iter_experts(gate_FD, up_FD, down_DF, opts: UpcycleOptions, layer: int,
-                 experts: Optional[range] = None, *, gated: bool = True) -> Iterator[tuple[int, ExpertWeights]]:
-    """Yield (expert index, weights) for ``experts`` (default all E): lets a rank build only its own."""
-    for e in experts if experts is not None else range(opts.num_moe_experts):
-        yield e, expert_weights(gate_FD, up_FD, down_DF, opts, layer, e, gated=gated)
-
-
 def router_weight(hidden_size: int, opts: UpcycleOptions, layer: int, dtype: torch.dtype = torch.float32,
                   base: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The new router [E, D].
@@ -142,13 +135,6 @@ def router_weight(hidden_size: int, opts: UpcycleOptions, layer: int, dtype: tor
     if kind == "virtual_group":
         base = base[: E // G].repeat_interleave(G, dim=0)
     return base.to(dtype)
-
-
-def upcycle_mlp(gate_FD, up_FD, down_DF, opts: UpcycleOptions, layer: int, *, gated: bool = True,
-                router_base: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, list[ExpertWeights]]:
-    """All experts and the router of one layer at once (convenience for small models and tests)."""
-    experts = [w for _, w in iter_experts(gate_FD, up_FD, down_DF, opts, layer, gated=gated)]
-    return router_weight(gate_FD.shape[1], opts, layer, gate_FD.dtype, router_base), experts
 
 
 class LayerExperts:

@@ -1,33 +1,17 @@
-"""Text corpus -> Megatron indexed datasets (``.bin`` / ``.idx``): a train prefix and a validation prefix.
+"""Text corpus -> Megatron indexed datasets (``.bin`` / ``.idx``): a train and a validation split, cached by content.
 
-``prepare_corpus(paths, tokenizer_dir, out_dir, seq_length=, validation_fraction=, vocab_size=)`` reads
-plain-text files (one document per file) and jsonl files (one document per line, ``{"text": ...}``),
-tokenizes every document with the HF tokenizer directory (batched fast-tokenizer calls, no special tokens)
-and appends the tokenizer's EOS, then writes one entry per document with the ``write`` it is given (the engine
-passes Megatron-core's ``IndexedDatasetBuilder``: the format ``tools/preprocess_data.py`` writes, ``GPTDataset`` reads).
+``prepare_corpus`` reads plain-text files (one document per file) and jsonl (one ``{"text": ...}`` per line),
+tokenizes each document with an HF tokenizer directory (no special tokens, EOS appended) and writes one entry per
+document with the ``write`` it is given (the engine's: Megatron-core's ``IndexedDatasetBuilder``,
+``engine.indexed``). The split is by token position: the last ``validation_fraction`` of the concatenated tokens
+(at least one window of ``seq_length + 1``) is validation, the document across the cut split in two; together the
+splits are exactly the tokenized corpus. The token ids are held in memory (2 bytes each under 65,500 ids, else 4).
 
-Split, by token position and deterministic: the documents are concatenated in the order given and the last
-``validation_fraction`` of the tokens (at least one window of ``seq_length + 1``) is the validation split;
-the document that straddles the cut is split into its head (train) and tail (validation). The two splits are
-disjoint and together are exactly the tokenized corpus.
-
-Cache: ``out_dir/<key>/`` with ``train.{bin,idx}``, ``validation.{bin,idx}`` and ``corpus.json`` (a
-summary), where the key hashes the corpus files (resolved path, size, mtime), the tokenizer files (contents),
-seq_length, validation_fraction and the format version. A second call with the same inputs reads only
-``corpus.json`` (no tokenizer, no Megatron import). The entry is written in a temporary directory and renamed
-into place, so it is never half-written; it carries the mark (``files``, kind ``data-cache``). A damaged entry
-(files not as recorded) is replaced only if it carries the mark; an unmarked one is moved aside, never deleted.
-Temporary entries of killed processes are swept by the next call. A lock file per key (in the node's temp
-directory, removed when released) makes concurrent ranks wait for the first one instead of tokenizing again;
-where ``flock`` does not reach (ranks on other nodes sharing the cache), the rename still keeps the entry whole
-and the loser discards its copy.
-
-Bad input (missing corpus file or tokenizer directory, a directory given as a file, no text, a file that is not
-UTF-8 text: more than ``NOT_TEXT_LIMIT`` of its bytes undecodable or NUL, a corpus too small for one training and
-one validation window, a tokenizer whose ids do not fit the model's vocabulary) raises ``UpcycleError`` before
-anything is written; ``corpus_check.check_corpus_file`` checks a file's first few MB the same way (train.py's
-precheck). Memory: the token ids are held in memory before writing (2 bytes a token for vocabularies under 65,500,
-else 4). No NeMo import here.
+Cache entry ``out_dir/<key>/`` (key: the corpus files' paths, sizes and mtimes, the tokenizer files' contents,
+seq_length, validation_fraction, the format version): both splits and ``corpus.json``, which alone is read on a hit.
+An entry is built in a temporary directory, renamed into place and marked (``system.files``, kind ``data-cache``);
+a lock per key makes concurrent ranks wait for the first. A damaged entry is replaced if marked, else moved aside.
+Bad input (``data.text`` checks the files) raises ``UpcycleError`` before anything is written. No NeMo import.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
-"""Is a corpus file text? Checks shared by train.py's precheck (a bounded prefix of each file, before anything is
-built) and ``data_prep`` (the whole file, while tokenizing): a path that is missing, a directory, a dangling link,
-empty or unreadable is refused, and so is a file with more than ``NOT_TEXT_LIMIT`` of its bytes undecodable as UTF-8
-or NUL (binary data read as text would be tokenized as replacement characters). Counting: the bytes are decoded
-with ``surrogateescape`` (each undecodable byte becomes one lone surrogate) and the surrogates and NULs counted.
+"""Is a corpus file text? One check for train.py's precheck (a bounded prefix of each file, before anything is built)
+and ``data.prepare`` (the whole file, while tokenizing): a path that is missing, a directory, a dangling link, empty
+or unreadable is refused, and so is a file with more than ``NOT_TEXT_LIMIT`` of its bytes undecodable as UTF-8 or
+NUL (binary data read as text would be tokenized as replacement characters). The bytes are decoded with
+``surrogateescape`` (an undecodable byte becomes one lone surrogate), and the surrogates and NULs counted.
 """
 
 from __future__ import annotations

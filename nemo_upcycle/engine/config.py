@@ -1,13 +1,11 @@
 """NeMo 2 config dataclasses for upcycled Llama 3 MoEs.
 
-Each extends a NeMo Llama config (``Llama3Config``, ``Llama31Config``, ``Llama32Config1B`` ...) with the MoE
-fields under their Megatron-core names and the upcycling fields of the core (prefixed ``upcycle_``).
-Defaults differ from Megatron's where Megatron's would mislead an upcycling run: ``moe_aux_loss_coeff``
-is 1e-2 (Megatron's 0 means no load balancing at all; REFERENCE.md), the dispatcher is alltoall (NeMo's
-Mixtral default), and ``moe_ffn_hidden_size`` is derived from the granularity.
-
-``UpcycledLlamaConfig.from_dense(hf_config, ...)`` builds one sized like any dense HF Llama (SmolLM2, a
-tiny test model); the named sizes are one-line subclasses, as in NeMo's own ``mixtral.py``.
+``UpcycledLlamaConfig`` (Llama 3) and ``UpcycledLlama31Config`` (Llama 3.1 rope scaling) extend NeMo's
+``Llama3Config`` / ``Llama31Config`` with the MoE fields under their Megatron-core names and the core's upcycling
+fields (prefixed ``upcycle_``); ``from_dense(hf_config)`` sizes one like any dense HF Llama. Defaults differ from
+Megatron's where Megatron's would mislead an upcycling run: ``moe_aux_loss_coeff`` is 1e-2 (Megatron's 0 is no load
+balancing at all; 1e-2 is Switch Transformer's, Fedus et al., arXiv 2101.03961), the dispatcher is alltoall (NeMo's
+Mixtral default), and ``moe_ffn_hidden_size`` follows from the granularity.
 """
 
 from __future__ import annotations
@@ -15,14 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Callable, List, Optional, Union
 
-from nemo.collections.llm.gpt.model.llama import (
-    Llama3Config,
-    Llama3Config8B,
-    Llama31Config,
-    Llama31Config8B,
-    Llama32Config1B,
-    Llama32Config3B,
-)
+from nemo.collections.llm.gpt.model.llama import Llama3Config, Llama31Config
 
 from nemo_upcycle.core.options import UpcycleOptions
 from nemo_upcycle.errors import UpcycleError
@@ -126,23 +117,3 @@ class UpcycledLlamaConfig(MoEUpcycleFields, Llama3Config):
 @dataclass
 class UpcycledLlama31Config(MoEUpcycleFields, Llama31Config):
     """Llama 3.1 (rope scaling type llama3)."""
-
-
-@dataclass
-class UpcycledLlama3Config8x8B(MoEUpcycleFields, Llama3Config8B):
-    """Llama 3 8B -> 8 experts, top-2 (the Llama 3 Meets MoE setting, arXiv 2412.09952)."""
-
-
-@dataclass
-class UpcycledLlama31Config8x8B(MoEUpcycleFields, Llama31Config8B):
-    """Llama 3.1 8B -> 8 experts, top-2."""
-
-
-@dataclass
-class UpcycledLlama32Config8x1B(MoEUpcycleFields, Llama32Config1B):
-    """Llama 3.2 1B (tied embeddings) -> 8 experts, top-2."""
-
-
-@dataclass
-class UpcycledLlama32Config8x3B(MoEUpcycleFields, Llama32Config3B):
-    """Llama 3.2 3B (tied embeddings) -> 8 experts, top-2."""

@@ -1,30 +1,18 @@
 """Train NeMo 2 / Megatron-core models on a machine without CUDA (gloo, CPU tensors).
 
-NeMo 2.7.3 and megatron-core 0.15.3 assume CUDA at a known set of call sites: ``torch.cuda.current_device()``
-as the device of buffers, ``device="cuda"`` literals, ``.cuda()``, ``pin_memory=True``, CUDA streams and
-events, ``torch.cuda.synchronize()`` and the CUDA RNG tracker. :func:`enable_cpu_support` bypasses exactly
-those sites, only when CUDA is absent, only for the pinned versions (UpcycleError on others).
+NeMo 2.7.3 and megatron-core 0.15.3 assume CUDA at known call sites: ``torch.cuda.current_device()`` as the device of
+buffers, ``device="cuda"``, ``.cuda()``, ``pin_memory=True``, streams and events, ``synchronize()``, the CUDA RNG
+tracker. ``enable_cpu_support()`` bypasses exactly those sites, only without CUDA and only for the pinned versions
+(``PINNED``; ``UpcycleError`` on others). *Scoped* sites (``_SCOPED``, each with its upstream file) are wrapped so
+that a ``TorchFunctionMode`` moves the torch calls written in their own body to the CPU (what they call into is not
+touched; torch's factories are never replaced). *Replaced* ones (the RNG tracker and its seeding, gradient clipping,
+the all-to-all split sizes, a missing TE symbol, NeMo's loaded-tensor device fix, a rank-0-only empty all-gather that
+desynchronizes gloo) are swapped for CPU versions, each helper naming its site.
 
-Use, in this order: ``enable_cpu_support()`` before building the trainer; every model config gets
-``**cpu_config_overrides()``; ``nl.MegatronStrategy(..., **cpu_strategy_kwargs())``;
-``nl.Trainer(accelerator="cpu", ...)``. Under torchrun the process group is gloo (Lightning's CPU default).
-
-How a site is bypassed
-- *Scoped* (``_SCOPED``, each entry with its file:line): the named function is wrapped; while it runs, torch
-  calls written in its own body (or in listed helpers) are redirected: ``device`` cuda -> cpu,
-  ``Tensor.cuda()`` / ``.to("cuda")`` -> stay, ``pin_memory`` -> False, ``torch.cuda.{current_device, Stream,
-  stream, current_stream, synchronize, max_memory_*}`` -> CPU stand-ins. The calling frame decides, so what
-  the function calls into (the model inside ``forward_backward_no_pipelining``) is not redirected. A
-  ``TorchFunctionMode`` does it inside the scope; torch's factories are never replaced.
-- *Replaced* (in :func:`enable_cpu_support`): the RNG tracker class and its seeding, the gradient clipping
-  that asserts CUDA grads, the all-to-all split sizes, a missing TE symbol, NeMo's loaded-tensor device fix,
-  and a rank-0-only empty all-gather that desynchronizes gloo; each helper's docstring names its site.
-
-Not bypassed (not needed by the tested paths): NeMo's async checkpoint save (``ckpt_async_save=True``,
-NeMo's default) calls ``torch.cuda.synchronize()`` at megatron/core/dist_checkpointing/strategies/async_utils.py:210, so
-:func:`cpu_strategy_kwargs` turns it off; the distributed optimizer, ``flex`` (DeepEP) dispatcher, grouped
-GEMM, Transformer Engine specs, fp8, CUDA graphs; tensor, sequence, context and pipeline parallelism are
-untested. Tested: DP and EP (``alltoall`` and ``allgather`` dispatchers) over gloo, dist-checkpoint save/load.
+Use, in this order: ``enable_cpu_support()`` before building the trainer; ``**cpu_config_overrides()`` in every
+model config; ``nl.MegatronStrategy(..., **cpu_strategy_kwargs())`` (no async checkpoint save: it synchronizes
+CUDA); ``nl.Trainer(accelerator="cpu", ...)``. Tested: DP and EP (alltoall and allgather dispatchers) over gloo and
+distributed-checkpoint save / load; not tested: TP, SP, CP, PP, the distributed optimizer, grouped GEMM, TE, fp8.
 """
 
 from __future__ import annotations

@@ -1,33 +1,18 @@
-"""Data modules for NeMo's Megatron trainer: a text corpus through NeMo's own ``PreTrainingDataModule``, and
-deterministic mock tokens.
+"""Data modules for NeMo's Megatron trainer: a text corpus through NeMo's ``PreTrainingDataModule``, and mock tokens.
 
-``CorpusData``: text / jsonl files -> ``data_prep.prepare_corpus`` (Megatron ``.bin/.idx``, a train prefix and a
-validation prefix, cached by content) -> ``nemo.collections.llm.gpt.data.PreTrainingDataModule`` with
-``paths={"train": [train], "validation": [validation], "test": [validation]}``, i.e. Megatron-core's
-``GPTDataset`` (seeded shuffle of seq_length + 1 token windows over the concatenated documents) and NeMo's
-``MegatronDataSampler``. Each sample is the dict ``gpt_forward_step`` expects: tokens, labels (tokens shifted
-by one), loss_mask, position_ids and an explicit causal ``attention_mask`` (True = masked): without Transformer
-Engine, Megatron's local attention needs one.
+``CorpusData``: text / jsonl files -> ``data.prepare.prepare_corpus`` (``.bin/.idx`` train and validation splits,
+cached by content) -> NeMo's ``PreTrainingDataModule``, i.e. Megatron-core's ``GPTDataset`` (a seeded shuffle of
+``seq_length + 1``-token windows) and NeMo's ``MegatronDataSampler``. Samples carry an explicit causal
+``attention_mask``: Megatron's local attention (no Transformer Engine) needs one. The corpus is prepared in
+``__init__`` because NeMo's constructor checks that the files exist; the first rank to take the cache lock does it.
 
-Where the corpus is prepared: in ``__init__``, i.e. before the trainer exists, because NeMo's constructor
-checks that the ``.bin/.idx`` files exist. Every rank constructs the module (torchrun starts one process per
-rank, torch.distributed is not initialized yet); the first one to take the cache entry's file lock tokenizes,
-the others wait on the lock and then read the finished entry (``data_prep``: the entry appears by an atomic
-rename, so a rank never sees half of it). Only global rank 0 shows a progress bar.
+Exact resume: NeMo checkpoints ``consumed_samples`` and the sampler starts there, so a run restarted at step N sees
+the uninterrupted run's batches (keep ``max_steps`` and ``seed``). Validation is always one epoch of the validation
+windows, so its batches are the same on every run of the same corpus and seed. The ``.bin`` files are opened per
+sample (``mmap_bin_files=False``): no handle stays open to interpreter exit, where Megatron's multistorageclient
+wrapper prints tracebacks on close.
 
-Exact resume: NeMo saves ``consumed_samples`` (global step x global batch) in the checkpoint
-(``PreTrainingDataModule.state_dict``); on restart ``load_state_dict`` hands it to the sampler, whose
-``MegatronPretrainingSampler`` starts at that sample, so a run restarted at step N sees the batches N, N+1, ...
-of the uninterrupted run. The train order is GPTDataset's seeded shuffle over
-``ceil(max_steps x global_batch / windows)`` epochs: keep ``max_steps`` and ``seed`` when resuming.
-Validation: always one epoch of the validation windows (not NeMo's count derived from max_steps and
-val_check_interval), so the validation batches (the first ``limit_val_batches`` of them, each time) are the same
-on every run of the same corpus and seed. The ``.bin`` files are read with a short-lived file handle per sample
-(``mmap_bin_files=False``): no handle stays open until interpreter exit, where Megatron's multistorageclient
-wrapper prints tracebacks on close; the cost is one open() per sample.
-
-References: Megatron-LM ``tools/preprocess_data.py`` and ``megatron/core/datasets/gpt_dataset.py``; NeMo 2
-``nemo/collections/llm/gpt/data/pre_training.py``.
+Upstream: megatron/core/datasets/gpt_dataset.py, nemo/collections/llm/gpt/data/pre_training.py.
 """
 
 from __future__ import annotations
@@ -70,12 +55,12 @@ class PackedTokenizer(AutoTokenizer):
 
 
 class CorpusData(PreTrainingDataModule):
-    """Text / jsonl files as NeMo pre-training data, split into train and validation by ``data_prep``.
+    """Text / jsonl files as NeMo pre-training data, split into train and validation by ``data.prepare``.
 
     Args: ``paths`` corpus files; ``tokenizer_dir`` the dense model's HF tokenizer directory; ``cache_dir`` root
     of the prepared-corpus cache (default ``default_cache_dir()``); ``vocab_size`` the model's vocabulary
     (every tokenizer id must be below it; None skips the check); ``seed`` GPTDataset's shuffle seed;
-    ``num_workers`` DataLoader workers. Raises ``UpcycleError`` for bad input (see ``data_prep``) and when the
+    ``num_workers`` DataLoader workers. Raises ``UpcycleError`` for bad input (see ``data.prepare``) and when the
     validation split holds fewer windows than one global batch.
     """
 

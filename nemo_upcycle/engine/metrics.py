@@ -1,41 +1,26 @@
 """Training metrics users can watch: ``metrics.jsonl`` (rank 0), TensorBoard scalars and the progress line.
 
-``MetricsLogger`` is a Lightning callback. Every ``log_every_n_steps`` optimizer steps, and at the end of
-training, it writes one JSON object for the steps since the previous record (the *window*). Records have a
-``kind``:
+``MetricsLogger`` (a Lightning callback) writes one record every ``log_every_n_steps`` optimizer steps and at the
+end, over the steps since the previous record (the window). By ``kind``:
+  run    once per fit: tokens_per_step, flops_per_token, peak_flops (one device), peak_name, devices, num_layers,
+         num_experts, topk, capacity_factor, aux / z-loss coefficients
+  train  step, tokens, steps, loss (mean of NeMo's reduced_train_loss), lr, grad_norm, seconds (training wall time:
+         validation and checkpoints excluded), step_seconds, tokens_per_s, tflops, mfu (null without a peak),
+         elapsed, and the MoE fields below
+  val    step, tokens, val_loss, val_ppl
+MoE fields, over the window's training forwards, per MoE layer as ``<name>_layers`` and summarized as ``<name>``:
+  tokens_per_expert   tokens each expert received, after capacity dropping
+  load_max_over_mean  max / mean of those (1 = balanced; summary: the worst layer)
+  load_cv             std / mean (summary: the layer mean, as for the next two)
+  router_entropy      mean H(softmax(router logits)) in nats, at most ln E
+  dropped_fraction    1 - routed / (tokens x k); 0 when dropless
+  aux_loss, z_loss    Megatron's per-layer tracker, before the coefficient (summary: sum / MoE layers, as
+                      Megatron's ``track_moe_metrics`` logs it)
 
-  run    once per ``fit`` (on train start): tokens_per_step, flops_per_token, peak_flops (one device), peak_name,
-         devices, num_layers, num_experts, topk, capacity_factor, aux/z-loss coefficients.
-  train  step (optimizer steps done), tokens (step x tokens_per_step), steps (in the window), loss (mean of
-         NeMo's reduced_train_loss over the window), lr (last), grad_norm (mean), seconds (training wall time
-         of the window, validation and checkpoints excluded), step_seconds, tokens_per_s, tflops (model
-         TFLOP/s of the whole job), mfu (against peak_flops x devices; null without a peak), elapsed (wall
-         time since train start); MoE fields below when the model has routers.
-  val    step, tokens, val_loss, val_ppl = exp(val_loss), after each validation that ran batches.
-
-MoE fields (per MoE layer in ``moe_layers`` order as ``<name>_layers`` lists, a scalar summary as ``<name>``),
-all over the window's training forwards (validation and no-grad forwards are not counted; with full
-recompute only the recomputation, as Megatron does for its aux loss):
-  tokens_per_expert  list of lists: tokens each expert received (after capacity dropping)
-  load_max_over_mean max / mean of tokens_per_expert (1 = balanced; scalar: worst layer)
-  load_cv            coefficient of variation std / mean (population std; scalar: mean over layers)
-  router_entropy     mean over tokens of H(softmax(router logits)) in nats (<= ln E; scalar: layer mean)
-  dropped_fraction   1 - routed / (tokens x k): capacity-factor drops, 0 when dropless (scalar: layer mean)
-  aux_loss, z_loss   Megatron's per-layer tracker (``moe_utils``: the load-balancing loss *before* its
-                     coefficient, mean over micro-batches, averaged over DP), scalar = sum / MoE layers, as
-                     Megatron's ``track_moe_metrics`` logs it; ``aux_loss`` is the first of load_balancing_loss,
-                     seq_load_balancing_loss, global_load_balancing_loss that the run uses.
-
-Routing statistics come from forward hooks on Megatron's ``TopKRouter`` (forward returns ``(probs,
-routing_map)`` in megatron-core 0.15.3): the hook takes the router input and recomputes the logits (x W^T,
-fp32) for the entropy; counts come from ``routing_map``. Counts are summed over all ranks (PP stages hold
-different layers; DP / CP ranks different tokens; TP ranks the same tokens unless sequence parallel, so the
-sum is divided by TP then). Aux / z losses are read with ``reduce_aux_losses_tracker_across_ranks`` and
-cleared (NeMo 2.7.3 never reads them: megatron_strategy.py ~858 has the call commented out).
-
-Progress: tokens_per_s, tflops and mfu_pct go to ``trainer.progress_bar_metrics`` every step (``pl_module.log``,
-``prog_bar=True``); NeMo's MegatronStrategy prints them with its ProgressPrinter, one line per step, which
-works when stdout is not a TTY. The same scalars go to every ``trainer.loggers`` (TensorBoard) on logged steps.
+Routing counts come from forward hooks on Megatron's ``TopKRouter``, summed over ranks and divided by TP (TP ranks
+see the same tokens unless sequence parallel). The aux / z losses are read from Megatron's tracker and cleared here:
+NeMo 2.7.3's ``MegatronStrategy`` does not read them. tokens_per_s, tflops and mfu_pct also go to the progress bar
+every step and to every ``trainer.loggers`` (TensorBoard) on logged steps.
 """
 
 from __future__ import annotations

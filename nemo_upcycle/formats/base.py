@@ -1,16 +1,13 @@
 """Dense Llama sources, read lazily one tensor at a time, and the registry of their formats.
 
-A source exposes the HF Llama key names and config, whatever is on disk:
-  ``config``  dict in HF ``LlamaConfig`` form (config.json content)
-  ``keys()``, ``shape(key)``, ``dtype(key)``, ``get(key)`` (a CPU tensor; only that tensor is read)
-  ``save_tokenizer(out_dir)`` carries the tokenizer (and generation config) over.
-
-``open_dense(path)`` picks the registered reader (``formats.hf_llama``: an HF directory, ``formats.gguf``: a GGUF
-file, ``engine.nemo_source``: a NeMo 2 checkpoint, registered by the engine) and checks that the source is a dense Llama whose tensors agree
-with its config; every problem is an ``UpcycleError`` of one line. ``check()`` also refuses, by name, config
-values no Llama has (a size that is not a positive integer, ``36.0``, ``true`` or ``"36"``; a NaN or infinite
-``rms_norm_eps`` / ``rope_theta``) and tensors of a dtype a Llama cannot have (float64, integers).
-``locate(path)`` says why a path cannot be opened (missing, a broken link, a symlink loop) before anything is read.
+A source exposes HF Llama names and config whatever is on disk: ``config`` (an HF ``LlamaConfig`` dict), ``keys()``,
+``shape(key)``, ``dtype(key)``, ``get(key)`` (a CPU tensor; only that one is read) and ``save_tokenizer(out_dir)``.
+``open_dense(path)`` picks the registered reader (``formats.hf_llama``: an HF directory; ``formats.gguf``: a GGUF
+file; ``engine.nemo_source``: a NeMo 2 checkpoint, registered by the engine) and checks that the source is a dense
+Llama whose tensors agree with its config; ``check()`` also refuses, by name, config values no Llama has (a size
+that is not a positive integer; a NaN or infinite ``rms_norm_eps`` / ``rope_theta``) and weight dtypes a Llama cannot
+have. ``locate(path)`` says why a path cannot be opened (missing, a broken link, a loop) before anything is read.
+Every problem is a one-line ``UpcycleError``.
 """
 
 from __future__ import annotations

@@ -1,14 +1,14 @@
-"""Dense HF Llama -> HF Mixtral: the config and the key table.
+"""Dense HF Llama -> HF Mixtral: the config and the tensor layout.
 
-The layout is data: every output tensor is a ``TensorSpec`` plus a recipe saying where it comes from:
-  ("copy", llama_key)                 attention, norms, embeddings, lm_head: copied unchanged
-  ("router", layer)                   ``block_sparse_moe.gate.weight`` [E, D]: a new router
-  ("expert", layer, e, "w1"|"w3"|"w2") shard/copy of the dense gate / up / down (core.expert_weights)
+Every output tensor is a ``TensorSpec`` plus a recipe saying where it comes from:
+  ("copy", llama_key)                   attention, norms, embeddings, lm_head: copied unchanged
+  ("router", layer)                     ``block_sparse_moe.gate.weight`` [E, D]: a new router
+  ("expert", layer, e, "w1"|"w3"|"w2")  shard / copy of the dense gate / up / down (``core.expert_weights``)
 The Mixtral on-disk names (w1 = gate, w3 = up, w2 = down) appear only here.
 
-Config: MixtralConfig's defaults differ from LlamaConfig's (rms eps 1e-5, rope theta 1e6, 128k positions),
-so every such field is copied from the source, in the legacy top-level form that transformers 4.x and 5.x
-both read (REFERENCE.md: a 5.x-only ``rope_parameters`` loads in 4.57 with the wrong theta).
+Config: MixtralConfig's defaults differ from LlamaConfig's (rms eps 1e-5, rope theta 1e6, 128k positions), so every
+such field is copied from the source, in the top-level form transformers 4.x and 5.x both read (4.57 ignores 5.x's
+``rope_parameters`` and would load the default theta).
 """
 
 from __future__ import annotations

@@ -1,20 +1,17 @@
-"""The conversion engine: dense Llama (HF directory or GGUF) -> HF Mixtral directory, layer by layer.
+"""Dense Llama (HF directory or GGUF) -> HF Mixtral directory, one layer at a time.
 
-Steps:
-  1. cheap checks first, before the source is read: the source path can be opened (``hf.source.locate``); the
-     output is none of the current directory, the home directory, the source or a directory holding it, and an
-     existing output is replaced only with ``overwrite`` and only if nemo-upcycle wrote it (``check_output``);
-  2. open and check the source (``hf.source.open_dense``): a dense Llama whose tensors match its config;
-  3. validate the options against it; refuse, in closed form from the sizes, a conversion whose peak memory
-     exceeds the memory available or whose output exceeds the free disk (``check_fits``);
-  4. lay out every output tensor from the configs alone (``hf.mixtral.layout``);
-  5. stream into a marked staging directory next to the output (``files.staging``: removed on any failure, on
-     SIGTERM / SIGINT, and swept by the next run once a killed process is gone): read one dense layer, write its
-     copies, router and experts, drop it; a progress bar counts bytes;
-  6. prove every source tensor was consumed exactly once; write config, tokenizer, index;
-  7. ``files.publish``: rename the staging directory onto the output, marked ``convert``.
-Peak memory is about one dense layer (plus one expert when noise / drop / scaling makes a new tensor), the router,
-and ~1.5 KB of bookkeeping per output tensor (``BYTES_PER_TENSOR``, measured by ``bench/convert.py --per-tensor``).
+  1. cheap checks before the source is read: the source path opens (``formats.base.locate``); the output is none of
+     the current directory, the home directory, the source or a directory holding it, and an existing output is
+     replaced only with ``overwrite`` and only if nemo-upcycle wrote it (``check_output``);
+  2. the source opened and checked (``formats.base.open_dense``), the options validated against it; a conversion
+     whose peak memory or output size exceeds what the machine has is refused from the sizes (``check_fits``);
+  3. every output tensor laid out from the configs alone (``formats.mixtral.layout``) and streamed into a marked
+     staging directory (``system.files.staging``: removed on failure or SIGTERM / SIGINT): one dense layer read,
+     its copies, router and experts written, the layer dropped;
+  4. every source tensor proven consumed exactly once; config, tokenizer and index written; the staging directory
+     renamed onto the output (``files.publish``, mark ``convert``).
+Peak memory: about one dense layer (plus one expert when noise, drop or scaling makes a new tensor), the router,
+and ``BYTES_PER_TENSOR`` of bookkeeping per output tensor (measured by ``bench/convert.py --per-tensor``).
 """
 
 from __future__ import annotations

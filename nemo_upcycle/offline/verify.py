@@ -1,22 +1,17 @@
-"""Verification with transformers: step 0 (does the upcycled MoE compute the dense function?) and exports.
+"""Verification with transformers: does the upcycled MoE compute the dense function at step 0, and is an export
+faithful?
 
-Both models are loaded by transformers (dense: ``LlamaForCausalLM`` from an HF directory or a GGUF file;
-MoE: ``MixtralForCausalLM``), in fp32 on the CPU, and run on the same tokens. Reported: max and mean
-absolute logit difference and top-1 agreement. HF Mixtral always renormalizes its top-k weights; when the
-checkpoint's ``upcycling`` record says the routing is different (softmax then top-k without
-renormalization, or sigmoid), each sparse block is given that routing (``core.routing``) so the check
-measures the model that training will actually see.
+Both models are loaded by transformers (``LlamaForCausalLM`` from an HF directory or a GGUF file;
+``MixtralForCausalLM``) in fp32 on the CPU and run on the same tokens: max and mean absolute logit difference, top-1
+agreement. HF Mixtral always renormalizes its top-k weights; when the checkpoint's ``upcycling`` record says the
+routing differs (softmax then top-k without renormalization, or sigmoid), each sparse block is given that routing
+(``core.routing.route``), so the check measures the model training will see. Before loading, ``check_inputs``
+checks both sides as ``convert`` does (``formats.base.open_dense``, ``formats.moe_dir.check_moe_dir``) and the pair
+(``formats.moe_dir.check_pair``); swapped arguments are named as such.
 
-Before transformers loads anything, ``check_inputs`` gives both sides the checks ``convert`` has: the dense side is
-opened with ``hf.source.open_dense`` (complete files, config values, shapes, float weights), the MoE side with
-``hf.moe_dir.check_moe_dir`` (an HF Mixtral with the ``upcycling`` record, complete safetensors, shapes against its
-config), and the pair with ``hf.moe_dir.check_pair`` (same hidden size, layers, heads, vocabulary, FFN). A dense
-model given as the MoE, or the reverse, is named as swapped arguments.
-
-A trained export (``engine.export``) carries ``nemo_reference.safetensors``: token ids and the logits NeMo's
-Megatron module computed on them. For it, ``verify_trained`` checks that transformers' Mixtral reproduces those
-logits (the export is faithful) and reports, as information only, how far training moved the MoE from the
-dense model on the same tokens.
+A trained export (``engine.export``) carries ``nemo_reference.safetensors`` (token ids and the logits NeMo computed
+on them): ``verify_trained`` checks that transformers reproduces those logits and reports, as information only, how
+far training moved the MoE from the dense model.
 """
 
 from __future__ import annotations

@@ -20,12 +20,7 @@ from typing import Optional
 
 import torch
 
-from nemo_upcycle.planning.plan import GPUS, ModelDims, flops_per_token
-
-
-def model_flops_per_token(m: ModelDims, seq_length: int, tp: Optional[int] = None) -> float:
-    """Megatron's model FLOPs (fwd + bwd) per token; ``tp`` pads the vocab as NeMo does (None: unpadded)."""
-    return flops_per_token(m, seq_length, tp)
+from nemo_upcycle.planning.plan import GPUS
 
 
 def gpu_peak(device_name: str, memory_bytes: Optional[int] = None) -> tuple[Optional[float], str]:

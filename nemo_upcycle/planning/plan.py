@@ -37,7 +37,7 @@ FLOPs per token, Megatron-LM megatron/training/training.py ``num_floating_point_
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from math import gcd
 from typing import NamedTuple, Optional, Union
 
@@ -82,15 +82,6 @@ class ModelDims:
         self.kv_channels = self.kv_channels or self.hidden_size // self.num_attention_heads
         self.moe_ffn_hidden_size = self.moe_ffn_hidden_size or self.ffn_hidden_size
 
-    @classmethod
-    def from_config(cls, cfg, **overrides) -> "ModelDims":
-        """From any object with these attribute names (None means what it means in Megatron), e.g.
-        ``UpcycledLlama3Config8x8B()``, whose vocab_size is None (NeMo takes it from the tokenizer): pass it."""
-        kw = {**{f.name: getattr(cfg, f.name) for f in fields(cls) if hasattr(cfg, f.name)}, **overrides}
-        if kw.get("vocab_size") is None:
-            raise UpcycleError("the config has no vocab_size (NeMo reads it from the tokenizer); pass vocab_size=.")
-        return cls(**kw)
-
     def moe_pattern(self) -> list[bool]:
         """Which layers are MoE (Megatron: int f -> layer i iff i % f == 0; a list gives 1/0 per layer)."""
         f = self.moe_layer_freq
@@ -101,10 +92,6 @@ class ModelDims:
     def padded_vocab(self, tp: Optional[int] = None) -> int:
         mult = self.make_vocab_size_divisible_by * (tp or 1)
         return self.vocab_size if tp is None else -(-self.vocab_size // mult) * mult
-
-
-LLAMA3_8X8B = ModelDims(num_layers=32, hidden_size=4096, ffn_hidden_size=14336, num_attention_heads=32,
-                        vocab_size=128256, num_query_groups=8, kv_channels=128, num_moe_experts=8, moe_router_topk=2)
 
 
 @dataclass
@@ -149,12 +136,6 @@ class TrainingSetup:
 
     def num_microbatches(self, par: ParallelLayout) -> int:
         return self.global_batch_size // (self.micro_batch_size * par.data_parallel_size)
-
-
-# Mixtral 8x7B's published H100 layout (REFERENCE.md: 64 GPUs, seq 4096, TP1 PP4 EP8 VP8, GBS 256).
-LAYOUT_8X8B_64_H100 = ParallelLayout(num_nodes=8, gpus_per_node=8, pipeline_model_parallel_size=4,
-                                     virtual_pipeline_model_parallel_size=8, expert_model_parallel_size=8)
-TRAINING_8X8B = TrainingSetup(seq_length=4096, micro_batch_size=1, global_batch_size=256, recompute="selective")
 
 
 # ---- layout check -------------------------------------------------------------------------------------

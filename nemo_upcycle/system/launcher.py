@@ -1,9 +1,10 @@
 """Which process this is, as the launcher (torchrun, Slurm's srun) or torch.distributed says: one home for "rank 0".
 
 Before ``torch.distributed`` is initialised the launcher's environment is the only source: torchrun sets ``RANK``,
-``LOCAL_RANK`` and ``WORLD_SIZE`` (torch.distributed.run), Slurm sets ``SLURM_PROCID`` and ``SLURM_STEP_NUM_TASKS``
-for each task of an ``srun`` step (a batch script alone, with ``SLURM_NTASKS`` but one process, is not a launch). Afterwards the process group is the truth. Errors under a launcher are printed by rank 0 only
-(``refuse``), so a bad input reads as one line however many processes were started.
+``LOCAL_RANK`` and ``WORLD_SIZE``; Slurm sets ``SLURM_PROCID`` and ``SLURM_STEP_NUM_TASKS`` for each task of an
+``srun`` step (a batch script alone, with ``SLURM_NTASKS`` but one process, is not a launch). Afterwards the process
+group is the truth. Errors under a launcher are printed by rank 0 only (``refuse``): a bad input reads as one line
+however many processes were started.
 """
 
 from __future__ import annotations
