@@ -28,7 +28,8 @@ def resolve_source(source: Optional[str], out_dir: Path, sizes: Any = None, seed
             raise UpcycleError("model.source=tiny needs the model group's sizes to make the tiny model from.")
         return make_tiny_llama(sizes, out_dir / "dense_tiny", seed)
     if not source:
-        raise UpcycleError("model.source is not set; point it at a dense HF Llama directory, .gguf or NeMo 2 checkpoint.")
+        raise UpcycleError("model.source is not set; point it at a dense HF Llama directory, .gguf or NeMo 2 "
+                           "checkpoint.")
     return Path(source)
 
 

@@ -131,7 +131,8 @@ def check_exportable(module, config, hf_llama: dict) -> None:
     # 4. sizes agree with the dense HF config the Mixtral config is written from (the key table's config fields)
     ours, theirs = megatron_values(config), hf_values(hf_llama)
     G = config.upcycle_granularity if hasattr(config, "upcycle_granularity") else 1
-    ours["moe_ffn_hidden_size"], theirs["moe_ffn_hidden_size"] = config.moe_ffn_hidden_size, theirs["ffn_hidden_size"] // G
+    ours["moe_ffn_hidden_size"] = config.moe_ffn_hidden_size
+    theirs["moe_ffn_hidden_size"] = theirs["ffn_hidden_size"] // G
     for name, a, b in mismatches(ours, theirs, EXPORT_FIELDS)[:1]:
         name = "scale_factor (Llama 3.1 RoPE)" if name == "scale_factor" else name
         raise UpcycleError(f"the model has {name}={a} but hf_llama_config says {b}; pass the config.json of the "
@@ -151,8 +152,7 @@ class MegatronTensors:
     def __init__(self, module, config, vocab_size: int, keymap: KeyMap = KEYMAP):
         self.params = {n: p for n, p in module.named_parameters()}
         self.used: set[str] = set()
-        H = config.num_attention_heads
-        self.sizes = Sizes(H, config.num_query_groups or H, vocab_size, vocab_size)
+        self.sizes = Sizes.of({**megatron_values(config, rope=False), "vocab_size": vocab_size})
         self.keymap = keymap
         self._last: tuple[Optional[str], tuple[torch.Tensor, ...]] = (None, ())
 

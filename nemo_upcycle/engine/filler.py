@@ -17,7 +17,7 @@ import torch
 from nemo_upcycle.core.options import UpcycleOptions
 from nemo_upcycle.core.upcycle import LayerExperts, router_weight
 from nemo_upcycle.formats.base import read_dense_mlp
-from nemo_upcycle.formats.keymap import KEYMAP, HFTensor, KeyMap, Sizes
+from nemo_upcycle.formats.keymap import KEYMAP, HFTensor, KeyMap, Sizes, hf_values
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,7 @@ class MegatronFiller:
                  num_local_experts: int, padded_vocab: Optional[int] = None, keymap: KeyMap = KEYMAP):
         self.get, self.cfg, self.opts, self.par, self.keymap = get, llama, opts, layout, keymap
         self.num_local_experts = num_local_experts
-        self.sizes = Sizes.from_hf(llama, padded_vocab)
+        self.sizes = Sizes.of(hf_values(llama, rope=False), padded_vocab)
         self.tied = bool(llama.get("tie_word_embeddings", False))
         self.experts = LayerExperts(lambda layer: read_dense_mlp(get, layer), opts)
 

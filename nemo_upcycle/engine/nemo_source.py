@@ -16,7 +16,7 @@ import torch
 
 from nemo_upcycle.errors import UpcycleError
 from nemo_upcycle.formats.base import DenseSource, Reader, is_nemo_checkpoint, register_reader
-from nemo_upcycle.formats.keymap import KEYMAP, Sizes, hf_config, megatron_values
+from nemo_upcycle.formats.keymap import KEYMAP, Sizes, hf_config, hf_values, megatron_values
 
 
 def stacked(name: str) -> str:
@@ -49,7 +49,7 @@ class NeMoDenseSource(DenseSource):
         self._prefix = "module." if any(k.startswith("module.") for k in self._meta) else ""
         self._cache: dict[str, torch.Tensor] = {}
         self._shapes = None
-        self._sizes = Sizes.from_hf(self.config)
+        self._sizes = Sizes.of(hf_values(self.config, rope=False))
 
     @staticmethod
     def _hf_config(c) -> dict:

@@ -69,9 +69,10 @@ class Sizes:
     padded_vocab: int
 
     @classmethod
-    def from_hf(cls, hf: dict, padded_vocab: Optional[int] = None) -> "Sizes":
-        H = hf["num_attention_heads"]
-        return cls(H, hf.get("num_key_value_heads") or H, hf["vocab_size"], padded_vocab or hf["vocab_size"])
+    def of(cls, values: dict, padded_vocab: Optional[int] = None) -> "Sizes":
+        """From config values under Megatron names (``hf_values``, ``megatron_values``)."""
+        V = values["vocab_size"]
+        return cls(values["num_attention_heads"], values["num_query_groups"], V, padded_vocab or V)
 
 
 def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
