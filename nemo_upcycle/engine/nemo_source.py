@@ -4,8 +4,9 @@ The config comes from the checkpoint's own context (``nemo.lightning.io.load_con
 its Megatron distributed checkpoint, read with PyTorch's distributed-checkpoint reader one stored key at a
 time (no process group needed). Megatron stores each per-layer parameter as one tensor stacked over the
 layers (``decoder.layers.mlp.linear_fc1.weight`` [L, 2F, D]); a stacked key is read once, kept while its
-layers are used, and served under HF Llama names (q/k/v split from ``linear_qkv``, gate/up from fc1), so
-the upcycling code is the same as for HF and GGUF sources. Memory: at most the dense model, never the MoE.
+layers are used, and served under HF Llama names by the key table (``formats.keymap``: q/k/v split from
+``linear_qkv``, gate/up from fc1), so the upcycling code is the same as for HF and GGUF sources. Memory: at most the
+dense model, never the MoE.
 """
 
 from __future__ import annotations
