@@ -469,10 +469,10 @@ def test_tiny_dense_model_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
 
     monkeypatch.setattr(LlamaForCausalLM, "save_pretrained", killed)
     with pytest.raises(KeyboardInterrupt):
-        make_tiny_llama(compose(TINY), tmp_path / "dense_tiny")
+        make_tiny_llama(compose(TINY).model, tmp_path / "dense_tiny")
     assert list(tmp_path.iterdir()) == []  # no half model that a restart would take for a whole one
     monkeypatch.setattr(LlamaForCausalLM, "save_pretrained", real)
-    out = make_tiny_llama(compose(TINY), tmp_path / "dense_tiny")  # negative control
+    out = make_tiny_llama(compose(TINY).model, tmp_path / "dense_tiny")  # negative control
     assert (out / "model.safetensors").is_file() and [p.name for p in tmp_path.iterdir()] == ["dense_tiny"]
 
 

@@ -8,7 +8,6 @@ the q/k/v merge equals NeMo's own ``TransformFns.merge_qkv``.
 
 from __future__ import annotations
 
-import os
 from types import SimpleNamespace
 
 import pytest
@@ -104,7 +103,7 @@ def test_filler_shards_reassemble(tiny_llama):
 def test_merge_qkv_equals_nemo(tiny_llama):
     from nemo.lightning.io.state import TransformFns
 
-    from nemo_upcycle.engine.filler import merge_qkv, split_qkv
+    from nemo_upcycle.formats.keymap import merge_qkv, split_qkv
 
     g = torch.Generator().manual_seed(0)
     H, KV, hd, D = 6, 2, 5, 7

@@ -259,7 +259,7 @@ def _shared_source(base, out: Path) -> Optional[str]:
         return None
     from nemo_upcycle.data.sources import make_tiny_llama
 
-    return str(make_tiny_llama(base, out / "dense_tiny"))
+    return str(make_tiny_llama(base.model, out / "dense_tiny", base.seed))
 
 
 def _variant_args(v: Variant, E: int, k: int, steps: int, val_every: int, common: list, overrides: list,

@@ -61,7 +61,7 @@ def run_verify(run: RunConfig, out_dir: Path) -> int:
     from nemo_upcycle.offline.convert import convert
     from nemo_upcycle.offline.verify import verify
 
-    src = resolve_source(run, out_dir)
+    src = resolve_source(run.model.source, out_dir, run.model, run.seed)
     res = convert(src, out_dir / "hf_moe", upcycle_options(run), dtype="float32", overwrite=True)
     rec = res.config["upcycling"]
     print(f"step-0 equivalent by construction: {'yes' if rec['step0_equivalent'] else 'no'} ({rec['step0_note']})")

@@ -24,6 +24,7 @@ from typing import Optional
 from nemo_upcycle.config.schema import RunConfig
 from nemo_upcycle.config.translate import corpus_paths
 from nemo_upcycle.errors import UpcycleError
+from nemo_upcycle.formats.keymap import SHAPE_FIELDS, hf_values, mismatches, model_values
 from nemo_upcycle.planning.plan import (
     GiB,
     ModelDims,
@@ -73,17 +74,10 @@ def check_source(run: RunConfig) -> Optional[dict]:
     from nemo_upcycle.formats.base import open_dense
 
     dense = open_dense(p)
-    c, heads = dense.config, dense.config["num_attention_heads"]
-    pairs = [("num_layers", m.num_layers, c["num_hidden_layers"]), ("hidden_size", m.hidden_size, c["hidden_size"]),
-             ("ffn_hidden_size", m.ffn_hidden_size, c["intermediate_size"]),
-             ("num_attention_heads", m.num_attention_heads, heads),
-             ("num_query_groups", m.num_query_groups, c.get("num_key_value_heads") or heads),
-             ("kv_channels", m.kv_channels or m.hidden_size // m.num_attention_heads, dense.head_dim),
-             ("share_embeddings_and_output_weights", m.share_embeddings_and_output_weights, dense.tied)]
-    for key, ours, theirs in pairs:
-        if ours != theirs:
-            raise UpcycleError(f"the dense source {p} has {key}={theirs} but the recipe says model.{key}={ours}; "
-                               f"choose the model group of that checkpoint, or set model.{key}={theirs}.")
+    c = dense.config
+    for key, ours, theirs in mismatches(model_values(m), hf_values(c), SHAPE_FIELDS)[:1]:
+        raise UpcycleError(f"the dense source {p} has {key}={theirs} but the recipe says model.{key}={ours}; "
+                           f"choose the model group of that checkpoint, or set model.{key}={theirs}.")
     if m.vocab_size < c["vocab_size"]:
         raise UpcycleError(f"the dense source {p} has a vocabulary of {c['vocab_size']} but model.vocab_size="
                            f"{m.vocab_size}; set model.vocab_size={c['vocab_size']}.")

@@ -44,7 +44,7 @@ def train(run: RunConfig, out_dir: Path) -> int:
     try:
         if not torch.cuda.is_available():
             enable_cpu_support()
-        source = resolve_source(run, out_dir)
+        source = resolve_source(run.model.source, out_dir, run.model, run.seed)
         tok = None if run.data.kind == "mock" else run.data.tokenizer or tokenizer_dir(source, out_dir)
         start = build(train_partial(run, out_dir, str(source), tok, resume_from=resume_from and str(resume_from)))
     except UpcycleError as e:

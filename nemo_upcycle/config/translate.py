@@ -5,21 +5,20 @@ and its corpus files. Nothing here reads weights or imports NeMo.
 
 from __future__ import annotations
 
+from dataclasses import fields
 from typing import Optional
 
 from nemo_upcycle.config.schema import RunConfig
 from nemo_upcycle.core.options import UpcycleOptions
+from nemo_upcycle.formats.keymap import hf_config, model_values
 from nemo_upcycle.planning.plan import GPUS, ModelDims, ParallelLayout, TrainingSetup, flops_per_token
 
 
 def model_dims(run: RunConfig) -> ModelDims:
-    m, moe = run.model, run.moe
-    return ModelDims(num_layers=m.num_layers, hidden_size=m.hidden_size, ffn_hidden_size=m.ffn_hidden_size,
-                     num_attention_heads=m.num_attention_heads, vocab_size=m.vocab_size,
-                     num_query_groups=m.num_query_groups, kv_channels=m.kv_channels,
-                     share_embeddings_and_output_weights=m.share_embeddings_and_output_weights,
-                     num_moe_experts=moe.num_moe_experts, moe_router_topk=moe.moe_router_topk,
-                     moe_ffn_hidden_size=m.ffn_hidden_size // run.upcycle.granularity,
+    moe, sizes = run.moe, model_values(run.model)
+    shapes = {f.name: sizes[f.name] for f in fields(ModelDims) if f.name in sizes}
+    return ModelDims(**shapes, num_moe_experts=moe.num_moe_experts, moe_router_topk=moe.moe_router_topk,
+                     moe_ffn_hidden_size=run.model.ffn_hidden_size // run.upcycle.granularity,
                      moe_layer_freq=moe.moe_layer_freq, moe_expert_capacity_factor=moe.moe_expert_capacity_factor)
 
 
@@ -58,14 +57,9 @@ def upcycle_options(run: RunConfig):
 
 
 def hf_llama_config(run: RunConfig) -> dict:
-    """The dense model as an HF Llama config dict (for the meta-device build and the key layout)."""
-    m = run.model
-    cfg = {"model_type": "llama", "hidden_size": m.hidden_size, "intermediate_size": m.ffn_hidden_size,
-           "num_hidden_layers": m.num_layers, "num_attention_heads": m.num_attention_heads,
-           "num_key_value_heads": m.num_query_groups, "head_dim": m.kv_channels or m.hidden_size // m.num_attention_heads,
-           "vocab_size": m.vocab_size, "rms_norm_eps": m.layernorm_epsilon, "rope_theta": m.rotary_base,
-           "max_position_embeddings": m.seq_length, "tie_word_embeddings": m.share_embeddings_and_output_weights}
-    return cfg
+    """The dense model as an HF Llama config dict (for the meta-device build and the key layout, which RoPE scaling
+    does not change: it is left out)."""
+    return {"model_type": "llama", **hf_config(model_values(run.model, rope=False))}
 
 
 def flops_for_run(run) -> float:

@@ -6,41 +6,43 @@ data (the source's own, or one written from a GGUF). Files are written through s
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Optional
 
 import torch
 
 from nemo_upcycle.data.resources import smollm2_gguf
 from nemo_upcycle.errors import UpcycleError
 from nemo_upcycle.formats.base import open_dense
+from nemo_upcycle.formats.keymap import hf_config, model_values
 from nemo_upcycle.system.files import MARK, publish, staging
 
 
-def resolve_source(run, out_dir: Path) -> Path:
-    """The dense source path: ``smollm2`` -> the PyPI GGUF, ``tiny`` -> a random tiny Llama made here."""
-    src = run.model.source
-    if src == "smollm2":
+def resolve_source(source: Optional[str], out_dir: Path, sizes: Any = None, seed: int = 1234) -> Path:
+    """The dense source path: ``smollm2`` -> the PyPI GGUF, ``tiny`` -> a random tiny Llama of ``sizes`` (the
+    ``model.*`` group: the schema object or a dict of it) made under ``out_dir`` with ``seed``; any other path as
+    it is."""
+    if source == "smollm2":
         return smollm2_gguf()
-    if src == "tiny":
-        return make_tiny_llama(run, out_dir / "dense_tiny")
-    if not src:
-        raise UpcycleError("model.source is not set; point it at a dense HF Llama directory, .gguf or NeMo 2 checkpoint.")
-    return Path(src)
+    if source == "tiny":
+        if sizes is None:
+            raise UpcycleError("model.source=tiny needs the model group's sizes to make the tiny model from.")
+        return make_tiny_llama(sizes, out_dir / "dense_tiny", seed)
+    if not source:
+        raise UpcycleError("model.source is not set; point it at a dense HF Llama directory, .gguf or NeMo 2 "
+                           "checkpoint.")
+    return Path(source)
 
 
-def make_tiny_llama(run, path: Path) -> Path:
-    """A random dense Llama of the recipe's sizes at ``path``, written through a staging directory (a run killed
-    while writing it leaves no half model); when several ranks write it, the first one's stays."""
+def make_tiny_llama(sizes: Any, path: Path, seed: int = 1234) -> Path:
+    """A random dense Llama of ``sizes`` (the ``model.*`` group: the schema object or a dict of it) at ``path``,
+    written through a staging directory (a run killed while writing it leaves no half model); when several ranks
+    write it, the first one's stays."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     if (path / "config.json").is_file():
         return path
-    m = run.model
-    torch.manual_seed(run.seed)
-    cfg = LlamaConfig(hidden_size=m.hidden_size, intermediate_size=m.ffn_hidden_size, num_hidden_layers=m.num_layers,
-                      num_attention_heads=m.num_attention_heads, num_key_value_heads=m.num_query_groups,
-                      head_dim=m.kv_channels or m.hidden_size // m.num_attention_heads,
-                      vocab_size=m.vocab_size, max_position_embeddings=m.seq_length, rms_norm_eps=m.layernorm_epsilon,
-                      rope_theta=m.rotary_base, tie_word_embeddings=m.share_embeddings_and_output_weights)
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(**hf_config(model_values(sizes, rope=False)))
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         with staging(path) as tmp:

@@ -17,7 +17,7 @@ from typing import Any, Optional, Sequence
 import nemo_run as run
 
 from nemo_upcycle.config.compose import check_layout, compose, overrides_from_kwargs
-from nemo_upcycle.config.schema import ModelSchema, RunConfig
+from nemo_upcycle.config.schema import RunConfig
 from nemo_upcycle.data.sources import resolve_source, tokenizer_dir
 from nemo_upcycle.engine.cpu import enable_cpu_support
 from nemo_upcycle.engine.partial import train_partial
@@ -34,11 +34,9 @@ def dense_source(source: str, out_dir: str, tiny: Optional[dict] = None, seed: i
         enable_cpu_support()
     if source not in KEYWORD_SOURCES:
         return source
-    r = RunConfig(seed=seed, model=ModelSchema(**(tiny or {})))
-    r.model.source = source
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    return str(resolve_source(r, out))
+    return str(resolve_source(source, out, tiny, seed))
 
 
 def dense_tokenizer(source: str, out_dir: str) -> str:

@@ -17,6 +17,7 @@ from nemo.collections.llm.gpt.model.llama import Llama3Config, Llama31Config
 
 from nemo_upcycle.core.options import UpcycleOptions
 from nemo_upcycle.errors import UpcycleError
+from nemo_upcycle.formats.keymap import FIELDS, hf_values
 from nemo_upcycle.engine.spec import moe_layer_spec, te_importable
 
 
@@ -88,23 +89,19 @@ class UpcycledLlamaConfig(MoEUpcycleFields, Llama3Config):
 
     @classmethod
     def from_dense(cls, hf: dict, **overrides) -> "UpcycledLlamaConfig":
-        """Sizes from a dense HF Llama config dict; Llama 3.1 rope scaling picks the 3.1 variant."""
-        H = hf["num_attention_heads"]
-        sizes = dict(
-            num_layers=hf["num_hidden_layers"], hidden_size=hf["hidden_size"], ffn_hidden_size=hf["intermediate_size"],
-            num_attention_heads=H, num_query_groups=hf.get("num_key_value_heads") or H,
-            kv_channels=hf.get("head_dim") or hf["hidden_size"] // H, layernorm_epsilon=hf.get("rms_norm_eps", 1e-6),
-            rotary_base=hf.get("rope_theta", 10000.0), seq_length=min(hf.get("max_position_embeddings", 2048), 8192),
-            vocab_size=hf["vocab_size"], share_embeddings_and_output_weights=bool(hf.get("tie_word_embeddings")),
-        )
+        """Sizes from a dense HF Llama config dict (the key table's config fields); Llama 3.1 rope scaling picks
+        the 3.1 variant."""
+        values = hf_values(hf)
+        sizes = {k: v for k, v in values.items() if not FIELDS[k].rope}
+        sizes["seq_length"] = min(sizes["seq_length"], 8192)
         rope = hf.get("rope_scaling") or {}
         kind = rope.get("rope_type", rope.get("type"))
         target = cls
         if kind == "llama3":
+            if values["scale_factor"] is None:
+                raise UpcycleError("rope_scaling of type llama3 has no factor; fix the dense model's config.json.")
             target = UpcycledLlama31Config
-            sizes.update(scale_factor=rope["factor"], low_freq_factor=rope.get("low_freq_factor", 1.0),
-                         high_freq_factor=rope.get("high_freq_factor", 4.0),
-                         old_context_len=rope.get("original_max_position_embeddings", 8192))
+            sizes.update({k: v for k, v in values.items() if FIELDS[k].rope})
         elif kind not in (None, "default"):
             raise UpcycleError(f"rope_scaling type {kind!r} is not supported by the NeMo Llama configs; use a Llama 3 / 3.1 checkpoint.")
         names = {f.name for f in fields(target)}

@@ -4,26 +4,15 @@
 ``transformers.MixtralForCausalLM.from_pretrained`` loads, plus ``nemo_reference.safetensors``: token ids and
 the Megatron module's own logits on them, which ``nemo-upcycle verify DENSE OUT`` replays with transformers.
 
-Megatron parameter (local or TE spec)                    HF Mixtral tensor
-  embedding.word_embeddings.weight [Vp, D]                 model.embed_tokens.weight [V, D] (padded rows cut)
-  decoder.layers.{l}.input_layernorm.weight                model.layers.{l}.input_layernorm.weight
-     (TE: self_attention.linear_qkv.layer_norm_weight)
-  decoder.layers.{l}.self_attention.linear_qkv.weight      self_attn.{q,k,v}_proj.weight (mcore_map.split_qkv)
-  decoder.layers.{l}.self_attention.linear_proj.weight     self_attn.o_proj.weight
-  decoder.layers.{l}.pre_mlp_layernorm.weight              post_attention_layernorm.weight
-  decoder.layers.{l}.mlp.router.weight [E, D]              block_sparse_moe.gate.weight
-  ...mlp.experts.local_experts.{e}.linear_fc1.weight       block_sparse_moe.experts.{e}.w1 (gate, first half)
-     [2F, D] = cat(gate, up)  (TE: experts.linear_fc1.weight{e})                          and w3 (up, second half)
-  ...mlp.experts.local_experts.{e}.linear_fc2.weight       block_sparse_moe.experts.{e}.w2
-  decoder.final_layernorm.weight                           model.norm.weight
-  output_layer.weight [Vp, D]                              lm_head.weight (absent when tied: tie_word_embeddings)
+Which Megatron parameter holds which HF Mixtral tensor, and how (q/k/v split, fc1 = [w1; w3], padded vocabulary
+rows cut), is the key table's (``formats.keymap``); ``lm_head`` is absent when the embeddings are tied.
 
 Steps: 1. refuse what a Mixtral cannot hold (a sharded rank, a dense layer, routing HF cannot express, sizes that
 disagree with ``hf_llama_config``); 2. if ``reference_ids`` are given, run the module on them (eval mode, its own
-dtype) and keep the logits cut to the HF vocab; 3. stream every tensor in the order of ``hf.mixtral.layout``
+dtype) and keep the logits cut to the HF vocab; 3. stream every tensor in the order of ``formats.mixtral.layout``
 (the same key table ``convert`` writes) into safetensors shards in a marked staging directory next to ``out_dir``
 (``files.staging``: removed on failure and on SIGTERM / SIGINT); 4. prove every Megatron parameter was written
-exactly once; 5. config.json (``hf.mixtral.mixtral_config``: the ``upcycling`` record carries the routing that
+exactly once; 5. config.json (``formats.mixtral.mixtral_config``: the ``upcycling`` record carries the routing that
 verify replays, plus a ``trained`` record), tokenizer files, reference; 6. ``files.publish`` onto ``out_dir``, marked
 ``export``. Before any of it the output is checked as ``convert`` checks it (``convert.check_output``): an existing
 ``out_dir`` is replaced only with ``overwrite`` and only if nemo-upcycle wrote it; never the current or home
@@ -35,9 +24,8 @@ Getting the bare module out of a NeMo run (``unwrap``): ``trainer.strategy.megat
 ``unwrap`` follows ``[0]`` and ``.module`` through all of them. Call it on one rank only (data-parallel
 ranks hold identical copies; rank 0 exports). A module trained in bf16 is exported from its bf16 weights
 (exact in fp32) and its reference logits are computed in bf16: verify then needs a looser ``--atol``.
-Keep ``reference_ids`` to a few hundred tokens: the reference holds B*T*V fp32 logits (SmolLM2: 192 KiB a token).
-Seen here (2 shared cores): 420 MiB/s, about 6 s for SmolLM2-135M upcycled E8 (700M parameters, fp32) without the
-reference; the reference costs one forward pass of the module.
+Keep ``reference_ids`` to a few hundred tokens: the reference holds B*T*V fp32 logits (SmolLM2: 192 KiB a token);
+it costs one forward pass of the module.
 
 From a saved NeMo 2 checkpoint (``<ckpt>/context`` + ``<ckpt>/weights``): ``export_checkpoint(ckpt, out)``
 builds the model in this process as one rank (a gloo world of one unless one exists), loads the weights with
@@ -51,7 +39,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import re
 import shutil
 import socket
@@ -66,7 +53,7 @@ import torch  # noqa: E402
 
 from nemo_upcycle.errors import UpcycleError
 from nemo_upcycle.offline.verify import REFERENCE_FILE, load_reference  # noqa: F401 -- the reader lives with verify (no NeMo there)
-from nemo_upcycle.engine.filler import split_qkv
+from nemo_upcycle.formats.keymap import KEYMAP, KeyMap, Sizes, hf_values, megatron_values, mismatches
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +82,11 @@ def unwrap(module):
 
 
 # ---------------------------------------------------------------------------------------------- checks
+
+
+EXPORT_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "kv_channels",
+                 "moe_ffn_hidden_size", "share_embeddings_and_output_weights", "layernorm_epsilon", "rotary_base",
+                 "scale_factor")
 
 
 def check_exportable(module, config, hf_llama: dict) -> None:
@@ -136,28 +128,15 @@ def check_exportable(module, config, hf_llama: dict) -> None:
             or config.add_qkv_bias or getattr(config, "qk_layernorm", False):
         raise UpcycleError("the model is not a Llama-style MoE (SwiGLU, RMSNorm, no biases, no qk norm); only those "
                            "export to HF Mixtral.")
-    # 4. sizes agree with the dense HF config the Mixtral config is written from
-    H = hf_llama["num_attention_heads"]
+    # 4. sizes agree with the dense HF config the Mixtral config is written from (the key table's config fields)
+    ours, theirs = megatron_values(config), hf_values(hf_llama)
     G = config.upcycle_granularity if hasattr(config, "upcycle_granularity") else 1
-    pairs = [("num_layers", config.num_layers, hf_llama["num_hidden_layers"]),
-             ("hidden_size", config.hidden_size, hf_llama["hidden_size"]),
-             ("num_attention_heads", config.num_attention_heads, H),
-             ("num_query_groups", config.num_query_groups or config.num_attention_heads, hf_llama.get("num_key_value_heads") or H),
-             ("kv_channels", config.kv_channels or config.hidden_size // config.num_attention_heads,
-              hf_llama.get("head_dim") or hf_llama["hidden_size"] // H),
-             ("moe_ffn_hidden_size", config.moe_ffn_hidden_size, hf_llama["intermediate_size"] // G),
-             ("share_embeddings_and_output_weights", bool(config.share_embeddings_and_output_weights),
-              bool(hf_llama.get("tie_word_embeddings", False))),
-             ("layernorm_epsilon", config.layernorm_epsilon, hf_llama.get("rms_norm_eps", 1e-6)),
-             ("rotary_base", config.rotary_base, hf_llama.get("rope_theta", 10000.0))]
-    rope = hf_llama.get("rope_scaling") or {}
-    llama31 = rope.get("factor") if rope.get("rope_type", rope.get("type")) == "llama3" else None
-    pairs.append(("scale_factor (Llama 3.1 RoPE)", getattr(config, "scale_factor", None), llama31))
-    for name, ours, theirs in pairs:  # floats: a GGUF stores eps and theta as float32
-        close = isinstance(ours, (int, float)) and isinstance(theirs, float) and math.isclose(ours, theirs, rel_tol=1e-6)
-        if ours != theirs and not close:
-            raise UpcycleError(f"the model has {name}={ours} but hf_llama_config says {theirs}; pass the config.json of "
-                               "the dense model this MoE was upcycled from.")
+    ours["moe_ffn_hidden_size"] = config.moe_ffn_hidden_size
+    theirs["moe_ffn_hidden_size"] = theirs["ffn_hidden_size"] // G
+    for name, a, b in mismatches(ours, theirs, EXPORT_FIELDS)[:1]:
+        name = "scale_factor (Llama 3.1 RoPE)" if name == "scale_factor" else name
+        raise UpcycleError(f"the model has {name}={a} but hf_llama_config says {b}; pass the config.json of the "
+                           "dense model this MoE was upcycled from.")
     padded = module.embedding.word_embeddings.weight.shape[0]
     if padded < hf_llama["vocab_size"]:
         raise UpcycleError(f"the model's vocabulary ({padded}) is smaller than hf_llama_config's vocab_size "
@@ -168,63 +147,29 @@ def check_exportable(module, config, hf_llama: dict) -> None:
 
 
 class MegatronTensors:
-    """HF-named tensors read from one rank's Megatron parameters; remembers which parameters were used."""
+    """HF-named tensors read from one rank's Megatron parameters by the key table; remembers which were used."""
 
-    def __init__(self, module, config, vocab_size: int):
+    def __init__(self, module, config, vocab_size: int, keymap: KeyMap = KEYMAP):
         self.params = {n: p for n, p in module.named_parameters()}
         self.used: set[str] = set()
-        self.V = vocab_size
-        self.H = config.num_attention_heads
-        self.KV = config.num_query_groups or config.num_attention_heads
-        self._qkv: dict[int, tuple[torch.Tensor, ...]] = {}
+        self.sizes = Sizes.of({**megatron_values(config, rope=False), "vocab_size": vocab_size})
+        self.keymap = keymap
+        self._last: tuple[Optional[str], tuple[torch.Tensor, ...]] = (None, ())
 
-    def _take(self, *names: str) -> torch.Tensor:
-        for n in names:
-            if n in self.params:
-                self.used.add(n)
-                return self.params[n].detach()
-        raise KeyError(f"the model has no parameter {names[0]}")
-
-    def copy(self, hf_key: str) -> torch.Tensor:
-        """The tensor for a dense Llama key (the ``copy`` recipes of ``hf.mixtral.layout``)."""
-        if hf_key == "model.embed_tokens.weight":
-            return self._take("embedding.word_embeddings.weight")[: self.V]
-        if hf_key == "lm_head.weight":
-            return self._take("output_layer.weight")[: self.V]
-        if hf_key == "model.norm.weight":
-            return self._take("decoder.final_layernorm.weight")
-        _, _, layer, rest = hf_key.split(".", 3)
-        mp = f"decoder.layers.{layer}."
-        if rest == "input_layernorm.weight":
-            return self._take(mp + "input_layernorm.weight", mp + "self_attention.linear_qkv.layer_norm_weight")
-        if rest == "post_attention_layernorm.weight":
-            return self._take(mp + "pre_mlp_layernorm.weight", mp + "mlp.linear_fc1.layer_norm_weight")
-        if rest == "self_attn.o_proj.weight":
-            return self._take(mp + "self_attention.linear_proj.weight")
-        if rest in ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"):
-            l = int(layer)
-            if l not in self._qkv:
-                self._qkv = {l: split_qkv(self._take(mp + "self_attention.linear_qkv.weight"), self.H, self.KV)}
-            return self._qkv[l]["qkv".index(rest[10])]
-        raise KeyError(f"no Megatron source for {hf_key}")
-
-    def router(self, layer: int) -> torch.Tensor:
-        return self._take(f"decoder.layers.{layer}.mlp.router.weight")
-
-    def expert(self, layer: int, e: int, which: str) -> torch.Tensor:
-        """w1 = gate (first half of fc1), w3 = up (second half), w2 = fc2."""
-        mp = f"decoder.layers.{layer}.mlp.experts."
-        if which == "w2":
-            return self._take(mp + f"local_experts.{e}.linear_fc2.weight", mp + f"linear_fc2.weight{e}")
-        gate, up = self._take(mp + f"local_experts.{e}.linear_fc1.weight", mp + f"linear_fc1.weight{e}").chunk(2)
-        return gate if which == "w1" else up
-
-    def produce(self, recipe: tuple) -> torch.Tensor:
-        if recipe[0] == "copy":
-            return self.copy(recipe[1])
-        if recipe[0] == "router":
-            return self.router(recipe[1])
-        return self.expert(*recipe[1:])
+    def get(self, hf_key: str) -> torch.Tensor:
+        """The HF tensor ``hf_key`` (a name of ``formats.mixtral.layout``)."""
+        try:
+            hit = self.keymap.hf(hf_key)
+        except KeyError:
+            raise KeyError(f"no Megatron source for {hf_key}") from None
+        names = hit.megatron_names()
+        name = next((n for n in names if n in self.params), None)
+        if name is None:
+            raise KeyError(f"the model has no parameter {names[0]}")
+        self.used.add(name)
+        if self._last[0] != name:  # q, k, v (and w1, w3) are split from one parameter: split it once
+            self._last = (name, hit.row.to_hf(self.params[name].detach(), self.sizes))
+        return self._last[1][hit.part]
 
     def check_all_used(self) -> None:
         left = sorted(set(self.params) - self.used)
@@ -335,8 +280,8 @@ def export_hf_mixtral(module, config, out_dir, *, hf_llama_config: dict, tokeniz
         writer = ShardedWriter(tmp, specs, max_shard_bytes)
         with torch.no_grad(), tqdm(total=sum(s.nbytes for s in specs), unit="B", unit_scale=True, desc="export",
                                    disable=not progress) as bar:
-            for spec, recipe in plan:
-                writer.write(spec.name, src.produce(recipe).to("cpu", spec.dtype))
+            for spec in specs:
+                writer.write(spec.name, src.get(spec.name).to("cpu", spec.dtype))
                 bar.update(spec.nbytes)
         writer.close()
         src.check_all_used()  # 4.

@@ -27,17 +27,19 @@ from nemo_upcycle.engine.data import CorpusData, MockTokens
 from nemo_upcycle.engine.lifecycle import UpcycleLifecycle
 from nemo_upcycle.engine.metrics import MetricsLogger
 from nemo_upcycle.engine.model import UpcycledLlamaModel
+from nemo_upcycle.formats.keymap import FIELDS, model_values
 
 
 def model_config(r: RunConfig) -> run.Config:
+    """The NeMo Llama config of the recipe: the ``model.*`` sizes under their Megatron names (the key table's config
+    fields; ``data.seq_length`` is the sequence trained on), the MoE and upcycling fields, precision and layout."""
     m, moe, up = r.model, r.moe, r.upcycle
     bf16 = r.trainer.precision.startswith("bf16")
-    kw = dict(num_layers=m.num_layers, hidden_size=m.hidden_size, ffn_hidden_size=m.ffn_hidden_size,
-              num_attention_heads=m.num_attention_heads, num_query_groups=m.num_query_groups,
-              kv_channels=m.kv_channels or m.hidden_size // m.num_attention_heads, vocab_size=m.vocab_size,
-              seq_length=r.data.seq_length, rotary_base=m.rotary_base, layernorm_epsilon=m.layernorm_epsilon,
-              share_embeddings_and_output_weights=m.share_embeddings_and_output_weights,
-              bf16=bf16, params_dtype=torch.bfloat16 if bf16 else torch.float32,
+    sizes = model_values(m)
+    scale_factor = sizes["scale_factor"]
+    kw = {k: v for k, v in sizes.items() if not FIELDS[k].rope}
+    kw["seq_length"] = r.data.seq_length
+    kw.update(bf16=bf16, params_dtype=torch.bfloat16 if bf16 else torch.float32,
               num_moe_experts=moe.num_moe_experts, moe_router_topk=moe.moe_router_topk,
               moe_expert_capacity_factor=moe.moe_expert_capacity_factor, moe_token_drop_policy=moe.moe_token_drop_policy,
               moe_pad_expert_input_to_capacity=moe.moe_pad_expert_input_to_capacity,
@@ -54,9 +56,9 @@ def model_config(r: RunConfig) -> run.Config:
     if r.parallel.accelerator == "cpu":
         kw.update(cpu_config_overrides())
     cls = UpcycledLlamaConfig
-    if m.rope_scaling_factor:
+    if scale_factor:  # Llama 3.1 / 3.2 RoPE scaling; NeMo's other RoPE fields keep their defaults
         cls = UpcycledLlama31Config
-        kw.update(scale_factor=m.rope_scaling_factor)
+        kw.update(scale_factor=scale_factor)
     return run.Config(cls, **kw)
 
 

@@ -24,6 +24,7 @@ from typing import Callable
 import torch
 
 from nemo_upcycle.errors import UpcycleError
+from nemo_upcycle.formats.keymap import DENSE_MLP, llama_shapes
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "generation_config.json")
@@ -124,22 +125,8 @@ class DenseSource(abc.ABC):
         return bool(self.config.get("tie_word_embeddings", False))
 
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
-        """The dense Llama key -> shape map that the config implies."""
-        c = self.config
-        D, F, V, L = c["hidden_size"], c["intermediate_size"], c["vocab_size"], c["num_hidden_layers"]
-        H, KV, hd = c["num_attention_heads"], c.get("num_key_value_heads") or c["num_attention_heads"], self.head_dim
-        shapes = {"model.embed_tokens.weight": (V, D), "model.norm.weight": (D,)}
-        if not self.tied:
-            shapes["lm_head.weight"] = (V, D)
-        for i in range(L):
-            p = f"model.layers.{i}."
-            shapes.update({
-                p + "input_layernorm.weight": (D,), p + "post_attention_layernorm.weight": (D,),
-                p + "self_attn.q_proj.weight": (H * hd, D), p + "self_attn.k_proj.weight": (KV * hd, D),
-                p + "self_attn.v_proj.weight": (KV * hd, D), p + "self_attn.o_proj.weight": (D, H * hd),
-                p + "mlp.gate_proj.weight": (F, D), p + "mlp.up_proj.weight": (F, D), p + "mlp.down_proj.weight": (D, F),
-            })
-        return shapes
+        """The dense Llama key -> shape map that the config implies (the key table's ``llama_shapes``)."""
+        return llama_shapes(self.config)
 
     def check(self) -> "DenseSource":
         """Refuse anything but a dense Llama whose tensors agree with its config."""
@@ -251,5 +238,4 @@ def open_dense(path: str | Path) -> DenseSource:
 
 def read_dense_mlp(get, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(gate, up, down) of one dense layer, read with ``get(hf_key)`` (any source's ``get``)."""
-    p = f"model.layers.{layer}.mlp."
-    return get(p + "gate_proj.weight"), get(p + "up_proj.weight"), get(p + "down_proj.weight")
+    return tuple(get(t.key(layer)) for t in DENSE_MLP)

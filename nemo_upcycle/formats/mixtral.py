@@ -1,14 +1,14 @@
 """Dense HF Llama -> HF Mixtral: the config and the tensor layout.
 
-Every output tensor is a ``TensorSpec`` plus a recipe saying where it comes from:
-  ("copy", llama_key)                   attention, norms, embeddings, lm_head: copied unchanged
-  ("router", layer)                     ``block_sparse_moe.gate.weight`` [E, D]: a new router
-  ("expert", layer, e, "w1"|"w3"|"w2")  shard / copy of the dense gate / up / down (``core.expert_weights``)
-The Mixtral on-disk names (w1 = gate, w3 = up, w2 = down) appear only here.
+The layout is data: every output tensor is a ``TensorSpec`` plus a recipe saying where it comes from:
+  ("copy", llama_key)                      attention, norms, embeddings, lm_head: copied unchanged
+  ("router", layer)                        ``block_sparse_moe.gate.weight`` [E, D]: a new router
+  ("expert", layer, e, "gate"|"up"|"down") that part of expert e (core.expert_weights)
+The names, shapes and what each MoE tensor is made from are the key table's (``formats.keymap``).
 
-Config: MixtralConfig's defaults differ from LlamaConfig's (rms eps 1e-5, rope theta 1e6, 128k positions), so every
-such field is copied from the source, in the top-level form transformers 4.x and 5.x both read (4.57 ignores 5.x's
-``rope_parameters`` and would load the default theta).
+Config: MixtralConfig's defaults differ from LlamaConfig's (rms eps 1e-5, rope theta 1e6, 128k positions),
+so every such field is copied from the source, in the legacy top-level form that transformers 4.x and 5.x
+both read (a 5.x-only ``rope_parameters`` loads in 4.57 with the wrong theta).
 """
 
 from __future__ import annotations
@@ -18,17 +18,25 @@ from typing import Optional
 import torch
 
 from nemo_upcycle.core.options import UpcycleOptions
+from nemo_upcycle.formats.keymap import (
+    ATTENTION,
+    DENSE_MLP,
+    EMBED,
+    HF_DEFAULTS,
+    LM_HEAD,
+    MIXTRAL_EXPERT,
+    NORM,
+    ROUTER,
+    HFTensor,
+    tensor_dims,
+)
 from nemo_upcycle.formats.safetensors_stream import TensorSpec
 
-LAYER_COPY = ("input_layernorm.weight", "post_attention_layernorm.weight", "self_attn.q_proj.weight",
-              "self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.o_proj.weight")
-DENSE_MLP = {"w1": "mlp.gate_proj.weight", "w3": "mlp.up_proj.weight", "w2": "mlp.down_proj.weight"}
 COPIED_CONFIG = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                  "head_dim", "hidden_act", "max_position_embeddings", "initializer_range", "rms_norm_eps",
                  "rope_theta", "rope_scaling", "tie_word_embeddings", "bos_token_id", "eos_token_id",
                  "pad_token_id", "attention_dropout", "use_cache")
-LLAMA_DEFAULTS = {"rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": 2048,
-                  "tie_word_embeddings": False, "hidden_act": "silu", "initializer_range": 0.02}
+LLAMA_DEFAULTS = {**HF_DEFAULTS, "hidden_act": "silu", "initializer_range": 0.02}
 
 
 def mixtral_config(llama: dict, opts: UpcycleOptions, dtype: torch.dtype, source: Optional[str] = None) -> dict:
@@ -59,40 +67,31 @@ def mixtral_config(llama: dict, opts: UpcycleOptions, dtype: torch.dtype, source
     return cfg
 
 
+def _recipe(t: HFTensor, layer: Optional[int] = None, expert: Optional[int] = None) -> tuple:
+    if t.made_from is None:
+        return ("copy", t.key(layer))
+    if t.made_from == "router":
+        return ("router", layer)
+    return ("expert", layer, expert, t.made_from)
+
+
 def layout(llama: dict, opts: UpcycleOptions, dtype: torch.dtype) -> list[tuple[TensorSpec, tuple]]:
     """Every output tensor, in write order (layer by layer), with its recipe."""
-    D, F, V = llama["hidden_size"], llama["intermediate_size"], llama["vocab_size"]
-    H = llama["num_attention_heads"]
-    KV = llama.get("num_key_value_heads") or H
-    hd = llama.get("head_dim") or D // H
-    E, Fe = opts.num_moe_experts, F // opts.granularity
-    shapes = {"input_layernorm.weight": (D,), "post_attention_layernorm.weight": (D,),
-              "self_attn.q_proj.weight": (H * hd, D), "self_attn.k_proj.weight": (KV * hd, D),
-              "self_attn.v_proj.weight": (KV * hd, D), "self_attn.o_proj.weight": (D, H * hd)}
-    expert_shapes = {"w1": (Fe, D), "w2": (D, Fe), "w3": (Fe, D)}
+    dims = tensor_dims(llama, llama["intermediate_size"] // opts.granularity, opts.num_moe_experts)
 
-    out = [(TensorSpec("model.embed_tokens.weight", (V, D), dtype), ("copy", "model.embed_tokens.weight"))]
+    shapes = {t: t.shape_for(dims) for t in (EMBED, NORM, LM_HEAD, ROUTER) + ATTENTION + MIXTRAL_EXPERT}  # shared
+
+    def spec(t: HFTensor, layer=None, expert=None):
+        return TensorSpec(t.key(layer, expert), shapes[t], dtype), _recipe(t, layer, expert)
+
+    out = [spec(EMBED)]
     for i in range(llama["num_hidden_layers"]):
-        p = f"model.layers.{i}."
-        for k in LAYER_COPY:
-            out.append((TensorSpec(p + k, shapes[k], dtype), ("copy", p + k)))
-        out.append((TensorSpec(p + "block_sparse_moe.gate.weight", (E, D), dtype), ("router", i)))
-        for e in range(E):
-            for w in ("w1", "w2", "w3"):
-                out.append((TensorSpec(f"{p}block_sparse_moe.experts.{e}.{w}.weight", expert_shapes[w], dtype),
-                            ("expert", i, e, w)))
-    out.append((TensorSpec("model.norm.weight", (D,), dtype), ("copy", "model.norm.weight")))
+        out += [spec(t, i) for t in ATTENTION + (ROUTER,)]
+        out += [spec(t, i, e) for e in range(opts.num_moe_experts) for t in MIXTRAL_EXPERT]
+    out.append(spec(NORM))
     if not llama.get("tie_word_embeddings", False):
-        out.append((TensorSpec("lm_head.weight", (V, D), dtype), ("copy", "lm_head.weight")))
+        out.append(spec(LM_HEAD))
     return out
-
-
-def _sizes(llama: dict, opts: UpcycleOptions) -> tuple[int, ...]:
-    D, F, V, L = llama["hidden_size"], llama["intermediate_size"], llama["vocab_size"], llama["num_hidden_layers"]
-    H = llama["num_attention_heads"]
-    KV = llama.get("num_key_value_heads") or H
-    hd = llama.get("head_dim") or D // H
-    return D, F // opts.granularity, V, L, H, KV, hd, opts.num_moe_experts
 
 
 def num_output_tensors(llama: dict, opts: UpcycleOptions) -> int:
@@ -103,18 +102,19 @@ def num_output_tensors(llama: dict, opts: UpcycleOptions) -> int:
 
 def output_bytes(llama: dict, opts: UpcycleOptions, dtype: torch.dtype) -> int:
     """sum(spec.nbytes for spec in layout(...)) in closed form: no table of E x L entries is built."""
-    D, Fe, V, L, H, KV, hd, E = _sizes(llama, opts)
-    per_layer = 2 * D + 2 * H * hd * D + 2 * KV * hd * D + E * D + 3 * E * Fe * D
-    embed = V * D * (1 if llama.get("tie_word_embeddings", False) else 2)
-    return (embed + D + L * per_layer) * dtype.itemsize
+    d = tensor_dims(llama, llama["intermediate_size"] // opts.granularity, opts.num_moe_experts)
+    D, E = d["D"], d["E"]
+    per_layer = 2 * D + 2 * d["Q"] * D + 2 * d["KV"] * D + E * D + 3 * E * d["Fe"] * D
+    embed = d["V"] * D * (1 if llama.get("tie_word_embeddings", False) else 2)
+    return (embed + D + llama["num_hidden_layers"] * per_layer) * dtype.itemsize
 
 
 def source_keys(recipe: tuple) -> list[str]:
     """The dense Llama keys a recipe reads (to prove every source key is consumed exactly once)."""
     if recipe[0] == "copy":
         return [recipe[1]]
-    if recipe[0] == "expert" and recipe[2] == 0 and recipe[3] == "w1":
-        return [f"model.layers.{recipe[1]}.{k}" for k in DENSE_MLP.values()]
+    if recipe[0] == "expert" and recipe[2] == 0 and recipe[3] == MIXTRAL_EXPERT[0].made_from:
+        return [t.key(recipe[1]) for t in DENSE_MLP]
     return []
 
 

@@ -150,7 +150,7 @@ def _produce(src: DenseSource, recipe: tuple, opts: UpcycleOptions, experts: Lay
         return router_weight(src.config["hidden_size"], opts, recipe[1], dtype)
     _, layer, e, which = recipe
     w = experts.get(layer, e)
-    return {"w1": w.gate, "w3": w.up, "w2": w.down}[which]
+    return getattr(w, which)  # the expert's part: gate, up or down (formats.mixtral.layout)
 
 
 def _check_consumed(src: DenseSource, consumed: list[str]) -> None:
