@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from nemo_upcycle.errors import UpcycleError
-from nemo_upcycle.formats.base import is_nemo_checkpoint
 from nemo_upcycle.system.files import Terminated
 
 # torch.cuda imports the deprecated pynvml on every start; its FutureWarning would break the one-line errors.
@@ -117,6 +116,8 @@ def run_convert(a: argparse.Namespace) -> int:
 
     if a.shard_size_mb < 1:
         raise UpcycleError(f"--shard-size-mb {a.shard_size_mb} must be at least 1.")
+    from nemo_upcycle.formats.base import is_nemo_checkpoint  # imports torch: after the warning filter above
+
     if is_nemo_checkpoint(Path(a.src).expanduser()):
         from nemo_upcycle.engine import nemo_source  # noqa: F401 -- its reader (NeMo: a slow import, only here)
     opts = UpcycleOptions(
