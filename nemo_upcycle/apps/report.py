@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import statistics
 import sys
 from datetime import datetime, timezone
@@ -28,6 +27,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+from nemo_upcycle.system.files import atomic_path, atomic_write_text  # noqa: E402
 
 
 # ---- reading ----------------------------------------------------------------------------------------------
@@ -84,10 +85,9 @@ def _fmt(v, digits: int = 4) -> str:
 
 # ---- plots ------------------------------------------------------------------------------------------------
 def _save(fig, path: Path) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 
@@ -325,9 +325,7 @@ def write_report(run_dir, *, metrics_path=None, step0: Optional[dict] = None, su
              "router": plot_router(m, run_dir / "router.png", run.get("num_experts")),
              "throughput": plot_throughput(m, run_dir / "throughput.png")}
     out = run_dir / "report.md"
-    tmp = out.with_name(".report.md.tmp")
-    tmp.write_text(build_markdown(run_dir, m, step0, summary or {}, plots))
-    os.replace(tmp, out)
+    atomic_write_text(out, build_markdown(run_dir, m, step0, summary or {}, plots))
     return out
 
 

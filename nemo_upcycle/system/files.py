@@ -172,17 +172,25 @@ def check_writable(d: Path, needed_bytes: int = 0, margin: int = 64 << 20, flag:
                            f"{free / 2**30:.2f} GiB are free; free space or choose another location.")
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary name in the same directory and a rename (never half-written)."""
+@contextlib.contextmanager
+def atomic_path(path: Path, needed_bytes: Optional[int] = None) -> Iterator[Path]:
+    """A temporary name beside ``path`` to write to (any writer: text, JSON, a plot's ``savefig``); renamed to
+    ``path`` when the block ends, removed if it fails: ``path`` is never half-written."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with write_errors(path.parent, len(text)):
-            tmp.write_text(text)
+        with write_errors(path.parent, needed_bytes):
+            yield tmp
             os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary name in the same directory and a rename (never half-written)."""
+    with atomic_path(path, len(text)) as tmp:
+        tmp.write_text(text)
 
 
 def atomic_write_json(path: Path, record) -> None:
