@@ -31,6 +31,7 @@ from typing import Optional, Sequence
 # torch.cuda imports the deprecated pynvml on every start; its FutureWarning would break the one-line errors.
 warnings.filterwarnings("ignore", message="The pynvml package is deprecated", category=FutureWarning)
 
+from nemo_upcycle.core.options import CHOICES, UpcycleOptions  # noqa: E402
 from nemo_upcycle.errors import UpcycleError  # noqa: E402
 from nemo_upcycle.formats.base import is_nemo_checkpoint  # noqa: E402
 from nemo_upcycle.offline.verify import STEP0_ATOL  # noqa: E402
@@ -52,17 +53,17 @@ def _add_convert(sub) -> None:
     p.add_argument("--num-experts", "-E", type=int, required=True, help="E, number of experts")
     p.add_argument("--topk", "-k", type=int, required=True, help="experts per token")
     p.add_argument("--granularity", "-G", type=int, default=1, help="dense FFN / expert FFN (default 1: whole copies)")
-    p.add_argument("--router-init", choices=["normal", "zeros", "virtual_group"], default=None,
+    p.add_argument("--router-init", choices=CHOICES["router_init"], default=None,
                    help="default: virtual_group when G > 1, else normal")
     p.add_argument("--router-std", type=float, default=0.02)
-    p.add_argument("--scaling", choices=["exact", "megatron", "none"], default="exact",
+    p.add_argument("--scaling", choices=CHOICES["scaling"], default="exact",
                    help="granular weight scaling: exact (factor on down_proj) or megatron (s^(1/3) on each matrix)")
     p.add_argument("--pre-softmax", action="store_true", help="softmax then top-k (Megatron moe_router_pre_softmax)")
     p.add_argument("--norm-topk-prob", action=argparse.BooleanOptionalAction, default=None,
                    help="renormalize the top-k weights (default: yes unless --pre-softmax)")
-    p.add_argument("--score-function", choices=["softmax", "sigmoid"], default="softmax")
+    p.add_argument("--score-function", choices=CHOICES["moe_router_score_function"], default="softmax")
     p.add_argument("--capacity-factor", type=float, default=None, help="recorded for training; default dropless")
-    p.add_argument("--drop-policy", choices=["probs", "position"], default="probs")
+    p.add_argument("--drop-policy", choices=CHOICES["moe_token_drop_policy"], default="probs")
     p.add_argument("--drop-ratio", type=float, default=0.0, help="Drop-Upcycling: fraction of units re-initialized")
     p.add_argument("--noise-std", type=float, default=0.0, help="Gaussian noise added to every expert weight")
     p.add_argument("--moe-layers", default="all", help="all | every:N | comma list of layer indices")
@@ -128,8 +129,6 @@ OPTION_FLAGS = {"num_moe_experts": "--num-experts", "moe_router_topk": "--topk",
 
 def upcycle_options(a: argparse.Namespace):
     """The core's ``UpcycleOptions`` from the convert flags (``OPTION_FLAGS``), validated."""
-    from nemo_upcycle.core.options import UpcycleOptions
-
     return UpcycleOptions(**{f: getattr(a, flag[2:].replace("-", "_")) for f, flag in OPTION_FLAGS.items()}).validate()
 
 

@@ -29,6 +29,8 @@ FLOAT_FIELDS = ("router_std", "noise_std", "drop_ratio", "moe_expert_capacity_fa
 SCALINGS = ("exact", "megatron", "none")
 SCORE_FUNCTIONS = ("softmax", "sigmoid")
 DROP_POLICIES = ("probs", "position")
+CHOICES = {"scaling": SCALINGS, "router_init": ROUTER_INITS, "moe_router_score_function": SCORE_FUNCTIONS,
+           "moe_token_drop_policy": DROP_POLICIES}
 
 
 @dataclass(frozen=True)
@@ -112,11 +114,8 @@ class UpcycleOptions:
         if ffn_hidden_size is not None and ffn_hidden_size % G:
             raise FieldError(f"{{granularity=}} does not divide the dense FFN size {ffn_hidden_size}; choose a divisor "
                              f"of {ffn_hidden_size}.", granularity=G)
-        for name, allowed, value in (("scaling", SCALINGS, self.scaling),
-                                     ("router_init", ROUTER_INITS, self.router_init_resolved),
-                                     ("moe_router_score_function", SCORE_FUNCTIONS, self.moe_router_score_function),
-                                     ("moe_token_drop_policy", DROP_POLICIES, self.moe_token_drop_policy)):
-            if value not in allowed:
+        for name, allowed in CHOICES.items():
+            if (self.router_init_resolved if name == "router_init" else getattr(self, name)) not in allowed:
                 raise FieldError(f"{{{name}=}} is not one of {', '.join(allowed)}.", **{name: getattr(self, name)})
         if not 0.0 <= self.drop_ratio <= 1.0:
             raise FieldError("{drop_ratio=} is outside [0, 1]; it is the fraction of each expert's units "
