@@ -121,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
 # by it (``--topk 9``)
 OPTION_FLAGS = {"num_moe_experts": "--num-experts", "moe_router_topk": "--topk", "granularity": "--granularity",
                 "scaling": "--scaling", "router_init": "--router-init", "router_std": "--router-std",
-                "noise_std": "--noise-std", "drop_ratio": "--drop-ratio", "moe_layers": "--moe-layers", "seed": "--seed",
+                "noise_std": "--noise-std", "drop_ratio": "--drop-ratio", "moe_layers": "--moe-layers",
+                "seed": "--seed",
                 "moe_router_score_function": "--score-function", "moe_router_pre_softmax": "--pre-softmax",
                 "norm_topk_prob": "--norm-topk-prob", "moe_expert_capacity_factor": "--capacity-factor",
                 "moe_token_drop_policy": "--drop-policy", "moe_aux_loss_coeff": "--aux-loss-coeff"}
@@ -205,7 +206,8 @@ def run_recipes(a: argparse.Namespace) -> int:
         r = compose(name)
         p = r.parallel
         if p.accelerator == "gpu":
-            where = f"{p.num_nodes * p.devices} x {p.gpu} ({p.num_nodes} node{'s' if p.num_nodes > 1 else ''} x {p.devices})"
+            nodes = f"{p.num_nodes} node{'s' if p.num_nodes > 1 else ''}"
+            where = f"{p.num_nodes * p.devices} x {p.gpu} ({nodes} x {p.devices})"
         else:
             where = f"CPU, {p.num_nodes * p.devices} process{'es' if p.num_nodes * p.devices > 1 else ''}"
         rows.append((name, r.mode, where, describe(name)))

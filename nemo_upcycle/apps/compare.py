@@ -11,7 +11,7 @@ the same order and the MoEs start from the same router draws. Variants (``VARIAN
 
   dense              the dense model trained as it is (``moe=dense``) for the same tokens
   dense_flops        the same, for the MoE's training FLOPs: steps x F_moe / F_dense whole steps (F: model FLOPs
-                     per token, ``throughput.flops_for_run``), so the equal-FLOPs column has a dense entry
+                     per token, ``config.translate.flops_for_run``), so the equal-FLOPs column has a dense entry
   copy               copy upcycling, top-k then softmax (Megatron's default), normal router (Komatsuzaki et al.)
   copy_pre_softmax   copy upcycling, softmax then top-k (``moe_router_pre_softmax``; He et al. arXiv 2410.07524)
   granular_exact     G=2 shards per copy, virtual-group router, the factor G on the down projection; E and k

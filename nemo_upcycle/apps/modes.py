@@ -51,7 +51,8 @@ def run_plan(run: RunConfig, out_dir: Path) -> str:
         lines.append("memory   does NOT fit: raise PP / TP / EP, or trainer.recompute=full, or a smaller micro batch")
     text = "\n".join(lines)
     atomic_write_text(out_dir / "plan.txt", text + "\n")
-    record = {"counts": pl.counts, "fits": pl.fits, "peak_bytes": pl.peak["total"], "flops_per_token": pl.flops_per_token,
+    record = {"counts": pl.counts, "fits": pl.fits, "peak_bytes": pl.peak["total"],
+              "flops_per_token": pl.flops_per_token,
               "tokens_per_s_per_gpu": pl.tokens_per_s_per_gpu, "world_size": pl.parallel.world_size,
               "gpu": run.parallel.gpu, "gpu_memory_bytes": GPUS[run.parallel.gpu].memory_bytes, "warnings": pl.warnings}
     atomic_write_json(out_dir / "plan.json", record)
@@ -78,8 +79,9 @@ def run_verify(run: RunConfig, out_dir: Path) -> int:
 
 def check_gpu(run: RunConfig, config_name: str) -> None:
     if (run.requires_gpu or run.parallel.accelerator == "gpu") and not torch.cuda.is_available():
-        raise UpcycleError(f"recipe {config_name} needs {run.parallel.num_nodes * run.parallel.devices} GPUs and this machine "
-                           f"has none; check it here with mode=plan, or run a CPU recipe: {', '.join(CPU_RECIPES)}.")
+        raise UpcycleError(f"recipe {config_name} needs {run.parallel.num_nodes * run.parallel.devices} GPUs and this "
+                           f"machine has none; check it here with mode=plan, or run a CPU recipe: "
+                           f"{', '.join(CPU_RECIPES)}.")
 
 
 def preflight(run: RunConfig, config_name: str) -> None:

@@ -227,7 +227,8 @@ def build_markdown(run_dir: Path, m: dict, step0: Optional[dict], summary: dict,
         if final.get("moe_loss") is not None:
             rows.append(["MoE after training", final.get("step"), _num(final.get("moe_loss"))])
         rows = [r + [math.exp(r[2]) if r[2] is not None else None] for r in rows]
-        L += [f"Before / after on the same {step0.get('tokens', '?')} validation tokens (the step-0 check's windows):", ""]
+        L += [f"Before / after on the same {step0.get('tokens', '?')} validation tokens (the step-0 check's "
+              "windows):", ""]
         L += _table(["", "step", "loss", "ppl"], rows) + [""]
         if final.get("hf_mixtral"):
             L += [f"Exported HF Mixtral: `{final['hf_mixtral']}` (check it: `nemo-upcycle verify <dense> "

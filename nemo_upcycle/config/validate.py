@@ -128,7 +128,8 @@ def validate(cfg) -> RunConfig:
     try:
         run: RunConfig = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as e:
-        raise UpcycleError(f"bad config: {e.msg if hasattr(e, 'msg') else e} (key {getattr(e, 'full_key', '?')}).") from None
+        msg = e.msg if hasattr(e, "msg") else e
+        raise UpcycleError(f"bad config: {msg} (key {getattr(e, 'full_key', '?')}).") from None
     _one_of("mode", run.mode, MODES)
     check_numbers(run)
     m, moe, par = run.model, run.moe, run.parallel

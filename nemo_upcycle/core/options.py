@@ -109,8 +109,8 @@ class UpcycleOptions:
         if G < 1:
             raise FieldError("{granularity=} must be at least 1.", granularity=G)
         if E % G:
-            raise FieldError("{num_moe_experts=} is not a multiple of {granularity=}: each copy of the dense MLP is cut "
-                             "into G experts; choose E = R*G.", num_moe_experts=E, granularity=G)
+            raise FieldError("{num_moe_experts=} is not a multiple of {granularity=}: each copy of the dense MLP is "
+                             "cut into G experts; choose E = R*G.", num_moe_experts=E, granularity=G)
         if ffn_hidden_size is not None and ffn_hidden_size % G:
             raise FieldError(f"{{granularity=}} does not divide the dense FFN size {ffn_hidden_size}; choose a divisor "
                              f"of {ffn_hidden_size}.", granularity=G)
@@ -216,7 +216,8 @@ def step0_report(opts: UpcycleOptions) -> tuple[bool, str]:
     if G == 1:
         return True, "every expert is the dense MLP and the k routing weights sum to 1."
     if opts.router_init_resolved != "virtual_group":
-        return False, f"G={G} experts need a virtual-group router (the G shards of a copy must share a row); got {opts.router_init_resolved}."
+        return False, (f"G={G} experts need a virtual-group router (the G shards of a copy must share a row); got "
+                       f"{opts.router_init_resolved}.")
     if k % G:
         return False, f"top-{k} is not a multiple of G={G}: a token sees only {k % G or k} of the G shards of a copy."
     if opts.scaling != "exact":

@@ -148,7 +148,8 @@ class UpcycleLifecycle(pl.Callback):
         rec: dict = {"step": 0}
         if not self._one_rank():
             rec["skipped"] = "the model is split over ranks; run mode=verify for the step-0 check"
-        elif not self.dense_source or Path(self.dense_source).is_dir() and not (Path(self.dense_source) / "config.json").is_file():
+        elif not self.dense_source or (Path(self.dense_source).is_dir()
+                                       and not (Path(self.dense_source) / "config.json").is_file()):
             rec["skipped"] = "the dense source is not an HF directory or GGUF; run mode=verify on an HF copy"
         else:
             moe = self._logits(pl_module)

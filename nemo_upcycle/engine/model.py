@@ -35,7 +35,8 @@ def check_dense_matches(src: DenseSource, config) -> None:
     """Refuse, in one line, a dense source whose sizes disagree with the MoE config."""
     c = src.config
     H = c["num_attention_heads"]
-    pairs = [("num_layers", config.num_layers, c["num_hidden_layers"]), ("hidden_size", config.hidden_size, c["hidden_size"]),
+    pairs = [("num_layers", config.num_layers, c["num_hidden_layers"]),
+             ("hidden_size", config.hidden_size, c["hidden_size"]),
              ("ffn_hidden_size", config.ffn_hidden_size, c["intermediate_size"]),
              ("num_attention_heads", config.num_attention_heads, H),
              ("num_query_groups", config.num_query_groups or H, c.get("num_key_value_heads") or H),
@@ -46,7 +47,8 @@ def check_dense_matches(src: DenseSource, config) -> None:
             raise UpcycleError(f"the dense source {src.path} has {name}={theirs} but the MoE config says {ours}; "
                                "build the config with UpcycledLlamaConfig.from_dense(...) or fix the recipe.")
     if config.vocab_size is not None and config.vocab_size < c["vocab_size"]:
-        raise UpcycleError(f"config vocab_size {config.vocab_size} is smaller than the dense source's {c['vocab_size']}.")
+        raise UpcycleError(f"config vocab_size {config.vocab_size} is smaller than the dense source's "
+                           f"{c['vocab_size']}.")
 
 
 def check_parallel_layout(config, tp: int, ep: int, etp: int = 1, pp: int = 1) -> None:
@@ -64,7 +66,8 @@ def rank_layout(module) -> RankLayout:
     offset = layers[0].layer_number - 1 if layers is not None and len(layers) else 0
     return RankLayout(tp_rank=ps.get_tensor_model_parallel_rank(), tp_size=ps.get_tensor_model_parallel_world_size(),
                       ep_rank=ps.get_expert_model_parallel_rank(), ep_size=ps.get_expert_model_parallel_world_size(),
-                      etp_rank=ps.get_expert_tensor_parallel_rank(), etp_size=ps.get_expert_tensor_parallel_world_size(),
+                      etp_rank=ps.get_expert_tensor_parallel_rank(),
+                      etp_size=ps.get_expert_tensor_parallel_world_size(),
                       layer_offset=offset)
 
 

@@ -146,7 +146,8 @@ def _routed_forward(score: str, pre: bool, renorm: bool):
     return forward
 
 
-def tokenize(moe_dir: Path, dense_path: Path, text: str, vocab_size: int, max_tokens: int = 256) -> tuple[torch.Tensor, str]:
+def tokenize(moe_dir: Path, dense_path: Path, text: str, vocab_size: int,
+             max_tokens: int = 256) -> tuple[torch.Tensor, str]:
     """Token ids of ``text`` with the MoE's (or the dense model's) tokenizer; without one, seeded random ids."""
     from transformers import AutoTokenizer
 
@@ -211,9 +212,11 @@ def load_reference(path: Path) -> tuple[torch.Tensor, torch.Tensor, dict]:
             meta = f.metadata() or {}
             ids, logits = f.get_tensor("input_ids"), f.get_tensor("logits")
     except (OSError, SafetensorError) as e:  # missing, truncated, foreign, or without these tensors
-        raise UpcycleError(f"{path} is not a readable NeMo reference ({e.__class__.__name__}); re-export the model.") from None
+        raise UpcycleError(f"{path} is not a readable NeMo reference ({e.__class__.__name__}); re-export the "
+                           "model.") from None
     if ids.ndim != 2 or logits.shape[:2] != ids.shape:
-        raise UpcycleError(f"{path}: ids {list(ids.shape)} and logits {list(logits.shape)} do not match; re-export the model.")
+        raise UpcycleError(f"{path}: ids {list(ids.shape)} and logits {list(logits.shape)} do not match; re-export "
+                           "the model.")
     return ids.long(), logits.float(), meta
 
 

@@ -1,1 +1,2 @@
-"""Process and file-system services every layer may use: the mark and atomic writes (``files``), ranks (``launcher``)."""
+"""Process and file-system services every layer may use: the mark and atomic writes (``files``), ranks
+(``launcher``)."""

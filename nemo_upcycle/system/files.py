@@ -120,7 +120,8 @@ def check_replaceable(out: Path, kinds: Iterable[str], protect: Iterable[Path] =
                        "choose another output, or move that directory away yourself.")
 
 
-def remove_ours(d: Path, kinds: Optional[Iterable[str]] = None, legacy: Optional[Callable[[Path], bool]] = None) -> None:
+def remove_ours(d: Path, kinds: Optional[Iterable[str]] = None,
+                legacy: Optional[Callable[[Path], bool]] = None) -> None:
     """Remove directory ``d`` if nemo-upcycle made it; anything else is refused (never deleted)."""
     d = Path(d)
     if not d.exists() and not d.is_symlink():
@@ -145,7 +146,8 @@ def write_errors(where: Path, needed_bytes: Optional[int] = None) -> Iterator[No
             raise UpcycleError(f"the disk under {where} is full ({need}{free / 2**30:.2f} GiB free now); free space or "
                                "choose another output.") from None
         if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-            raise UpcycleError(f"cannot write under {where}: {e.strerror}; choose a writable output location.") from None
+            raise UpcycleError(f"cannot write under {where}: {e.strerror}; choose a writable output "
+                               "location.") from None
         raise
 
 

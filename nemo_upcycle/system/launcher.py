@@ -2,7 +2,8 @@
 
 Before ``torch.distributed`` is initialised the launcher's environment is the only source: torchrun sets ``RANK``,
 ``LOCAL_RANK`` and ``WORLD_SIZE`` (torch.distributed.run), Slurm sets ``SLURM_PROCID`` and ``SLURM_STEP_NUM_TASKS``
-for each task of an ``srun`` step (a batch script alone, with ``SLURM_NTASKS`` but one process, is not a launch). Afterwards the process group is the truth. Errors under a launcher are printed by rank 0 only
+for each task of an ``srun`` step (a batch script alone, with ``SLURM_NTASKS`` but one process, is not a launch).
+Afterwards the process group is the truth. Errors under a launcher are printed by rank 0 only
 (``refuse``), so a bad input reads as one line however many processes were started.
 """
 
@@ -39,7 +40,8 @@ def is_rank0() -> bool:
 
 
 def launcher_world() -> Optional[int]:
-    """How many processes the launcher started (``WORLD_SIZE`` of torchrun, ``SLURM_STEP_NUM_TASKS`` of srun), or None."""
+    """How many processes the launcher started (``WORLD_SIZE`` of torchrun, ``SLURM_STEP_NUM_TASKS`` of srun), or
+    None."""
     dist = _dist()
     if dist is not None:
         return dist.get_world_size()
