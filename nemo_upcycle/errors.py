@@ -48,9 +48,10 @@ class FieldError(UpcycleError):
         """The fields the message names, in order."""
         return tuple(dict.fromkeys(m.group(1) for m in _SLOT.finditer(self.template)))
 
-    def render(self, names: Optional[Mapping[str, str]] = None, sep: Optional[str] = None) -> str:
-        names = self.names if names is None else names
-        sep = self.sep if sep is None else sep
+    def render(self, names: Optional[Mapping[str, str]] = None, sep: str = "=") -> str:
+        """The message in an edge's ``names`` (field -> name); an error an inner edge has named already (``named``:
+        a recipe error that reaches the CLI through ``compare``) keeps that edge's names."""
+        names, sep = (self.names, self.sep) if self.names else (names or {}, sep)
 
         def slot(m: re.Match) -> str:
             field, kind = m.group(1), m.group(2)
@@ -64,8 +65,8 @@ class FieldError(UpcycleError):
         return " ".join(_SLOT.sub(slot, self.template).split())
 
     def named(self, names: Mapping[str, str], sep: str = "=") -> "FieldError":
-        """The same error, its message (``str``) rendered by an edge's ``names`` (field -> name)."""
+        """The same error, named by an edge: its message (``str``) and every later ``render`` use ``names``."""
         err = FieldError(self.template, **self.values)
-        err.names, err.sep = names, sep
+        err.names, err.sep = dict(names), sep
         err.args = (err.render(),)
         return err

@@ -48,6 +48,8 @@ def test_field_error_slots():
     assert e.render({"a": "--aa", "b": "--bb"}, " ") == "--aa 3 and --bb (--bb (b), c); --aa"
     named = e.named({"a": "g.a"})
     assert str(named) == "g.a=3 and b (b, c); g.a" and named.template == e.template and str(e) == "a=3 and b (b, c); a"
+    # a recipe error that reaches the CLI (nemo-upcycle compare) keeps the recipe's keys; a fresh one takes the flags
+    assert named.render({"a": "--aa"}, " ") == str(named) and e.render({"a": "--aa"}, " ").startswith("--aa 3")
     with pytest.raises(KeyError):  # negative control: a {field=} slot needs the field's value
         FieldError("{missing=} is wrong")
 

@@ -30,7 +30,7 @@ from omegaconf import DictConfig  # noqa: E402
 
 from nemo_upcycle.config.compose import COMPOSE_ERRORS, composition_error, conf_dir  # noqa: E402
 from nemo_upcycle.config.schema import register  # noqa: E402
-from nemo_upcycle.config.validate import validate  # noqa: E402
+from nemo_upcycle.config.validate import KEYS, validate  # noqa: E402
 from nemo_upcycle.errors import UpcycleError  # noqa: E402
 
 register()
@@ -55,7 +55,7 @@ def main(cfg: DictConfig) -> None:
         if made and getattr(e, "before_start", False):
             remove_run_dir(out_dir)
         if is_rank0():
-            print(f"error: {e}", file=sys.stderr)
+            print(f"error: {e.render(KEYS)}", file=sys.stderr)  # a refusal from below, in the recipe's keys
         EXIT["code"] = e.exit_code
 
 
@@ -133,7 +133,7 @@ def precheck(argv: list[str]) -> list[str]:
             check_run_dir(run, pinned)
         RUN_DIR["checked"] = True
     except UpcycleError as e:
-        refuse(e)
+        refuse(e, KEYS)
     except COMPOSE_ERRORS as e:  # unknown key, wrong type, missing recipe, bad override syntax: bad input
         refuse(composition_error(e))
     if "${" not in str(pinned):

@@ -221,7 +221,7 @@ def validation_windows(datamodule, n: int) -> list[list[int]]:
 
 
 def dense_reference_model(source: str):
-    """transformers' ``LlamaForCausalLM`` (fp32) holding the dense source's tensors, as read by ``hf.source``.
+    """transformers' ``LlamaForCausalLM`` (fp32) holding the dense source's tensors, as read by ``formats``.
 
     An HF directory loads with ``from_pretrained``; a GGUF (or NeMo) source is read by the project's reader,
     whose tensors equal transformers' own GGUF loading (tests/test_gguf_source.py), which is several times

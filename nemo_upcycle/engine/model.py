@@ -1,13 +1,13 @@
 """``UpcycledLlamaModel``: a NeMo 2 GPT model that starts from a dense Llama, and its "upcycle" connector.
 
-Two ways in, one piece of math (``core`` via ``mcore_map.MegatronFiller``):
+Two ways in, one piece of math (``core`` via ``filler.MegatronFiller``):
   * offline: ``llm.import_ckpt(UpcycledLlamaModel(config), "upcycle://<dense>")`` writes a NeMo MoE checkpoint;
   * online:  ``UpcycledLlamaModel(config, upcycle_from="<dense>")`` builds the MoE when training starts
     (``configure_model``): each rank reads the dense tensors it needs, one layer at a time, and builds only
     the experts of its expert-parallel rank (and its tensor-parallel shards) -- never the whole dense model
     next to the whole MoE, unlike Megatron-LM's ``--moe-use-upcycling``. A run that resumes from a checkpoint
     skips it.
-``<dense>`` is an HF Llama directory or a GGUF file (``hf.source.open_dense``).
+``<dense>`` is an HF Llama directory or a GGUF file (``formats.base.open_dense``).
 """
 
 from __future__ import annotations

@@ -8,9 +8,9 @@ renormalization, or sigmoid), each sparse block is given that routing (``core.ro
 measures the model that training will actually see.
 
 Before transformers loads anything, ``check_inputs`` gives both sides the checks ``convert`` has: the dense side is
-opened with ``hf.source.open_dense`` (complete files, config values, shapes, float weights), the MoE side with
-``hf.moe_dir.check_moe_dir`` (an HF Mixtral with the ``upcycling`` record, complete safetensors, shapes against its
-config), and the pair with ``hf.moe_dir.check_pair`` (same hidden size, layers, heads, vocabulary, FFN). A dense
+opened with ``formats.base.open_dense`` (complete files, config values, shapes, float weights), the MoE side with
+``formats.moe_dir.check_moe_dir`` (an HF Mixtral with the ``upcycling`` record, complete safetensors, shapes against its
+config), and the pair with ``formats.moe_dir.check_pair`` (same hidden size, layers, heads, vocabulary, FFN). A dense
 model given as the MoE, or the reverse, is named as swapped arguments.
 
 A trained export (``engine.export``) carries ``nemo_reference.safetensors``: token ids and the logits NeMo's
