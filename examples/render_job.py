@@ -89,7 +89,8 @@ srun --ntasks-per-node=${devices} --kill-on-bad-exit=1 "$${CONTAINER[@]}" --cont
 def render(name: str, overrides: list[str], out: str, time: str = "04:00:00", account: str | None = None,
            partition: str | None = None, image: str = IMAGE) -> str:
     """The sbatch script of recipe ``name`` (+ Hydra overrides); UpcycleError if the recipe cannot run as a GPU job."""
-    from nemo_upcycle.config.compose import check_layout, compose, describe
+    from nemo_upcycle.config.compose import compose, describe
+    from nemo_upcycle.config.validate import check_layout
     from nemo_upcycle.errors import UpcycleError
 
     for o in overrides:

@@ -177,12 +177,13 @@ def main() -> None:
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 <pid>` prints where a rank hangs
 
     from nemo_upcycle.engine import cpu
+    from nemo_upcycle.system.launcher import is_rank0
 
     cpu.enable_cpu_support()
     results = {}
     for index, run in enumerate(json.loads(Path(args.plan).read_text())):
         results[run["name"]] = train(index, run, out.parent)
-        if int(os.environ.get("RANK", 0)) == 0:
+        if is_rank0():
             out.write_text(json.dumps(results, indent=1))
 
 

@@ -93,7 +93,8 @@ def test_router_inits():
                                   UpcycleOptions(8, 2, drop_ratio=0.3)])
 def test_a_rank_builds_only_its_experts_identically(opts):
     g = torch.Generator().manual_seed(1)
-    gate, up, down = torch.randn(24, 10, generator=g), torch.randn(24, 10, generator=g), torch.randn(10, 24, generator=g)
+    gate, up, down = (torch.randn(24, 10, generator=g), torch.randn(24, 10, generator=g),
+                      torch.randn(10, 24, generator=g))
     full = {e: expert_weights(gate, up, down, opts, 2, e) for e in range(opts.num_moe_experts)}
     rank1 = LayerExperts(lambda layer: (gate, up, down), opts)  # EP=2, rank 1 asks only for experts 4..7
     for e in range(4, 8):
@@ -103,7 +104,8 @@ def test_a_rank_builds_only_its_experts_identically(opts):
 def test_granular_shards_sum_to_dense():
     """sum_j shard_j(x) == dense(x) for SwiGLU: the identity behind exact granular upcycling."""
     g = torch.Generator().manual_seed(2)
-    gate, up, down = torch.randn(24, 10, generator=g), torch.randn(24, 10, generator=g), torch.randn(10, 24, generator=g)
+    gate, up, down = (torch.randn(24, 10, generator=g), torch.randn(24, 10, generator=g),
+                      torch.randn(10, 24, generator=g))
     x = torch.randn(5, 10, generator=g)
     opts = UpcycleOptions(8, 4, granularity=4, scaling="none")
     parts = sum(swiglu_expert(x, *expert_weights(gate, up, down, opts, 0, e)) for e in range(4))
@@ -138,5 +140,7 @@ def test_moe_layers():
 
 def test_scale_factors_match_the_paper():
     assert UpcycleOptions(8, 2, granularity=2).scale_factor() == 2  # s = G
-    assert UpcycleOptions(8, 2, granularity=2, moe_router_pre_softmax=True, scaling="megatron").scale_factor() == 8  # R*G*G/k
-    assert UpcycleOptions(8, 2).scale_factor() == 1 and UpcycleOptions(8, 2, scaling="none", granularity=2).scale_factor() == 1
+    pre = UpcycleOptions(8, 2, granularity=2, moe_router_pre_softmax=True, scaling="megatron")
+    assert pre.scale_factor() == 8  # R*G*G/k
+    assert UpcycleOptions(8, 2).scale_factor() == 1
+    assert UpcycleOptions(8, 2, scaling="none", granularity=2).scale_factor() == 1

@@ -15,6 +15,7 @@ import pytest
 
 from nemo_upcycle.errors import UpcycleError
 from nemo_upcycle.system.files import (
+    atomic_path,
     MARK,
     FileLock,
     atomic_write_text,
@@ -156,6 +157,22 @@ def test_atomic_write_keeps_the_old_file_on_failure(tmp_path, monkeypatch):
     with pytest.raises(UpcycleError, match="disk under .* is full"):
         atomic_write_text(f, "new")
     assert f.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["a.json"]
+
+
+def test_atomic_path_for_any_writer(tmp_path):
+    """The plots of report / compare write through ``atomic_path``: a writer that fails half-way leaves the old file
+    and no temporary; one that finishes replaces it."""
+    f = tmp_path / "loss.png"
+    f.write_bytes(b"old plot")
+    with pytest.raises(RuntimeError, match="matplotlib broke"):
+        with atomic_path(f) as tmp:
+            tmp.write_bytes(b"half a pl")
+            raise RuntimeError("matplotlib broke")
+    assert f.read_bytes() == b"old plot" and [p.name for p in tmp_path.iterdir()] == ["loss.png"]
+    with atomic_path(f) as tmp:
+        assert tmp.parent == f.parent and tmp != f  # control: the writer sees a temporary name beside the file
+        tmp.write_bytes(b"new plot")
+    assert f.read_bytes() == b"new plot" and [p.name for p in tmp_path.iterdir()] == ["loss.png"]
 
 
 def test_file_lock_excludes_a_second_holder_and_is_removed(tmp_path):

@@ -26,7 +26,7 @@ import torch
 from nemo_upcycle.config import translate
 from nemo_upcycle.planning import flops as throughput
 from nemo_upcycle.config.schema import DataSchema, ModelSchema, MoESchema, ParallelSchema, RunConfig
-from nemo_upcycle.planning.plan import ModelDims, flops_per_token
+from nemo_upcycle.planning.layout import ModelDims
 from nemo_upcycle.apps.report import main as report_main
 from nemo_upcycle.apps.report import read_metrics, write_report
 
@@ -72,7 +72,7 @@ def test_flops_per_token_by_hand():
     # plan mode pads a tokenizer-sized vocab: TP 2 -> a multiple of 256
     m = ModelDims(num_layers=3, hidden_size=36, ffn_hidden_size=44, num_attention_heads=6, vocab_size=99,
                   num_query_groups=2, num_moe_experts=4, moe_router_topk=2)
-    assert flops_per_token(m, 32, tp=2) - flops_per_token(m, 32, tp=1) == 6 * 36 * 128
+    assert throughput.flops_per_token(m, 32, tp=2) - throughput.flops_per_token(m, 32, tp=1) == 6 * 36 * 128
 
 
 def test_mfu_arithmetic():
@@ -363,7 +363,7 @@ def test_formula_forward_part_equals_measured_flops(megatron_world):
     L, h, a, g, d, E = 3, 36, 6, 2, 6, 4
     m = ModelDims(num_layers=L, hidden_size=h, ffn_hidden_size=44, num_attention_heads=a, num_query_groups=g,
                   vocab_size=99, num_moe_experts=E, moe_router_topk=2)
-    formula_fwd = flops_per_token(m, s) / 3
+    formula_fwd = throughput.flops_per_token(m, s) / 3
     unfused_attention_extra = 2 * L * a * d * s  # local attention multiplies the masked half too (2 matmuls)
     router = 2 * L * h * E
     assert measured == formula_fwd + unfused_attention_extra + router, (measured, formula_fwd)
@@ -424,7 +424,7 @@ def train_tiny(out_dir: str, steps: int = 4, log_every: int = 2, ep: int = 1) ->
     m = ModelDims(num_layers=3, hidden_size=36, ffn_hidden_size=44, num_attention_heads=6, num_query_groups=2,
                   vocab_size=99, num_moe_experts=4, moe_router_topk=2)
     metrics = MetricsLogger(str(out / "metrics.jsonl"), tokens_per_step=GBS * SEQ,
-                            flops_per_token=flops_per_token(m, SEQ), log_every_n_steps=log_every)
+                            flops_per_token=throughput.flops_per_token(m, SEQ), log_every_n_steps=log_every)
     strategy = nl.MegatronStrategy(expert_model_parallel_size=ep, **cpu.cpu_strategy_kwargs())
     trainer = nl.Trainer(accelerator="cpu", devices=int(os.environ.get("WORLD_SIZE", 1)), strategy=strategy,
                          max_steps=steps, val_check_interval=2, limit_val_batches=2 * (GBS // MBS), log_every_n_steps=1,

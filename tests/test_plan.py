@@ -17,19 +17,20 @@ import torch
 
 from helpers import LAYOUT_8X8B_64_H100, LLAMA3_8X8B, TRAINING_8X8B
 from nemo_upcycle.errors import UpcycleError
-from nemo_upcycle.planning.plan import (
-    GPUS,
+from nemo_upcycle.planning.flops import GPUS, flops_per_token
+from nemo_upcycle.planning.layout import (
     GiB,
     ModelDims,
     ParallelLayout,
     TrainingSetup,
     check_layout,
-    flops_per_token,
+    layout_problems,
+)
+from nemo_upcycle.planning.plan import (
     format_plan,
     in_flight_layers,
     layer_activation_bytes,
     layer_parameters,
-    layout_problems,
     parameter_counts,
     plan,
     rank_parameters,

@@ -25,6 +25,7 @@ import pytest
 import yaml
 
 from nemo_upcycle.config import compose as catalog
+from nemo_upcycle.config.validate import check_layout
 from nemo_upcycle.errors import UpcycleError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -112,7 +113,7 @@ def test_catalog_lists_the_top_level_yaml_files():
 @pytest.mark.parametrize("name", TOP)
 def test_top_level_recipe_composes_and_validates(name):
     r = catalog.compose(name)
-    catalog.check_layout(r)  # the Megatron layout of its parallel group is valid as well
+    check_layout(r)  # the Megatron layout of its parallel group is valid as well
     assert r.model.num_layers > 0 and r.moe.moe_router_topk <= r.moe.num_moe_experts
     assert catalog.describe(name) and "\n" not in catalog.describe(name)
 
@@ -415,7 +416,7 @@ def test_gpu_recipe_train_on_cpu_names_plan_mode(train_runs):
 def test_plan_mode_8x8b_writes_counts_that_fit_its_gpus(train_runs):
     import json
 
-    from nemo_upcycle.planning.plan import GPUS
+    from nemo_upcycle.planning.flops import GPUS
 
     r, run_dir = train_runs.get("plan")
     assert r.returncode == 0, r.stderr[-3000:]

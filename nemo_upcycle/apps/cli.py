@@ -24,11 +24,14 @@ import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
-from nemo_upcycle.errors import UpcycleError
-from nemo_upcycle.system.files import Terminated
-
 # torch.cuda imports the deprecated pynvml on every start; its FutureWarning would break the one-line errors.
 warnings.filterwarnings("ignore", message="The pynvml package is deprecated", category=FutureWarning)
+
+from nemo_upcycle.core.options import CHOICES, UpcycleOptions  # noqa: E402
+from nemo_upcycle.errors import UpcycleError  # noqa: E402
+from nemo_upcycle.formats.base import is_nemo_checkpoint  # noqa: E402
+from nemo_upcycle.offline.verify import STEP0_ATOL  # noqa: E402
+from nemo_upcycle.system.files import Terminated  # noqa: E402
 
 
 class _Parser(argparse.ArgumentParser):
@@ -46,17 +49,17 @@ def _add_convert(sub) -> None:
     p.add_argument("--num-experts", "-E", type=int, required=True, help="E, number of experts")
     p.add_argument("--topk", "-k", type=int, required=True, help="experts per token")
     p.add_argument("--granularity", "-G", type=int, default=1, help="dense FFN / expert FFN (default 1: whole copies)")
-    p.add_argument("--router-init", choices=["normal", "zeros", "virtual_group"], default=None,
+    p.add_argument("--router-init", choices=CHOICES["router_init"], default=None,
                    help="default: virtual_group when G > 1, else normal")
     p.add_argument("--router-std", type=float, default=0.02)
-    p.add_argument("--scaling", choices=["exact", "megatron", "none"], default="exact",
+    p.add_argument("--scaling", choices=CHOICES["scaling"], default="exact",
                    help="granular weight scaling: exact (factor on down_proj) or megatron (s^(1/3) on each matrix)")
     p.add_argument("--pre-softmax", action="store_true", help="softmax then top-k (Megatron moe_router_pre_softmax)")
     p.add_argument("--norm-topk-prob", action=argparse.BooleanOptionalAction, default=None,
                    help="renormalize the top-k weights (default: yes unless --pre-softmax)")
-    p.add_argument("--score-function", choices=["softmax", "sigmoid"], default="softmax")
+    p.add_argument("--score-function", choices=CHOICES["moe_router_score_function"], default="softmax")
     p.add_argument("--capacity-factor", type=float, default=None, help="recorded for training; default dropless")
-    p.add_argument("--drop-policy", choices=["probs", "position"], default="probs")
+    p.add_argument("--drop-policy", choices=CHOICES["moe_token_drop_policy"], default="probs")
     p.add_argument("--drop-ratio", type=float, default=0.0, help="Drop-Upcycling: fraction of units re-initialized")
     p.add_argument("--noise-std", type=float, default=0.0, help="Gaussian noise added to every expert weight")
     p.add_argument("--moe-layers", default="all", help="all | every:N | comma list of layer indices")
@@ -76,7 +79,7 @@ def _add_verify(sub) -> None:
     p.add_argument("--text", type=Path, default=None,
                    help="a text file to run (default: a built-in paragraph; a trained export uses its recorded tokens)")
     p.add_argument("--max-tokens", type=int, default=256)
-    p.add_argument("--atol", type=float, default=1e-3, help="largest accepted |logit difference| (fp32)")
+    p.add_argument("--atol", type=float, default=STEP0_ATOL, help="largest accepted |logit difference| (fp32)")
     p.add_argument("--min-top1", type=float, default=1.0, help="smallest accepted top-1 agreement")
 
 
@@ -110,24 +113,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# the flag of every UpcycleOptions field the CLI sets: options are built from it, and the core's errors name fields
+# by it (``--topk 9``)
+OPTION_FLAGS = {"num_moe_experts": "--num-experts", "moe_router_topk": "--topk", "granularity": "--granularity",
+                "scaling": "--scaling", "router_init": "--router-init", "router_std": "--router-std",
+                "noise_std": "--noise-std", "drop_ratio": "--drop-ratio", "moe_layers": "--moe-layers",
+                "seed": "--seed",
+                "moe_router_score_function": "--score-function", "moe_router_pre_softmax": "--pre-softmax",
+                "norm_topk_prob": "--norm-topk-prob", "moe_expert_capacity_factor": "--capacity-factor",
+                "moe_token_drop_policy": "--drop-policy", "moe_aux_loss_coeff": "--aux-loss-coeff"}
+
+
+def upcycle_options(a: argparse.Namespace):
+    """The core's ``UpcycleOptions`` from the convert flags (``OPTION_FLAGS``), validated."""
+    return UpcycleOptions(**{f: getattr(a, flag[2:].replace("-", "_")) for f, flag in OPTION_FLAGS.items()}).validate()
+
+
 def run_convert(a: argparse.Namespace) -> int:
     from nemo_upcycle.offline.convert import convert
-    from nemo_upcycle.core.options import UpcycleOptions
 
     if a.shard_size_mb < 1:
         raise UpcycleError(f"--shard-size-mb {a.shard_size_mb} must be at least 1.")
-    from nemo_upcycle.formats.base import is_nemo_checkpoint  # imports torch: after the warning filter above
-
     if is_nemo_checkpoint(Path(a.src).expanduser()):
         from nemo_upcycle.engine import nemo_source  # noqa: F401 -- its reader (NeMo: a slow import, only here)
-    opts = UpcycleOptions(
-        num_moe_experts=a.num_experts, moe_router_topk=a.topk, granularity=a.granularity, scaling=a.scaling,
-        router_init=a.router_init, router_std=a.router_std, noise_std=a.noise_std, drop_ratio=a.drop_ratio,
-        moe_layers=a.moe_layers, seed=a.seed, moe_router_score_function=a.score_function,
-        moe_router_pre_softmax=a.pre_softmax, norm_topk_prob=a.norm_topk_prob,
-        moe_expert_capacity_factor=a.capacity_factor, moe_token_drop_policy=a.drop_policy,
-        moe_aux_loss_coeff=a.aux_loss_coeff,
-    ).validate()
+    opts = upcycle_options(a)
     res = convert(a.src, a.out, opts, dtype=a.dtype, overwrite=a.overwrite,
                   max_shard_bytes=a.shard_size_mb << 20, progress=not a.no_progress)
     rec = res.config["upcycling"]
@@ -193,7 +202,8 @@ def run_recipes(a: argparse.Namespace) -> int:
         r = compose(name)
         p = r.parallel
         if p.accelerator == "gpu":
-            where = f"{p.num_nodes * p.devices} x {p.gpu} ({p.num_nodes} node{'s' if p.num_nodes > 1 else ''} x {p.devices})"
+            nodes = f"{p.num_nodes} node{'s' if p.num_nodes > 1 else ''}"
+            where = f"{p.num_nodes * p.devices} x {p.gpu} ({nodes} x {p.devices})"
         else:
             where = f"CPU, {p.num_nodes * p.devices} process{'es' if p.num_nodes * p.devices > 1 else ''}"
         rows.append((name, r.mode, where, describe(name)))
@@ -235,7 +245,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return {"convert": run_convert, "verify": run_verify, "recipes": run_recipes,
                 "compare": run_compare}[args.command](args)
     except UpcycleError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {e.render(OPTION_FLAGS, ' ')}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:  # a convert's staging directory is already removed (files.staging)
         print("error: interrupted by SIGINT.", file=sys.stderr)

@@ -41,7 +41,6 @@ from nemo_upcycle.apps.compare_out import (
     markdown,
     remove_run_dir,
     write_outputs,
-    write_text,
 )
 from nemo_upcycle.errors import UpcycleError
 
@@ -309,7 +308,7 @@ def _run_variant(v: Variant, i: int, n: int, args: list[str], out: Path, row: di
     run_dir.mkdir(parents=True, exist_ok=True)
     if files.read_mark(run_dir) is None:
         files.write_mark(run_dir, "compare-run", variant=v.name)
-    write_text(run_dir / MARKER, json.dumps({"args": args, "status": "running"}, indent=2) + "\n")
+    files.atomic_write_json(run_dir / MARKER, {"args": args, "status": "running"})
     cmd = [sys.executable, "-m", TRAIN_MODULE, f"--config-name={config_name}", f"hydra.run.dir={run_dir}", *args]
     print(f"[{i}/{n}] {v.name}: training {row['steps']} steps ({row['tokens']:,} tokens), log {log}", flush=True)
     t0 = time.perf_counter()
@@ -324,10 +323,10 @@ def _run_variant(v: Variant, i: int, n: int, args: list[str], out: Path, row: di
         if rc == 0:
             reason = "exited 0 without final_eval.json"
         row.update(status="failed", reason=reason, seconds=seconds)
-        write_text(run_dir / MARKER, json.dumps({"args": args, "status": "failed", "reason": reason}, indent=2) + "\n")
+        files.atomic_write_json(run_dir / MARKER, {"args": args, "status": "failed", "reason": reason})
         print(f"[{i}/{n}] {v.name}: FAILED after {seconds:.0f} s: {reason}", flush=True)
         return
-    write_text(run_dir / MARKER, json.dumps({"args": args, "status": "done", "seconds": seconds}, indent=2) + "\n")
+    files.atomic_write_json(run_dir / MARKER, {"args": args, "status": "done", "seconds": seconds})
     row.update(status="done", seconds=seconds, **read_run(run_dir))
     print(f"[{i}/{n}] {v.name}: done in {seconds:.0f} s, loss {fmt(row.get('step0_loss'))} -> "
           f"{fmt(row.get('final_loss'))}", flush=True)

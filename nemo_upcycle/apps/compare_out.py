@@ -13,9 +13,7 @@ is writing (its lock) and a run directory that a training process still holds (i
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from pathlib import Path
 
 from typing import Sequence
@@ -95,10 +93,6 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def write_text(path: Path, text: str) -> None:
-    files.atomic_write_text(path, text)
-
-
 def plot_top(curves: list) -> float:
     """Upper y limit: 25% above the best final loss, so that a method far behind (Drop-Upcycling's first steps, an
     unscaled granular MoE) does not flatten the others; curves entirely above it are named in the legend."""
@@ -147,15 +141,14 @@ def plot(result: dict, path: Path) -> None:
             ax.text(0.5, 0.5, "no validation records", ha="center", va="center", transform=ax.transAxes)
     fig.suptitle(f"{result['recipe']}: validation loss, {result['budget']['tokens']:,} tokens per variant", fontsize=10)
     fig.tight_layout(rect=(0, 0, 0.8 if handles else 1, 1))
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    with files.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def write_outputs(result: dict, out: Path) -> None:
-    write_text(out / "comparison.json", json.dumps(result, indent=2) + "\n")
-    write_text(out / "comparison.md", markdown(result))
+    files.atomic_write_json(out / "comparison.json", result)
+    files.atomic_write_text(out / "comparison.md", markdown(result))
     plot(result, out / "comparison.png")
 
 

@@ -10,18 +10,19 @@ Every output goes under the current directory, which Hydra sets to the run direc
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import torch
 
-from nemo_upcycle.config.schema import RunConfig
-from nemo_upcycle.config.translate import upcycle_options
 from nemo_upcycle.apps.run_dir import check_run_dir
+from nemo_upcycle.config.schema import RunConfig
+from nemo_upcycle.config.translate import hf_llama_config, model_dims, parallel_layout, training_setup, upcycle_options
+from nemo_upcycle.config.validate import check_layout
 from nemo_upcycle.data.sources import resolve_source
 from nemo_upcycle.errors import UpcycleError
-from nemo_upcycle.config.translate import hf_llama_config, model_dims, parallel_layout, training_setup
-from nemo_upcycle.planning.plan import GPUS, format_plan, plan
+from nemo_upcycle.planning.flops import GPUS
+from nemo_upcycle.planning.plan import format_plan, plan
+from nemo_upcycle.system.files import atomic_write_json, atomic_write_text
 
 CPU_RECIPES = ("smollm2_135m_upcycle", "tiny_llama_upcycle")
 
@@ -49,27 +50,28 @@ def run_plan(run: RunConfig, out_dir: Path) -> str:
     if not pl.fits:
         lines.append("memory   does NOT fit: raise PP / TP / EP, or trainer.recompute=full, or a smaller micro batch")
     text = "\n".join(lines)
-    (out_dir / "plan.txt").write_text(text + "\n")
-    record = {"counts": pl.counts, "fits": pl.fits, "peak_bytes": pl.peak["total"], "flops_per_token": pl.flops_per_token,
+    atomic_write_text(out_dir / "plan.txt", text + "\n")
+    record = {"counts": pl.counts, "fits": pl.fits, "peak_bytes": pl.peak["total"],
+              "flops_per_token": pl.flops_per_token,
               "tokens_per_s_per_gpu": pl.tokens_per_s_per_gpu, "world_size": pl.parallel.world_size,
               "gpu": run.parallel.gpu, "gpu_memory_bytes": GPUS[run.parallel.gpu].memory_bytes, "warnings": pl.warnings}
-    (out_dir / "plan.json").write_text(json.dumps(record, indent=2) + "\n")
+    atomic_write_json(out_dir / "plan.json", record)
     return text
 
 
 def run_verify(run: RunConfig, out_dir: Path) -> int:
     from nemo_upcycle.offline.convert import convert
-    from nemo_upcycle.offline.verify import verify
+    from nemo_upcycle.offline.verify import STEP0_ATOL, verify
 
     src = resolve_source(run.model.source, out_dir, run.model, run.seed)
     res = convert(src, out_dir / "hf_moe", upcycle_options(run), dtype="float32", overwrite=True)
     rec = res.config["upcycling"]
     print(f"step-0 equivalent by construction: {'yes' if rec['step0_equivalent'] else 'no'} ({rec['step0_note']})")
     r = verify(src, res.out_dir)
-    ok = r.passed(1e-3, 1.0)
+    ok = r.passed(STEP0_ATOL, 1.0)
     summary = {"max_abs_logit_diff": r.max_abs, "mean_abs_logit_diff": r.mean_abs, "top1_agreement": r.top1,
                "tokens": r.tokens, "passed": ok, "source": str(src), "moe_dir": str(res.out_dir)}
-    (out_dir / "verify.json").write_text(json.dumps(summary, indent=2) + "\n")
+    atomic_write_json(out_dir / "verify.json", summary)
     print(f"verify: max |dlogit| {r.max_abs:.3e}, mean {r.mean_abs:.3e}, top-1 agreement {r.top1:.4f}: "
           f"{'PASS' if ok else 'FAIL'}")
     return 0 if ok else 1
@@ -77,20 +79,20 @@ def run_verify(run: RunConfig, out_dir: Path) -> int:
 
 def check_gpu(run: RunConfig, config_name: str) -> None:
     if (run.requires_gpu or run.parallel.accelerator == "gpu") and not torch.cuda.is_available():
-        raise UpcycleError(f"recipe {config_name} needs {run.parallel.num_nodes * run.parallel.devices} GPUs and this machine "
-                           f"has none; check it here with mode=plan, or run a CPU recipe: {', '.join(CPU_RECIPES)}.")
+        raise UpcycleError(f"recipe {config_name} needs {run.parallel.num_nodes * run.parallel.devices} GPUs and this "
+                           f"machine has none; check it here with mode=plan, or run a CPU recipe: "
+                           f"{', '.join(CPU_RECIPES)}.")
 
 
 def preflight(run: RunConfig, config_name: str) -> None:
     """Everything that can be refused before a run directory or a model exists: for mode=train the launcher's world
     first (its fix explains a layout error that follows from it), the layout, GPUs, the dense source, the corpus and
     the memory of a CPU run (``precheck``); plan and verify: the layout."""
-    from nemo_upcycle.planning.plan import check_layout
     from nemo_upcycle.apps.precheck import check_data, check_launcher, check_memory, check_source
 
     if run.mode == "train":
         check_launcher(run)
-    check_layout(model_dims(run), parallel_layout(run), training_setup(run))
+    check_layout(run)
     if run.mode == "train":
         check_gpu(run, config_name)
         check_source(run)
@@ -108,7 +110,7 @@ def dispatch(run: RunConfig, config_name: str, out_dir: Path, prechecked: bool =
 
         claim(out_dir)  # this run's lock on its directory, held until exit (the mark comes when training starts)
         check_run_dir(run, out_dir)
-    (out_dir / "resolved_config.json").write_text(json.dumps(dataclasses.asdict(run), indent=2, default=str) + "\n")
+    atomic_write_json(out_dir / "resolved_config.json", dataclasses.asdict(run))
     if run.mode == "plan":
         print(run_plan(run, out_dir))
         return 0

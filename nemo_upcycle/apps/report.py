@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import statistics
 import sys
 from datetime import datetime, timezone
@@ -26,6 +25,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+from nemo_upcycle.system.files import atomic_path, atomic_write_text  # noqa: E402
 
 
 # ---- reading ----------------------------------------------------------------------------------------------
@@ -82,10 +83,9 @@ def _fmt(v, digits: int = 4) -> str:
 
 # ---- plots ------------------------------------------------------------------------------------------------
 def _save(fig, path: Path) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 
@@ -225,7 +225,8 @@ def build_markdown(run_dir: Path, m: dict, step0: Optional[dict], summary: dict,
         if final.get("moe_loss") is not None:
             rows.append(["MoE after training", final.get("step"), _num(final.get("moe_loss"))])
         rows = [r + [math.exp(r[2]) if r[2] is not None else None] for r in rows]
-        L += [f"Before / after on the same {step0.get('tokens', '?')} validation tokens (the step-0 check's windows):", ""]
+        L += [f"Before / after on the same {step0.get('tokens', '?')} validation tokens (the step-0 check's "
+              "windows):", ""]
         L += _table(["", "step", "loss", "ppl"], rows) + [""]
         if final.get("hf_mixtral"):
             L += [f"Exported HF Mixtral: `{final['hf_mixtral']}` (check it: `nemo-upcycle verify <dense> "
@@ -323,9 +324,7 @@ def write_report(run_dir, *, metrics_path=None, step0: Optional[dict] = None, su
              "router": plot_router(m, run_dir / "router.png", run.get("num_experts")),
              "throughput": plot_throughput(m, run_dir / "throughput.png")}
     out = run_dir / "report.md"
-    tmp = out.with_name(".report.md.tmp")
-    tmp.write_text(build_markdown(run_dir, m, step0, summary or {}, plots))
-    os.replace(tmp, out)
+    atomic_write_text(out, build_markdown(run_dir, m, step0, summary or {}, plots))
     return out
 
 

@@ -27,9 +27,9 @@ from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from hydra.types import RunMode  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from nemo_upcycle.config.compose import conf_dir  # noqa: E402
+from nemo_upcycle.config.compose import COMPOSE_ERRORS, composition_error, conf_dir  # noqa: E402
 from nemo_upcycle.config.schema import register  # noqa: E402
-from nemo_upcycle.config.validate import validate  # noqa: E402
+from nemo_upcycle.config.validate import KEYS, validate  # noqa: E402
 from nemo_upcycle.errors import UpcycleError  # noqa: E402
 
 register()
@@ -54,7 +54,7 @@ def main(cfg: DictConfig) -> None:
         if made and getattr(e, "before_start", False):
             remove_run_dir(out_dir)
         if is_rank0():
-            print(f"error: {e}", file=sys.stderr)
+            print(f"error: {e.render(KEYS)}", file=sys.stderr)  # a refusal from below, in the recipe's keys
         EXIT["code"] = e.exit_code
 
 
@@ -132,10 +132,9 @@ def precheck(argv: list[str]) -> list[str]:
             check_run_dir(run, pinned)
         RUN_DIR["checked"] = True
     except UpcycleError as e:
-        refuse(e)
-    except Exception as e:  # Hydra / OmegaConf composition errors: unknown key, wrong type, missing recipe
-        cause = f": {' '.join(str(e.__cause__).split()[:40])}" if e.__cause__ else ""
-        refuse(UpcycleError(f"{' '.join(str(e).split())}{cause}"))
+        refuse(e, KEYS)
+    except COMPOSE_ERRORS as e:  # unknown key, wrong type, missing recipe, bad override syntax: bad input
+        refuse(composition_error(e))
     if "${" not in str(pinned):
         full = Path(os.path.abspath(pinned))  # as Hydra makes it
         absent = [d for d in (full, *full.parents) if not d.exists()]

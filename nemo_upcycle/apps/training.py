@@ -24,6 +24,8 @@ import torch
 from nemo_upcycle.config.schema import RunConfig
 from nemo_upcycle.data.sources import tokenizer_dir
 from nemo_upcycle.errors import UpcycleError
+from nemo_upcycle.system.files import atomic_write_json
+from nemo_upcycle.system.launcher import is_rank0
 
 
 T0 = time.perf_counter()  # this module is imported when mode=train starts: the run's wall time counts from here
@@ -32,7 +34,6 @@ T0 = time.perf_counter()  # this module is imported when mode=train starts: the 
 def train(run: RunConfig, out_dir: Path) -> int:
     """Build the recipe (the source resolved, its tokenizer written, the corpus prepared: data and source refusals
     happen here, flagged ``before_start``), then record the run's identity and train."""
-    from nemo_upcycle.system.launcher import is_rank0
     from nemo_upcycle.apps.run_dir import write_run_identity
     from nemo_upcycle.data.sources import resolve_source
     from nemo_upcycle.engine.cpu import enable_cpu_support
@@ -72,9 +73,7 @@ def write_run_report(run: RunConfig, out_dir: Path) -> Path:
                "global_batch_size": run.data.global_batch_size, "max_steps": run.trainer.max_steps,
                "final_eval": read("final_eval.json"), **peak_memory(),
                "wall_seconds": round(time.perf_counter() - T0, 1)}
-    from nemo_upcycle.engine.lifecycle import write_json
-
-    write_json(out_dir / "summary.json", {k: v for k, v in summary.items() if k != "final_eval"})
+    atomic_write_json(out_dir / "summary.json", {k: v for k, v in summary.items() if k != "final_eval"})
     path = write_report(out_dir, metrics_path=out_dir / run.logging.metrics_file, step0=read("step0.json"),
                         summary=summary)
     print(f"report: {path}")

@@ -17,12 +17,20 @@ import os
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from hydra.errors import HydraException
+from omegaconf.errors import OmegaConfBaseException
+
 from nemo_upcycle.config.schema import RunConfig
-from nemo_upcycle.config.translate import model_dims, parallel_layout, training_setup
-from nemo_upcycle.planning.plan import check_layout as check_model_layout
 from nemo_upcycle.errors import UpcycleError
 
 CONF_ENV = "NEMO_UPCYCLE_CONF"
+COMPOSE_ERRORS = (HydraException, OmegaConfBaseException)  # what bad overrides or a missing recipe raise in compose
+
+
+def composition_error(e: Exception) -> UpcycleError:
+    """A Hydra / OmegaConf composition error as one line (its cause's first words appended)."""
+    cause = f": {' '.join(str(e.__cause__).split()[:40])}" if e.__cause__ else ""
+    return UpcycleError(f"{' '.join(str(e).split())}{cause}")
 
 
 def conf_dir() -> Path:
@@ -80,20 +88,12 @@ def compose(name: str, overrides: Sequence[str] = ()) -> RunConfig:
     try:
         with initialize_config_dir(str(conf_dir()), version_base="1.3"):
             cfg = hydra_compose(name, overrides=list(overrides))
-    except UpcycleError:
-        raise
-    except Exception as e:  # Hydra / OmegaConf: unknown key, wrong type, bad override syntax
-        cause = f": {' '.join(str(e.__cause__).split()[:40])}" if e.__cause__ else ""
-        raise UpcycleError(f"{' '.join(str(e).split())}{cause}") from None
+    except COMPOSE_ERRORS as e:  # unknown key, wrong type, bad override syntax: bad input, not a bug
+        raise composition_error(e) from None
     finally:
         if outer is not None:
             Singleton._instances[GlobalHydra] = outer
     return validate(cfg)
-
-
-def check_layout(r: RunConfig) -> None:
-    """The Megatron layout check of ``train.py``'s preflight (without its GPU check: a recipe is built anywhere)."""
-    check_model_layout(model_dims(r), parallel_layout(r), training_setup(r))
 
 
 def _override_value(v: Any) -> str:

@@ -9,9 +9,10 @@ from dataclasses import fields
 from typing import Optional
 
 from nemo_upcycle.config.schema import RunConfig
-from nemo_upcycle.core.options import UpcycleOptions
+from nemo_upcycle.core.options import UpcycleOptions, moe_layers_of
 from nemo_upcycle.formats.keymap import hf_config, model_values
-from nemo_upcycle.planning.plan import GPUS, ModelDims, ParallelLayout, TrainingSetup, flops_per_token
+from nemo_upcycle.planning.flops import GPUS, flops_per_token
+from nemo_upcycle.planning.layout import ModelDims, ParallelLayout, TrainingSetup
 
 
 def model_dims(run: RunConfig) -> ModelDims:
@@ -41,19 +42,30 @@ def training_setup(run: RunConfig) -> TrainingSetup:
                          flash_attention=run.parallel.accelerator == "gpu")
 
 
-def upcycle_options(run: RunConfig):
-    """The core's ``UpcycleOptions`` for this recipe (not yet validated against the dense sizes)."""
-    moe, up = run.moe, run.upcycle
-    layers = "all" if moe.moe_layer_freq == 1 else f"every:{moe.moe_layer_freq}"
-    return UpcycleOptions(moe.num_moe_experts, moe.moe_router_topk, granularity=up.granularity, scaling=up.scaling,
-                          router_init=up.router_init, router_std=up.router_std, noise_std=up.noise_std,
-                          drop_ratio=up.drop_ratio, moe_layers=layers, seed=up.seed,
-                          moe_router_score_function=moe.moe_router_score_function,
-                          moe_router_pre_softmax=moe.moe_router_pre_softmax,
-                          moe_expert_capacity_factor=moe.moe_expert_capacity_factor,
-                          moe_token_drop_policy=moe.moe_token_drop_policy,
-                          moe_pad_expert_input_to_capacity=moe.moe_pad_expert_input_to_capacity,
-                          moe_aux_loss_coeff=moe.moe_aux_loss_coeff)
+# the recipe key of every UpcycleOptions field a recipe sets: the options are built from it, and the core's errors name
+# their fields by it (``moe.moe_router_topk=9``); moe_layers is Megatron's moe_layer_freq (``core.moe_layers_of``)
+OPTION_KEYS = {"num_moe_experts": "moe.num_moe_experts", "moe_router_topk": "moe.moe_router_topk",
+               "granularity": "upcycle.granularity", "scaling": "upcycle.scaling", "router_init": "upcycle.router_init",
+               "router_std": "upcycle.router_std", "noise_std": "upcycle.noise_std", "drop_ratio": "upcycle.drop_ratio",
+               "moe_layers": "moe.moe_layer_freq", "seed": "upcycle.seed",
+               "moe_router_score_function": "moe.moe_router_score_function",
+               "moe_router_pre_softmax": "moe.moe_router_pre_softmax",
+               "moe_expert_capacity_factor": "moe.moe_expert_capacity_factor",
+               "moe_token_drop_policy": "moe.moe_token_drop_policy",
+               "moe_pad_expert_input_to_capacity": "moe.moe_pad_expert_input_to_capacity",
+               "moe_aux_loss_coeff": "moe.moe_aux_loss_coeff"}
+
+
+def key_value(run: RunConfig, key: str):
+    """The value of a dotted recipe key (``moe.moe_router_topk``) in a ``RunConfig``."""
+    group, _, name = key.rpartition(".")
+    return getattr(getattr(run, group) if group else run, name)
+
+
+def upcycle_options(run: RunConfig) -> UpcycleOptions:
+    """The core's ``UpcycleOptions`` for this recipe (``OPTION_KEYS``; not yet validated against the dense sizes)."""
+    values = {f: key_value(run, key) for f, key in OPTION_KEYS.items()}
+    return UpcycleOptions(**{**values, "moe_layers": moe_layers_of(values["moe_layers"])})
 
 
 def hf_llama_config(run: RunConfig) -> dict:

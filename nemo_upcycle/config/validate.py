@@ -1,6 +1,8 @@
 """Validation of a composed recipe: ``validate(cfg)`` turns Hydra's DictConfig into a ``RunConfig`` and refuses, in
 one line naming the key, what the schema's types cannot express: every number against its range (``RANGES``),
-choices, keys that must agree with each other, the upcycling options (core) and the layout (planning).
+choices, keys that must agree with each other, the upcycling options (their rules live in the core) and the layout
+rules that hold on any number of GPUs (they live in ``planning.layout``; ``check_layout`` runs all of them). The
+rules of the layers below name fields (``errors.FieldError``); here they are rendered by recipe key (``KEYS``).
 """
 
 from __future__ import annotations
@@ -10,9 +12,24 @@ import math
 from typing import Any
 
 from nemo_upcycle.config.schema import MODES, RunConfig
-from nemo_upcycle.config.translate import upcycle_options
-from nemo_upcycle.errors import UpcycleError
-from nemo_upcycle.planning.plan import GPUS
+from nemo_upcycle.config.translate import OPTION_KEYS, model_dims, parallel_layout, training_setup, upcycle_options
+from nemo_upcycle.errors import FieldError, UpcycleError
+from nemo_upcycle.planning.flops import GPUS
+from nemo_upcycle.planning.layout import RECOMPUTE
+from nemo_upcycle.planning.layout import check_layout as check_model_layout
+
+# the recipe key of every field the planning layout rules name (ModelDims, ParallelLayout, TrainingSetup), and of
+# every UpcycleOptions field: how a refusal from below reads in a recipe user's words
+LAYOUT_KEYS = {
+    **{f: f"model.{f}" for f in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "vocab_size",
+                                 "num_query_groups", "kv_channels", "share_embeddings_and_output_weights")},
+    **{f: f"moe.{f}" for f in ("num_moe_experts", "moe_router_topk", "moe_layer_freq", "moe_expert_capacity_factor")},
+    **{f: f"parallel.{f}" for f in ("num_nodes", "tensor_model_parallel_size", "pipeline_model_parallel_size",
+                                    "virtual_pipeline_model_parallel_size", "context_parallel_size",
+                                    "expert_model_parallel_size", "expert_tensor_parallel_size", "sequence_parallel")},
+    "gpus_per_node": "parallel.devices", "seq_length": "data.seq_length", "micro_batch_size": "data.micro_batch_size",
+    "global_batch_size": "data.global_batch_size", "recompute": "trainer.recompute"}
+KEYS = {**LAYOUT_KEYS, **OPTION_KEYS}
 
 
 def _one_of(key: str, value: Any, allowed) -> None:
@@ -88,7 +105,8 @@ def _describe(spec: str) -> str:
 
 
 def check_relations(run: "RunConfig") -> None:
-    """What the ranges of single keys cannot say: keys that must agree with each other."""
+    """What the ranges of single keys cannot say: keys that must agree with each other (batch sizes against the
+    parallel sizes: ``planning.layout``)."""
     m, d, o = run.model, run.data, run.optim
     if o.min_lr > o.lr:
         raise UpcycleError(f"optim.min_lr={o.min_lr} is above optim.lr={o.lr}; the cosine schedule decays from lr to "
@@ -100,9 +118,6 @@ def check_relations(run: "RunConfig") -> None:
         raise UpcycleError(f"data.seq_length={d.seq_length} is above the model's maximum positions model.seq_length="
                            f"{m.seq_length} (max_position_embeddings; RoPE extension is not done here); lower "
                            f"data.seq_length to at most {m.seq_length}.")
-    if d.global_batch_size % d.micro_batch_size:
-        raise UpcycleError(f"data.global_batch_size={d.global_batch_size} is not a multiple of "
-                           f"data.micro_batch_size={d.micro_batch_size}.")
 
 
 def validate(cfg) -> RunConfig:
@@ -113,42 +128,35 @@ def validate(cfg) -> RunConfig:
     try:
         run: RunConfig = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as e:
-        raise UpcycleError(f"bad config: {e.msg if hasattr(e, 'msg') else e} (key {getattr(e, 'full_key', '?')}).") from None
+        msg = e.msg if hasattr(e, "msg") else e
+        raise UpcycleError(f"bad config: {msg} (key {getattr(e, 'full_key', '?')}).") from None
     _one_of("mode", run.mode, MODES)
     check_numbers(run)
     m, moe, par = run.model, run.moe, run.parallel
     _one_of("model.family", m.family, ("llama3", "llama3_1", "llama3_2", "smollm2", "tiny"))
     _one_of("parallel.accelerator", par.accelerator, ("gpu", "cpu"))
     _one_of("trainer.precision", run.trainer.precision, ("32", "bf16-mixed", "16-mixed"))
-    _one_of("trainer.recompute", run.trainer.recompute, ("none", "selective", "full"))
+    _one_of("trainer.recompute", run.trainer.recompute, RECOMPUTE)
     _one_of("data.kind", run.data.kind, ("shakespeare", "files", "mock"))
     _one_of("moe.moe_router_load_balancing_type", moe.moe_router_load_balancing_type,
             ("aux_loss", "seq_aux_loss", "global_aux_loss", "sinkhorn", "none"))
     _one_of("moe.moe_token_dispatcher_type", moe.moe_token_dispatcher_type, ("allgather", "alltoall", "flex"))
     _one_of("parallel.gpu", par.gpu, tuple(GPUS))
-    if moe.num_moe_experts is None:  # dense continuation: no router, no experts, nothing to upcycle
-        if run.mode == "verify":
-            raise UpcycleError("mode=verify checks an upcycled MoE against the dense model; moe=dense has no experts.")
-    elif not 1 <= moe.moe_router_topk <= moe.num_moe_experts:
-        raise UpcycleError(f"moe.moe_router_topk={moe.moe_router_topk} must be between 1 and moe.num_moe_experts={moe.num_moe_experts}.")
-    elif moe.num_moe_experts % par.expert_model_parallel_size:
-        raise UpcycleError(f"parallel.expert_model_parallel_size={par.expert_model_parallel_size} does not divide "
-                           f"moe.num_moe_experts={moe.num_moe_experts}; choose a divisor.")
+    if moe.num_moe_experts is None and run.mode == "verify":  # dense continuation: nothing to upcycle
+        raise UpcycleError("mode=verify checks an upcycled MoE against the dense model; moe=dense has no experts.")
     try:
         if moe.num_moe_experts is not None:
             upcycle_options(run).validate(ffn_hidden_size=m.ffn_hidden_size, num_layers=m.num_layers)
-    except UpcycleError as e:  # the core names CLI flags; a recipe user needs the config keys
-        msg = str(e)
-        for flag, key in FLAG_KEYS.items():
-            msg = msg.replace(flag, key)
-        raise UpcycleError(msg) from None
-    check_relations(run)
+        check_relations(run)
+        check_model_layout(model_dims(run), parallel_layout(run))
+    except FieldError as e:
+        raise e.named(KEYS) from None
     return run
 
 
-FLAG_KEYS = {"--num-experts": "moe.num_moe_experts", "--topk": "moe.moe_router_topk", "--granularity": "upcycle.granularity",
-             "--drop-ratio": "upcycle.drop_ratio", "--noise-std": "upcycle.noise_std", "--router-std": "upcycle.router_std",
-             "--scaling": "upcycle.scaling", "--router-init": "upcycle.router_init",
-             "--capacity-factor": "moe.moe_expert_capacity_factor", "--moe-layers": "moe.moe_layer_freq"}
-
-
+def check_layout(run: RunConfig) -> list[str]:
+    """Every layout rule (``planning.layout``) on the recipe, refused by recipe key; returns the warnings."""
+    try:
+        return check_model_layout(model_dims(run), parallel_layout(run), training_setup(run))
+    except FieldError as e:
+        raise e.named(KEYS) from None

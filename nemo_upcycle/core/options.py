@@ -21,17 +21,16 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
 
-from nemo_upcycle.errors import UpcycleError
+from nemo_upcycle.errors import FieldError
 
 ROUTER_INITS = ("normal", "zeros", "virtual_group")
-# field -> the CLI flag that sets it (messages name both: the Hydra keys carry the field names)
-INT_FIELDS = {"num_moe_experts": "--num-experts", "moe_router_topk": "--topk", "granularity": "--granularity",
-              "seed": "--seed"}
-FLOAT_FIELDS = {"router_std": "--router-std", "noise_std": "--noise-std", "drop_ratio": "--drop-ratio",
-                "moe_expert_capacity_factor": "--capacity-factor", "moe_aux_loss_coeff": "--aux-loss-coeff"}
+INT_FIELDS = ("num_moe_experts", "moe_router_topk", "granularity", "seed")
+FLOAT_FIELDS = ("router_std", "noise_std", "drop_ratio", "moe_expert_capacity_factor", "moe_aux_loss_coeff")
 SCALINGS = ("exact", "megatron", "none")
 SCORE_FUNCTIONS = ("softmax", "sigmoid")
 DROP_POLICIES = ("probs", "position")
+CHOICES = {"scaling": SCALINGS, "router_init": ROUTER_INITS, "moe_router_score_function": SCORE_FUNCTIONS,
+           "moe_token_drop_policy": DROP_POLICIES}
 
 
 @dataclass(frozen=True)
@@ -93,46 +92,44 @@ class UpcycleOptions:
         return self.copies * self.granularity * self.granularity / self.moe_router_topk
 
     def validate(self, ffn_hidden_size: Optional[int] = None, num_layers: Optional[int] = None) -> "UpcycleOptions":
-        """Raise UpcycleError on an impossible combination; return self for chaining."""
-        for name, flag in INT_FIELDS.items():
+        """Raise ``FieldError`` (naming the fields) on an impossible combination; return self for chaining."""
+        for name in INT_FIELDS:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int):
-                raise UpcycleError(f"{flag} ({name}) = {v!r} is not an integer; pass a whole number.")
-        for name, flag in FLOAT_FIELDS.items():
+                raise FieldError(f"{{{name}+}} = {v!r} is not an integer; pass a whole number.", **{name: v})
+        for name in FLOAT_FIELDS:
             v = getattr(self, name)
             if v is None and name == "moe_expert_capacity_factor":
                 continue
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                raise UpcycleError(f"{flag} ({name}) = {v!r} is not a finite number; pass a finite value.")
-        E, k, G = self.num_moe_experts, self.moe_router_topk, self.granularity
-        if E < 1:
-            raise UpcycleError(f"--num-experts {E} must be at least 1.")
-        if not 1 <= k <= E:
-            raise UpcycleError(f"--topk {k} must be between 1 and --num-experts {E}; lower --topk or raise --num-experts.")
+                raise FieldError(f"{{{name}+}} = {v!r} is not a finite number; pass a finite value.", **{name: v})
+        E, G = self.num_moe_experts, self.granularity
+        if err := topk_error(E, self.moe_router_topk):
+            raise err
         if G < 1:
-            raise UpcycleError(f"--granularity {G} must be at least 1.")
+            raise FieldError("{granularity=} must be at least 1.", granularity=G)
         if E % G:
-            raise UpcycleError(f"--num-experts {E} is not a multiple of --granularity {G}: each copy of the dense MLP is cut into G experts; choose E = R*G.")
+            raise FieldError("{num_moe_experts=} is not a multiple of {granularity=}: each copy of the dense MLP is "
+                             "cut into G experts; choose E = R*G.", num_moe_experts=E, granularity=G)
         if ffn_hidden_size is not None and ffn_hidden_size % G:
-            raise UpcycleError(f"--granularity {G} does not divide the dense FFN size {ffn_hidden_size}; choose a divisor of {ffn_hidden_size}.")
-        if self.scaling not in SCALINGS:
-            raise UpcycleError(f"--scaling {self.scaling!r} is not one of {', '.join(SCALINGS)}.")
-        if self.router_init_resolved not in ROUTER_INITS:
-            raise UpcycleError(f"--router-init {self.router_init!r} is not one of {', '.join(ROUTER_INITS)}.")
-        if self.moe_router_score_function not in SCORE_FUNCTIONS:
-            raise UpcycleError(f"score function {self.moe_router_score_function!r} is not one of {', '.join(SCORE_FUNCTIONS)}.")
-        if self.moe_token_drop_policy not in DROP_POLICIES:
-            raise UpcycleError(f"drop policy {self.moe_token_drop_policy!r} is not one of {', '.join(DROP_POLICIES)}.")
+            raise FieldError(f"{{granularity=}} does not divide the dense FFN size {ffn_hidden_size}; choose a divisor "
+                             f"of {ffn_hidden_size}.", granularity=G)
+        for name, allowed in CHOICES.items():
+            if (self.router_init_resolved if name == "router_init" else getattr(self, name)) not in allowed:
+                raise FieldError(f"{{{name}=}} is not one of {', '.join(allowed)}.", **{name: getattr(self, name)})
         if not 0.0 <= self.drop_ratio <= 1.0:
-            raise UpcycleError(f"--drop-ratio {self.drop_ratio} is outside [0, 1]; it is the fraction of each expert's units re-initialized.")
+            raise FieldError("{drop_ratio=} is outside [0, 1]; it is the fraction of each expert's units "
+                             "re-initialized.", drop_ratio=self.drop_ratio)
         if self.noise_std < 0 or self.router_std < 0:
-            raise UpcycleError("--noise-std and --router-std must be >= 0.")
+            raise FieldError("{noise_std} and {router_std} must be >= 0.", noise_std=self.noise_std,
+                             router_std=self.router_std)
         cf = self.moe_expert_capacity_factor
         if cf is not None and cf <= 0:
-            raise UpcycleError(f"--capacity-factor {cf} must be > 0 (omit it for dropless routing).")
+            raise FieldError("{moe_expert_capacity_factor=} must be > 0 (omit it for dropless routing).",
+                             moe_expert_capacity_factor=cf)
         if self.moe_aux_loss_coeff < 0:
-            raise UpcycleError(f"--aux-loss-coeff {self.moe_aux_loss_coeff} must be >= 0 (0 turns the load-balancing "
-                               "loss off).")
+            raise FieldError("{moe_aux_loss_coeff=} must be >= 0 (0 turns the load-balancing loss off).",
+                             moe_aux_loss_coeff=self.moe_aux_loss_coeff)
         if num_layers is not None:
             resolve_moe_layers(self.moe_layers, num_layers)
         return self
@@ -152,6 +149,25 @@ class UpcycleOptions:
         return rec
 
 
+def topk_error(num_moe_experts: int, moe_router_topk: int) -> Optional[FieldError]:
+    """The refusal of E < 1 or k outside 1..E (None when they are fine): the options' rule, which the planning
+    layout check reports too."""
+    E, k = num_moe_experts, moe_router_topk
+    if E < 1:
+        return FieldError("{num_moe_experts=} must be at least 1.", num_moe_experts=E)
+    if not 1 <= k <= E:
+        return FieldError("{moe_router_topk=} must be between 1 and {num_moe_experts=}; lower {moe_router_topk} or "
+                          "raise {num_moe_experts}.", moe_router_topk=k, num_moe_experts=E)
+    return None
+
+
+def moe_layers_of(moe_layer_freq: Union[int, Sequence[int]]) -> Union[str, list[int]]:
+    """Megatron's ``moe_layer_freq`` (N: layers i with i % N == 0; a list: 1 / 0 per layer) as ``moe_layers``."""
+    if isinstance(moe_layer_freq, int):
+        return "all" if moe_layer_freq == 1 else f"every:{moe_layer_freq}"
+    return [i for i, moe in enumerate(moe_layer_freq) if moe]
+
+
 def resolve_moe_layers(spec: Union[str, Sequence[int]], num_layers: int) -> list[int]:
     """``all`` | ``every:N`` (Megatron ``moe_layer_freq=N``: layers i with i % N == 0) | list -> sorted indices."""
     if isinstance(spec, str):
@@ -164,16 +180,18 @@ def resolve_moe_layers(spec: Union[str, Sequence[int]], num_layers: int) -> list
             except ValueError:
                 n = 0
             if n < 1:
-                raise UpcycleError(f"--moe-layers {spec!r}: N in every:N must be a positive integer.")
+                raise FieldError("{moe_layers=}: N in every:N must be a positive integer.", moe_layers=spec)
             return [i for i in range(num_layers) if i % n == 0]
         try:
             spec = [int(p) for p in s.split(",") if p.strip()]
         except ValueError:
-            raise UpcycleError(f"--moe-layers {spec!r} is not 'all', 'every:N' or a comma list of layer indices.") from None
+            raise FieldError("{moe_layers=} is not 'all', 'every:N' or a comma list of layer indices.",
+                             moe_layers=spec) from None
     layers = sorted(set(int(i) for i in spec))
     bad = [i for i in layers if not 0 <= i < num_layers]
     if bad or not layers:
-        raise UpcycleError(f"--moe-layers {list(spec)} names no layer or layers outside 0..{num_layers - 1}; pick indices below {num_layers}.")
+        raise FieldError(f"{{moe_layers=}} names no layer or layers outside 0..{num_layers - 1}; pick indices below "
+                         f"{num_layers}.", moe_layers=list(spec))
     return layers
 
 
@@ -198,7 +216,8 @@ def step0_report(opts: UpcycleOptions) -> tuple[bool, str]:
     if G == 1:
         return True, "every expert is the dense MLP and the k routing weights sum to 1."
     if opts.router_init_resolved != "virtual_group":
-        return False, f"G={G} experts need a virtual-group router (the G shards of a copy must share a row); got {opts.router_init_resolved}."
+        return False, (f"G={G} experts need a virtual-group router (the G shards of a copy must share a row); got "
+                       f"{opts.router_init_resolved}.")
     if k % G:
         return False, f"top-{k} is not a multiple of G={G}: a token sees only {k % G or k} of the G shards of a copy."
     if opts.scaling != "exact":

@@ -27,19 +27,12 @@ from typing import Optional
 import lightning.pytorch as pl
 import torch
 
-from nemo_upcycle.system.files import atomic_write_json, atomic_write_text
-from nemo_upcycle.system.launcher import is_rank0 as _rank0
 from nemo_upcycle.formats.moe_dir import EXPORT_DIR, export_problem
+from nemo_upcycle.offline.verify import STEP0_ATOL
+from nemo_upcycle.system.files import atomic_write_json, atomic_write_text
+from nemo_upcycle.system.launcher import is_rank0, launcher_world
 
 log = logging.getLogger(__name__)
-
-
-def _world() -> int:
-    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-
-
-def write_json(path: Path, record: dict) -> None:
-    atomic_write_json(path, record)
 
 
 def window_loss(logits: torch.Tensor, ids: torch.Tensor, vocab: int) -> float:
@@ -100,7 +93,7 @@ class UpcycleLifecycle(pl.Callback):
 
     def __init__(self, out_dir: str, eval_windows: int = 4, dense_source: Optional[str] = None,
                  metrics_file: str = "metrics.jsonl", export: bool = True, tokenizer_dir: Optional[str] = None,
-                 step0_atol: float = 1e-3, check_ids: Optional[list] = None):
+                 step0_atol: float = STEP0_ATOL, check_ids: Optional[list] = None):
         super().__init__()
         self.out_dir, self.dense_source, self.metrics_file = Path(out_dir), dense_source, metrics_file
         self.eval_windows = eval_windows
@@ -109,7 +102,7 @@ class UpcycleLifecycle(pl.Callback):
 
     # -- helpers -------------------------------------------------------------------------------------------
     def _one_rank(self) -> bool:
-        return _world() == 1
+        return (launcher_world() or 1) == 1
 
     def _logits(self, pl_module) -> torch.Tensor:
         from nemo_upcycle.engine.export import unwrap
@@ -140,22 +133,23 @@ class UpcycleLifecycle(pl.Callback):
 
     # -- hooks ---------------------------------------------------------------------------------------------
     def on_train_start(self, trainer, pl_module):
-        if self.check_ids is None and self.eval_windows > 0 and _rank0():
+        if self.check_ids is None and self.eval_windows > 0 and is_rank0():
             ids = validation_windows(getattr(trainer, "datamodule", None), self.eval_windows)
             self.check_ids = torch.tensor(ids, dtype=torch.long) if ids else None
         step = int(trainer.global_step)
         if step > 0:
             align_batch_progress(trainer, step)
-            if _rank0():
+            if is_rank0():
                 n = truncate_metrics(self.out_dir / self.metrics_file, step)
                 log.info("resumed at step %d%s", step, f"; dropped {n} metrics records past it" if n else "")
             return
-        if not _rank0() or self.check_ids is None:
+        if not is_rank0() or self.check_ids is None:
             return
         rec: dict = {"step": 0}
         if not self._one_rank():
             rec["skipped"] = "the model is split over ranks; run mode=verify for the step-0 check"
-        elif not self.dense_source or Path(self.dense_source).is_dir() and not (Path(self.dense_source) / "config.json").is_file():
+        elif not self.dense_source or (Path(self.dense_source).is_dir()
+                                       and not (Path(self.dense_source) / "config.json").is_file()):
             rec["skipped"] = "the dense source is not an HF directory or GGUF; run mode=verify on an HF copy"
         else:
             moe = self._logits(pl_module)
@@ -166,15 +160,15 @@ class UpcycleLifecycle(pl.Callback):
             print(f"step-0 check: max |dlogit| {rec['max_abs_logit_diff']:.2e}, top-1 agreement "
                   f"{rec['top1_agreement']:.4f}, validation loss dense {rec['dense_loss']:.4f} / MoE "
                   f"{rec['moe_loss']:.4f}: {'PASS' if rec['passed'] else 'FAIL'}", flush=True)
-        write_json(self.out_dir / "step0.json", rec)
+        atomic_write_json(self.out_dir / "step0.json", rec)
 
     def on_train_end(self, trainer, pl_module):
-        if not _rank0():
+        if not is_rank0():
             return
         rec: dict = {"step": int(trainer.global_step)}
         if not self._one_rank():
             rec["skipped"] = "the model is split over ranks: evaluate and export from a 1-rank run of the checkpoint"
-            write_json(self.out_dir / "final_eval.json", rec)
+            atomic_write_json(self.out_dir / "final_eval.json", rec)
             return
         if self.check_ids is not None:
             logits = self._logits(pl_module)
@@ -199,7 +193,7 @@ class UpcycleLifecycle(pl.Callback):
                                     info={"steps": int(trainer.global_step), "source": str(self.dense_source),
                                           "run_dir": str(self.out_dir)})
             rec["hf_mixtral"] = str(out)
-        write_json(self.out_dir / "final_eval.json", rec)
+        atomic_write_json(self.out_dir / "final_eval.json", rec)
 
 
 def validation_windows(datamodule, n: int) -> list[list[int]]:

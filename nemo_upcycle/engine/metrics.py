@@ -36,15 +36,14 @@ import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 
+from nemo_upcycle.planning.flops import device_peak, mfu, tflops
+from nemo_upcycle.system.launcher import is_rank0
+
 TRACKER_AUX = ("load_balancing_loss", "seq_load_balancing_loss", "global_load_balancing_loss")
 
 
 def _dist() -> bool:
     return dist.is_available() and dist.is_initialized()
-
-
-def _rank0() -> bool:
-    return not _dist() or dist.get_rank() == 0
 
 
 def _device() -> torch.device:
@@ -184,7 +183,7 @@ class MetricsLogger(pl.Callback):
     Args:
         path: the JSONL file (appended to: a resumed run continues it).
         tokens_per_step: global batch x sequence length.
-        flops_per_token: model FLOPs per token (``nemo_upcycle.planning.flops.flops_for_run``); None: no TFLOP/s, MFU.
+        flops_per_token: model FLOPs per token (``config.translate.flops_for_run``); None: no TFLOP/s, MFU.
         peak_flops: peak FLOP/s of one device; None: the GPU table by device name, or measured on CPU.
         peak_name: what that peak is (written to the records).
         log_every_n_steps: a record every n optimizer steps (values averaged over them), and one at the end.
@@ -207,9 +206,7 @@ class MetricsLogger(pl.Callback):
 
     # -- setup
     def on_train_start(self, trainer, pl_module):
-        if self.peak_flops is None and _rank0():
-            from nemo_upcycle.planning.flops import device_peak
-
+        if self.peak_flops is None and is_rank0():
             self.peak_flops, name = device_peak()
             self.peak_name = self.peak_name or name
         config = getattr(pl_module, "config", None)
@@ -261,9 +258,9 @@ class MetricsLogger(pl.Callback):
             tps = self.tokens_per_step / dt
             bar = {"tokens_per_s": float(round(tps))}
             if self.flops_per_token:
-                bar["tflops"] = tps * self.flops_per_token / 1e12
+                bar["tflops"] = tflops(tps, self.flops_per_token)
                 if self.peak_flops:
-                    bar["mfu_pct"] = 100.0 * tps * self.flops_per_token / (self.peak_flops * trainer.world_size)
+                    bar["mfu_pct"] = 100.0 * mfu(tps, self.flops_per_token, self.peak_flops * trainer.world_size)
             for k, v in bar.items():
                 pl_module.log(k, v, prog_bar=True, logger=False, batch_size=1)
         if trainer.global_step % self.log_every_n_steps == 0:
@@ -281,8 +278,8 @@ class MetricsLogger(pl.Callback):
         rec = {"kind": "train", "step": step, "tokens": step * self.tokens_per_step, "steps": self._steps,
                "loss": _mean(self._losses), "lr": self._lr, "grad_norm": _mean(self._grad_norms),
                "seconds": self._seconds, "step_seconds": self._seconds / self._steps, "tokens_per_s": tps,
-               "tflops": tps * self.flops_per_token / 1e12 if tps and self.flops_per_token else None,
-               "mfu": (tps * self.flops_per_token / (self.peak_flops * trainer.world_size)
+               "tflops": tflops(tps, self.flops_per_token) if tps and self.flops_per_token else None,
+               "mfu": (mfu(tps, self.flops_per_token, self.peak_flops * trainer.world_size)
                        if tps and self.flops_per_token and self.peak_flops else None),
                "elapsed": time.perf_counter() - self._start if self._start else None, **peak_memory(), **moe}
         self._reset_window()
@@ -313,7 +310,7 @@ class MetricsLogger(pl.Callback):
 
     # -- output
     def _write(self, rec: dict) -> None:
-        if _rank0():
+        if is_rank0():
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
@@ -321,7 +318,7 @@ class MetricsLogger(pl.Callback):
     @staticmethod
     def _to_loggers(trainer, scalars: dict, step: int) -> None:
         scalars = {k: float(v) for k, v in scalars.items() if isinstance(v, (int, float)) and math.isfinite(v)}
-        if _rank0() and scalars:
+        if is_rank0() and scalars:
             for logger in trainer.loggers:
                 logger.log_metrics(scalars, step=step)
 

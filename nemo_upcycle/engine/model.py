@@ -25,6 +25,7 @@ from nemo_upcycle.engine.config import UpcycledLlamaConfig
 from nemo_upcycle.engine.cpu import cpu_strategy_kwargs
 from nemo_upcycle.engine.filler import MegatronFiller, RankLayout
 from nemo_upcycle.engine import nemo_source  # noqa: F401 -- registers the NeMo 2 checkpoint reader with open_dense
+from nemo_upcycle.planning.layout import ModelDims, ParallelLayout, check_layout
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,8 @@ def check_dense_matches(src: DenseSource, config) -> None:
     """Refuse, in one line, a dense source whose sizes disagree with the MoE config."""
     c = src.config
     H = c["num_attention_heads"]
-    pairs = [("num_layers", config.num_layers, c["num_hidden_layers"]), ("hidden_size", config.hidden_size, c["hidden_size"]),
+    pairs = [("num_layers", config.num_layers, c["num_hidden_layers"]),
+             ("hidden_size", config.hidden_size, c["hidden_size"]),
              ("ffn_hidden_size", config.ffn_hidden_size, c["intermediate_size"]),
              ("num_attention_heads", config.num_attention_heads, H),
              ("num_query_groups", config.num_query_groups or H, c.get("num_key_value_heads") or H),
@@ -44,20 +46,16 @@ def check_dense_matches(src: DenseSource, config) -> None:
             raise UpcycleError(f"the dense source {src.path} has {name}={theirs} but the MoE config says {ours}; "
                                "build the config with UpcycledLlamaConfig.from_dense(...) or fix the recipe.")
     if config.vocab_size is not None and config.vocab_size < c["vocab_size"]:
-        raise UpcycleError(f"config vocab_size {config.vocab_size} is smaller than the dense source's {c['vocab_size']}.")
+        raise UpcycleError(f"config vocab_size {config.vocab_size} is smaller than the dense source's "
+                           f"{c['vocab_size']}.")
 
 
-def check_parallel_layout(config, tp: int, ep: int, etp: int = 1) -> None:
-    """The layout errors Megatron would hit deep inside model construction, as one line up front."""
-    E = config.num_moe_experts or 0
-    if E and E % ep:
-        raise UpcycleError(f"expert_model_parallel_size={ep} does not divide num_moe_experts={E}; choose EP among the divisors of {E}.")
-    if config.num_attention_heads % tp:
-        raise UpcycleError(f"tensor_model_parallel_size={tp} does not divide num_attention_heads={config.num_attention_heads}; choose a divisor.")
-    if (config.num_query_groups or config.num_attention_heads) % tp:
-        raise UpcycleError(f"tensor_model_parallel_size={tp} does not divide num_query_groups={config.num_query_groups}; choose a divisor.")
-    if E and config.moe_ffn_hidden_size % etp:
-        raise UpcycleError(f"expert_tensor_parallel_size={etp} does not divide moe_ffn_hidden_size={config.moe_ffn_hidden_size}.")
+def check_parallel_layout(config, tp: int, ep: int, etp: int = 1, pp: int = 1) -> None:
+    """The layout rules (``planning.layout``) between the model and this job's parallel sizes, as one line up front
+    instead of an error deep inside Megatron's model construction."""
+    dims = ModelDims.from_config(config, vocab_size=config.vocab_size or 1)  # the vocab is in no layout rule
+    check_layout(dims, ParallelLayout(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                      expert_model_parallel_size=ep, expert_tensor_parallel_size=etp))
 
 
 def rank_layout(module) -> RankLayout:
@@ -67,7 +65,8 @@ def rank_layout(module) -> RankLayout:
     offset = layers[0].layer_number - 1 if layers is not None and len(layers) else 0
     return RankLayout(tp_rank=ps.get_tensor_model_parallel_rank(), tp_size=ps.get_tensor_model_parallel_world_size(),
                       ep_rank=ps.get_expert_model_parallel_rank(), ep_size=ps.get_expert_model_parallel_world_size(),
-                      etp_rank=ps.get_expert_tensor_parallel_rank(), etp_size=ps.get_expert_tensor_parallel_world_size(),
+                      etp_rank=ps.get_expert_tensor_parallel_rank(),
+                      etp_size=ps.get_expert_tensor_parallel_world_size(),
                       layer_offset=offset)
 
 
@@ -105,7 +104,8 @@ class UpcycledLlamaModel(GPTModel):
         fresh = not hasattr(self, "module")
         if fresh and ps.model_parallel_is_initialized():
             check_parallel_layout(self.config, ps.get_tensor_model_parallel_world_size(),
-                                  ps.get_expert_model_parallel_world_size(), ps.get_expert_tensor_parallel_world_size())
+                                  ps.get_expert_model_parallel_world_size(), ps.get_expert_tensor_parallel_world_size(),
+                                  ps.get_pipeline_model_parallel_world_size())
         super().configure_model(vp_stage)
         if fresh and self.upcycle_from and not self._resuming():
             upcycle_into(self.module, self.config, self.upcycle_from)

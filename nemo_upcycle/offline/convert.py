@@ -25,7 +25,7 @@ import torch
 
 from nemo_upcycle.core.options import UpcycleOptions, resolve_moe_layers
 from nemo_upcycle.core.upcycle import LayerExperts, router_weight
-from nemo_upcycle.errors import UpcycleError
+from nemo_upcycle.errors import FieldError, UpcycleError
 from nemo_upcycle.system.files import check_not_protected, check_replaceable, check_writable, publish, staging
 from nemo_upcycle.formats.mixtral import layout, mixtral_config, num_output_tensors, output_bytes, source_keys
 from nemo_upcycle.formats.moe_dir import is_upcycled_mixtral_dir
@@ -92,9 +92,10 @@ def check_fits(cfg: dict, opts: UpcycleOptions, out_dtype: torch.dtype, src_dtyp
     n = num_output_tensors(cfg, opts)
     peak, avail = peak_memory_bytes(cfg, opts, out_dtype, src_dtype), psutil.virtual_memory().available
     if peak > avail:
-        raise UpcycleError(f"the conversion needs about {peak / 2**30:.1f} GiB of memory ({n:,} output tensors for "
-                           f"{opts.num_moe_experts:,} experts x {cfg['num_hidden_layers']} layers), this machine has "
-                           f"{avail / 2**30:.1f} GiB available; lower --num-experts or use a larger machine.")
+        raise FieldError(f"the conversion needs about {peak / 2**30:.1f} GiB of memory ({n:,} output tensors for "
+                         f"{opts.num_moe_experts:,} experts x {cfg['num_hidden_layers']} layers), this machine has "
+                         f"{avail / 2**30:.1f} GiB available; lower {{num_moe_experts}} or use a larger machine.",
+                         num_moe_experts=opts.num_moe_experts)
     needed = output_bytes(cfg, opts, out_dtype) + n * HEADER_BYTES_PER_TENSOR
     check_writable(where, needed, flag="output")
     return needed

@@ -28,6 +28,9 @@ from nemo_upcycle.errors import UpcycleError
 from nemo_upcycle.formats.moe_dir import REFERENCE_FILE, check_moe_dir, check_pair, sniff
 from nemo_upcycle.formats.base import DenseSource, locate, open_dense
 
+# the step-0 tolerance: the largest |logit difference| (fp32) at which the MoE still computes the dense function (a
+# function-preserving upcycle differs by rounding only); verify, mode=verify and the training's step-0 check use it
+STEP0_ATOL = 1e-3
 DEFAULT_TEXT = (
     "The upcycled mixture of experts starts from the dense model: every expert is a copy of its feed-forward "
     "block, and the router decides which of them each token visits. At the first step the two models should "
@@ -44,7 +47,7 @@ class VerifyResult:
     note: str
     token_source: str = ""
 
-    def passed(self, atol: float, min_top1: float) -> bool:
+    def passed(self, atol: float = STEP0_ATOL, min_top1: float = 1.0) -> bool:
         return self.max_abs <= atol and self.top1 >= min_top1
 
 
@@ -138,7 +141,8 @@ def _routed_forward(score: str, pre: bool, renorm: bool):
     return forward
 
 
-def tokenize(moe_dir: Path, dense_path: Path, text: str, vocab_size: int, max_tokens: int = 256) -> tuple[torch.Tensor, str]:
+def tokenize(moe_dir: Path, dense_path: Path, text: str, vocab_size: int,
+             max_tokens: int = 256) -> tuple[torch.Tensor, str]:
     """Token ids of ``text`` with the MoE's (or the dense model's) tokenizer; without one, seeded random ids."""
     from transformers import AutoTokenizer
 
@@ -196,16 +200,18 @@ def verify(dense_path, moe_path, text: Optional[str] = None, max_tokens: int = 2
 
 def load_reference(path: Path) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """(input_ids [B, T], logits [B, T, V], metadata) of a ``nemo_reference.safetensors``."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             ids, logits = f.get_tensor("input_ids"), f.get_tensor("logits")
-    except Exception as e:  # truncated, foreign or missing tensors: several error types
-        raise UpcycleError(f"{path} is not a readable NeMo reference ({e.__class__.__name__}); re-export the model.") from None
+    except (OSError, SafetensorError) as e:  # missing, truncated, foreign, or without these tensors
+        raise UpcycleError(f"{path} is not a readable NeMo reference ({e.__class__.__name__}); re-export the "
+                           "model.") from None
     if ids.ndim != 2 or logits.shape[:2] != ids.shape:
-        raise UpcycleError(f"{path}: ids {list(ids.shape)} and logits {list(logits.shape)} do not match; re-export the model.")
+        raise UpcycleError(f"{path}: ids {list(ids.shape)} and logits {list(logits.shape)} do not match; re-export "
+                           "the model.")
     return ids.long(), logits.float(), meta
 
 

@@ -1,26 +1,61 @@
-"""Throughput arithmetic: model FLOPs per token, the peak a run is measured against, and MFU.
+"""Throughput arithmetic, one formula each: model FLOPs per token, the peak a run is measured against, and MFU.
 
-Model FLOPs are Megatron's (``plan.flops_per_token``: forward + backward, only the k routed experts, causal
-attention counted half, the logits layer; no router, norms or softmax). MFU = achieved model FLOP/s over the
-peak FLOP/s of all devices of the job:
+FLOPs per token, Megatron-LM megatron/training/training.py ``num_floating_point_operations`` (not shipped with
+megatron-core; re-typed): 6 [h (3|2)(F n_dense + Fe k n_moe) + L (h d (a + 2g) + a d s + a d h) + h V]
+(x3 fwd/wgrad/dgrad, x2 per FMA, causal attention half; only the k routed experts; no router, norms or softmax);
+equals NeMo's flops_formulas.mixtral when a d = h and the vocab matches. MFU = achieved model FLOP/s over the peak
+FLOP/s of all devices of the job:
 
     MFU = tokens_per_s * flops_per_token / (peak_flops_per_device * devices)
 
-Peaks: on a GPU the dense bf16 peak of ``plan.GPUS`` (REFERENCE.md: H100 SXM 989 TFLOP/s), matched by the CUDA
-device name; on a CPU a measured one: the best of a few large fp32 ``torch.mm`` with this process's thread
-count (cached per process and thread count). It is what this machine's BLAS reaches on one matmul, so an
-MFU near 1 on CPU means "as fast as a plain matmul", not a hardware limit. No NeMo / Megatron import.
+Peaks: on a GPU the dense bf16 peak of ``GPUS`` (vendor data sheets: H100 SXM 989 TFLOP/s), matched by the CUDA
+device name; on a CPU a measured one: the best of a few large fp32 ``torch.mm`` with this process's thread count
+(cached per process and thread count), so an MFU near 1 on CPU means "as fast as a plain matmul", not a hardware
+limit. No NeMo / Megatron import; torch only where a peak is measured.
 """
 
 from __future__ import annotations
 
 import functools
 import time
-from typing import Optional
+from typing import NamedTuple, Optional
 
-import torch
+from nemo_upcycle.planning.layout import ModelDims
 
-from nemo_upcycle.planning.plan import GPUS
+
+class GPU(NamedTuple):
+    name: str
+    memory_bytes: int  # as nvidia-smi reports it
+    peak_bf16_flops: float  # dense, no sparsity
+
+
+GPUS = {"H100": GPU("H100 SXM 80GB", 81559 * 2**20, 989e12), "H200": GPU("H200 141GB", 143771 * 2**20, 989e12),
+        "A100": GPU("A100 80GB", 81920 * 2**20, 312e12), "A100-40GB": GPU("A100 40GB", 40960 * 2**20, 312e12)}
+
+
+def flops_per_token(m: ModelDims, seq_length: int, tp: Optional[int] = None) -> float:
+    """Megatron's model FLOPs (fwd + bwd) per token: k routed experts, causal attention, logits; ``tp`` pads the
+    vocab as NeMo does for a tokenizer-sized vocab (None: as given)."""
+    h, d, a, g, L = m.hidden_size, m.kv_channels, m.num_attention_heads, m.num_query_groups, m.num_layers
+    n_moe, w = sum(m.moe_pattern()), 3 if m.gated_linear_unit else 2
+    mlp = h * w * (m.ffn_hidden_size * (L - n_moe) + m.moe_ffn_hidden_size * m.moe_router_topk * n_moe)
+    attn = L * (h * d * (a + 2 * g) + a * d * seq_length + a * d * h)
+    return 6.0 * (mlp + attn + h * m.padded_vocab(tp))
+
+
+def tflops(tokens_per_s: float, flops_per_token: float) -> float:
+    """Achieved model TFLOP/s."""
+    return tokens_per_s * flops_per_token / 1e12
+
+
+def mfu(tokens_per_s: float, flops_per_token: float, peak_flops: float) -> float:
+    """Model FLOPs utilization; ``peak_flops`` is the whole job's (per device x devices)."""
+    return tokens_per_s * flops_per_token / peak_flops
+
+
+def tokens_per_s(mfu: float, flops_per_token: float, peak_flops: float) -> float:
+    """The tokens/s that reach ``mfu`` of ``peak_flops`` (the inverse of :func:`mfu`)."""
+    return mfu * peak_flops / flops_per_token
 
 
 def gpu_peak(device_name: str, memory_bytes: Optional[int] = None) -> tuple[Optional[float], str]:
@@ -40,6 +75,8 @@ def gpu_peak(device_name: str, memory_bytes: Optional[int] = None) -> tuple[Opti
 
 @functools.lru_cache(maxsize=None)
 def _cpu_peak(threads: int, n: int, repeats: int) -> float:
+    import torch  # deferred: plan mode and the precheck import planning without torch
+
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
     torch.mm(a, b)  # warm-up: thread pool, page faults
@@ -53,22 +90,16 @@ def _cpu_peak(threads: int, n: int, repeats: int) -> float:
 
 def measured_cpu_peak(n: int = 1536, repeats: int = 3) -> float:
     """FLOP/s of the fastest of ``repeats`` fp32 [n, n] @ [n, n] products with the current thread count."""
+    import torch
+
     return _cpu_peak(torch.get_num_threads(), n, repeats)
 
 
 def device_peak() -> tuple[Optional[float], str]:
     """(peak FLOP/s of one device of this process, what it is): the GPU table on CUDA, else measured CPU."""
+    import torch
+
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(torch.cuda.current_device())
         return gpu_peak(props.name, props.total_memory)
     return measured_cpu_peak(), f"CPU fp32 torch.mm, {torch.get_num_threads()} threads (measured)"
-
-
-def tflops(tokens_per_s: float, flops_per_token: float) -> float:
-    """Achieved model TFLOP/s."""
-    return tokens_per_s * flops_per_token / 1e12
-
-
-def mfu(tokens_per_s: float, flops_per_token: float, peak_flops: float) -> float:
-    """Model FLOPs utilization; ``peak_flops`` is the whole job's (per device x devices)."""
-    return tokens_per_s * flops_per_token / peak_flops

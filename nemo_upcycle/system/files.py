@@ -120,7 +120,8 @@ def check_replaceable(out: Path, kinds: Iterable[str], protect: Iterable[Path] =
                        "choose another output, or move that directory away yourself.")
 
 
-def remove_ours(d: Path, kinds: Optional[Iterable[str]] = None, legacy: Optional[Callable[[Path], bool]] = None) -> None:
+def remove_ours(d: Path, kinds: Optional[Iterable[str]] = None,
+                legacy: Optional[Callable[[Path], bool]] = None) -> None:
     """Remove directory ``d`` if nemo-upcycle made it; anything else is refused (never deleted)."""
     d = Path(d)
     if not d.exists() and not d.is_symlink():
@@ -145,7 +146,8 @@ def write_errors(where: Path, needed_bytes: Optional[int] = None) -> Iterator[No
             raise UpcycleError(f"the disk under {where} is full ({need}{free / 2**30:.2f} GiB free now); free space or "
                                "choose another output.") from None
         if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-            raise UpcycleError(f"cannot write under {where}: {e.strerror}; choose a writable output location.") from None
+            raise UpcycleError(f"cannot write under {where}: {e.strerror}; choose a writable output "
+                               "location.") from None
         raise
 
 
@@ -172,17 +174,25 @@ def check_writable(d: Path, needed_bytes: int = 0, margin: int = 64 << 20, flag:
                            f"{free / 2**30:.2f} GiB are free; free space or choose another location.")
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary name in the same directory and a rename (never half-written)."""
+@contextlib.contextmanager
+def atomic_path(path: Path, needed_bytes: Optional[int] = None) -> Iterator[Path]:
+    """A temporary name beside ``path`` to write to (any writer: text, JSON, a plot's ``savefig``); renamed to
+    ``path`` when the block ends, removed if it fails: ``path`` is never half-written."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with write_errors(path.parent, len(text)):
-            tmp.write_text(text)
+        with write_errors(path.parent, needed_bytes):
+            yield tmp
             os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary name in the same directory and a rename (never half-written)."""
+    with atomic_path(path, len(text)) as tmp:
+        tmp.write_text(text)
 
 
 def atomic_write_json(path: Path, record) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Optional
+from typing import Mapping, Optional
 
 from nemo_upcycle.errors import UpcycleError
 
@@ -40,7 +40,8 @@ def is_rank0() -> bool:
 
 
 def launcher_world() -> Optional[int]:
-    """How many processes the launcher started (``WORLD_SIZE`` of torchrun, ``SLURM_STEP_NUM_TASKS`` of srun), or None."""
+    """How many processes the launcher started (``WORLD_SIZE`` of torchrun, ``SLURM_STEP_NUM_TASKS`` of srun), or
+    None."""
     dist = _dist()
     if dist is not None:
         return dist.get_world_size()
@@ -58,8 +59,9 @@ def launcher_name() -> str:
     return "the launcher"
 
 
-def refuse(error: UpcycleError) -> "None":
-    """Print ``error: ...`` on rank 0 only and exit with the error's code (2): once, however many processes run."""
+def refuse(error: UpcycleError, names: Optional[Mapping[str, str]] = None) -> "None":
+    """Print ``error: ...`` on rank 0 only and exit with the error's code (2): once, however many processes run.
+    ``names``: how the edge calls the fields a ``FieldError`` names."""
     if is_rank0():
-        print(f"error: {error}", file=sys.stderr, flush=True)
+        print(f"error: {error.render(names)}", file=sys.stderr, flush=True)
     sys.exit(error.exit_code)
