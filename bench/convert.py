@@ -90,9 +90,9 @@ def generate(workdir: Path, layers: int, cfg: dict | None = None, name: str | No
     import torch
 
     from nemo_upcycle.errors import UpcycleError
-    from nemo_upcycle.system.files import check_writable, publish, remove_ours, staging
-    from nemo_upcycle.formats.safetensors_stream import ShardedWriter, TensorSpec
     from nemo_upcycle.formats.base import open_dense
+    from nemo_upcycle.formats.safetensors_stream import ShardedWriter, TensorSpec
+    from nemo_upcycle.system.files import check_writable, publish, remove_ours, staging
 
     cfg = cfg or llama_config(layers)
     src = workdir / (name or f"llama-3.2-1b-shaped-L{layers}")
@@ -193,8 +193,8 @@ MICRO = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_a
 
 def per_tensor_child(src: Path, out: Path, experts: int, shard_bytes: int) -> None:
     """Convert ``src`` into ``experts`` experts in this process; print output tensors and the peak-RSS growth."""
-    from nemo_upcycle.offline.convert import convert
     from nemo_upcycle.core import UpcycleOptions
+    from nemo_upcycle.offline.convert import convert
     from nemo_upcycle.system.files import remove_ours
 
     def status(key: str) -> int:

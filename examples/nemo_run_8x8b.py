@@ -53,8 +53,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def make_partial(a: argparse.Namespace):
-    from nemo_upcycle.engine.catalog import partial
     from nemo_upcycle.config.compose import overrides_from_kwargs
+    from nemo_upcycle.engine.catalog import partial
 
     files = [f"{DATA}/{f.strip()}" for f in a.data_files.split(",") if f.strip()]
     overrides = overrides_from_kwargs({"model.source": MODEL, "data.paths": files}) + list(a.overrides)

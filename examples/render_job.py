@@ -18,8 +18,8 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
-from pathlib import Path
 import warnings
+from pathlib import Path
 from string import Template
 
 warnings.filterwarnings("ignore", message="The pynvml package is deprecated", category=FutureWarning)

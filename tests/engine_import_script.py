@@ -12,8 +12,8 @@ from pathlib import Path
 
 
 def read_ckpt(path: Path) -> dict:
-    from torch.distributed.checkpoint import FileSystemReader, load
     import torch
+    from torch.distributed.checkpoint import FileSystemReader, load
 
     reader = FileSystemReader(str(path / "weights"))
     meta = reader.read_metadata().state_dict_metadata
@@ -28,10 +28,10 @@ def max_diff(a: dict, b: dict) -> float:
 
 
 def online_checkpoint(cfg, dense: Path, out: Path) -> None:
+    from lightning.pytorch.trainer.states import TrainerFn
     from nemo.lightning import MegatronStrategy, Trainer
     from nemo.lightning.base import teardown
     from nemo.lightning.io.connector import ModelConnector
-    from lightning.pytorch.trainer.states import TrainerFn
 
     from nemo_upcycle.engine.cpu import cpu_strategy_kwargs
     from nemo_upcycle.engine.model import UpcycledLlamaModel
@@ -51,7 +51,6 @@ def main(work: Path) -> None:
 
     sys.path.insert(0, str(Path(__file__).parent))
     from helpers import make_llama
-
     from nemo_upcycle.engine.cpu import cpu_config_overrides, cpu_strategy_kwargs, enable_cpu_support
 
     enable_cpu_support()

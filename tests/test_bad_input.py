@@ -23,8 +23,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import make_llama
 
+from helpers import make_llama
 from nemo_upcycle.apps.cli import main
 from nemo_upcycle.system.files import MARK
 
@@ -514,8 +514,8 @@ def test_impossible_options(capsys, tmp_path, tiny_llama, extra, match):
 # ---- verify: the same input checks as convert, before transformers loads anything ---------------------------------
 @pytest.fixture(scope="module")
 def moe_of_tiny(tiny_llama, tmp_path_factory) -> Path:
-    from nemo_upcycle.offline.convert import convert
     from nemo_upcycle.core import UpcycleOptions
+    from nemo_upcycle.offline.convert import convert
 
     return convert(tiny_llama, tmp_path_factory.mktemp("moe") / "moe", UpcycleOptions(4, 2), progress=False,
                    max_shard_bytes=20_000).out_dir

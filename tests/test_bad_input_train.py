@@ -30,13 +30,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from helpers import make_llama
 
+from helpers import make_llama
+from nemo_upcycle.apps.precheck import check_data, check_launcher, check_source
 from nemo_upcycle.config import schema as conf_schema
 from nemo_upcycle.config import validate as conf_validate
 from nemo_upcycle.config.compose import compose
 from nemo_upcycle.errors import UpcycleError
-from nemo_upcycle.apps.precheck import check_data, check_launcher, check_source
 
 REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -258,8 +258,8 @@ def test_binary_or_latin1_corpus_is_refused_with_the_fraction(tmp_path):
 
 def test_binary_after_the_prefix_is_refused_by_data_prep(tmp_path):
     """The precheck reads a prefix; the full tokenization meets the rest and refuses it (txt and jsonl)."""
-    from nemo_upcycle.data.text import check_corpus_file
     from nemo_upcycle.data.prepare import read_documents
+    from nemo_upcycle.data.text import check_corpus_file
 
     f = tmp_path / "tail.txt"
     f.write_bytes(b"w1 w2 " * 1000 + bytes(range(128, 256)) * 100)

@@ -24,10 +24,10 @@ from pathlib import Path
 import pytest
 
 from nemo_upcycle.apps import compare as cmp
-from nemo_upcycle.config.compose import compose
 from nemo_upcycle.apps.cli import main as cli_main
-from nemo_upcycle.errors import UpcycleError
+from nemo_upcycle.config.compose import compose
 from nemo_upcycle.config.translate import flops_for_run
+from nemo_upcycle.errors import UpcycleError
 
 REPO = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
@@ -242,8 +242,8 @@ def _hold(lock_path: Path) -> subprocess.Popen:
 
 
 def test_a_live_training_dir_is_never_removed_and_a_stale_one_of_ours_is(tmp_path):
-    from nemo_upcycle.system.files import MARK, read_mark, write_mark
     from nemo_upcycle.apps.run_dir import LOCK
+    from nemo_upcycle.system.files import MARK, read_mark, write_mark
 
     out = tmp_path / "o"
     run_dir = out / "dense"

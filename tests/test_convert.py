@@ -10,11 +10,11 @@ import json
 
 import pytest
 import torch
-from helpers import load_llama, load_mixtral, max_logit_diff
 from safetensors import safe_open
 
-from nemo_upcycle.offline.convert import convert
+from helpers import load_llama, load_mixtral, max_logit_diff
 from nemo_upcycle.core import UpcycleOptions, step0_report
+from nemo_upcycle.offline.convert import convert
 
 ATOL = 1e-5
 FAIL = 1e-3  # a negative control must be off by at least this much

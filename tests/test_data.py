@@ -32,9 +32,9 @@ import torch
 
 from nemo_upcycle.data import prepare as data_prep
 from nemo_upcycle.data.prepare import prepare_corpus, split_documents, split_position
+from nemo_upcycle.data.resources import shakespeare_texts
 from nemo_upcycle.engine.indexed import write_indexed
 from nemo_upcycle.errors import UpcycleError
-from nemo_upcycle.data.resources import shakespeare_texts
 
 TOK_VOCAB, SEQ, MBS, GBS, FRACTION = 300, 32, 2, 4, 0.1
 REPO = Path(__file__).resolve().parent.parent
@@ -457,8 +457,8 @@ def test_smollm2_tokenizer_on_all_of_shakespeare(tmp_path):
 
     from transformers import AutoTokenizer
 
-    from nemo_upcycle.formats.base import open_dense
     from nemo_upcycle.data.resources import smollm2_gguf
+    from nemo_upcycle.formats.base import open_dense
 
     tok_dir = tmp_path / "tokenizer"
     open_dense(smollm2_gguf()).save_tokenizer(tok_dir)

@@ -12,6 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+
 from helpers import free_port, load_llama
 
 pytestmark = pytest.mark.slow  # imports NeMo (~25 s)

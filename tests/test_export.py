@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from helpers import load_llama
 
 pytestmark = pytest.mark.slow  # imports NeMo (~25 s)

@@ -15,9 +15,9 @@ import pytest
 
 from nemo_upcycle.errors import UpcycleError
 from nemo_upcycle.system.files import (
-    atomic_path,
     MARK,
     FileLock,
+    atomic_path,
     atomic_write_text,
     check_replaceable,
     is_ours,

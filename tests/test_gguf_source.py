@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from nemo_upcycle.errors import UpcycleError
-from nemo_upcycle.formats.gguf import GGUFLlamaSource, unpermute_rope
-from nemo_upcycle.formats.base import open_dense
 from nemo_upcycle.data.resources import shakespeare_texts, smollm2_gguf
+from nemo_upcycle.errors import UpcycleError
+from nemo_upcycle.formats.base import open_dense
+from nemo_upcycle.formats.gguf import GGUFLlamaSource, unpermute_rope
 
 
 @pytest.fixture(scope="module")
@@ -242,8 +242,8 @@ def test_verify_refuses_truncated_gguf(tmp_path, tiny_llama, capsys):
     """verify opens the dense side as convert does: a truncated GGUF is one line, before transformers loads it
     (control: the intact file passes that check and fails later, on the pair: the sizes differ)."""
     from nemo_upcycle.apps.cli import main
-    from nemo_upcycle.offline.convert import convert
     from nemo_upcycle.core import UpcycleOptions
+    from nemo_upcycle.offline.convert import convert
 
     moe = convert(tiny_llama, tmp_path / "moe", UpcycleOptions(2, 1), progress=False).out_dir
     f = tmp_path / "tiny.gguf"

@@ -23,12 +23,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from nemo_upcycle.config import translate
-from nemo_upcycle.planning import flops as throughput
-from nemo_upcycle.config.schema import DataSchema, ModelSchema, MoESchema, ParallelSchema, RunConfig
-from nemo_upcycle.planning.layout import ModelDims
 from nemo_upcycle.apps.report import main as report_main
 from nemo_upcycle.apps.report import read_metrics, write_report
+from nemo_upcycle.config import translate
+from nemo_upcycle.config.schema import DataSchema, ModelSchema, MoESchema, ParallelSchema, RunConfig
+from nemo_upcycle.planning import flops as throughput
+from nemo_upcycle.planning.layout import ModelDims
 
 REPO = Path(__file__).resolve().parent.parent
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -381,10 +381,10 @@ def train_tiny(out_dir: str, steps: int = 4, log_every: int = 2, ep: int = 1) ->
     from nemo.collections import llm
     from torch.utils.data import DataLoader, Dataset
 
+    from nemo_upcycle.apps.report import write_report
     from nemo_upcycle.engine import cpu
     from nemo_upcycle.engine.config import UpcycledLlamaConfig
     from nemo_upcycle.engine.metrics import MetricsLogger
-    from nemo_upcycle.apps.report import write_report
 
     SEQ, MBS, GBS = 32, 2, 4
     cpu.enable_cpu_support()

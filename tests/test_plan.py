@@ -347,8 +347,8 @@ def test_cpu_memory_estimate_is_within_ten_percent_of_the_measured_peak(case):
 
 def test_cpu_run_larger_than_the_machine_is_refused(monkeypatch):
     import nemo_upcycle.apps.precheck as pc
-    from nemo_upcycle.config.compose import compose
     from nemo_upcycle.apps.precheck import check_memory
+    from nemo_upcycle.config.compose import compose
 
     monkeypatch.setattr(pc, "machine_memory", lambda: 24 * 10**9)  # this machine: 24 GB
     assert check_memory(compose("smollm2_135m_upcycle"))["total"] < 20e9  # the embedded default runs

@@ -195,9 +195,9 @@ def test_closed_form_on_known_sizes():
 
 @pytest.mark.parametrize("name", TOP)
 def test_plan_counts_equal_closed_form_and_meta_model(name):
-    from nemo_upcycle.planning.plan import plan
     from nemo_upcycle.apps.modes import meta_parameter_count
     from nemo_upcycle.config.translate import model_dims, parallel_layout, training_setup
+    from nemo_upcycle.planning.plan import plan
 
     r = catalog.compose(name)
     pl = plan(model_dims(r), parallel_layout(r), training_setup(r), gpu=r.parallel.gpu)

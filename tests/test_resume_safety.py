@@ -27,8 +27,8 @@ import psutil
 import pytest
 
 from nemo_upcycle.apps.compare import TRAIN_MODULE
-from nemo_upcycle.system.files import read_mark, write_mark
 from nemo_upcycle.apps.run_dir import LOCK, checkpoint_problem, nemo_pick
+from nemo_upcycle.system.files import read_mark, write_mark
 
 pytestmark = pytest.mark.slow  # two NeMo training processes
 

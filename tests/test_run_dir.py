@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
+from nemo_upcycle.apps.run_dir import check_run_dir, run_identity, write_run_identity
 from nemo_upcycle.config.compose import compose
 from nemo_upcycle.errors import UpcycleError
-from nemo_upcycle.apps.run_dir import check_run_dir, run_identity, write_run_identity
 
 REPO = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -98,8 +98,8 @@ def _user_dir(path: Path, name: str = "notes.txt") -> Path:
 
 
 def test_foreign_run_dir_is_refused_and_ours_or_empty_accepted(tmp_path):
-    from nemo_upcycle.system.files import write_mark
     from nemo_upcycle.apps.run_dir import LOCK, check_contents
+    from nemo_upcycle.system.files import write_mark
 
     user = _user_dir(tmp_path / "user")
     with pytest.raises(UpcycleError, match="holds files nemo-upcycle did not write"):
@@ -146,9 +146,9 @@ def test_train_py_refuses_a_foreign_run_dir_and_a_foreign_hf_mixtral_touching_no
 
 
 def test_hf_mixtral_of_ours_is_accepted(tmp_path):
-    from nemo_upcycle.system.files import write_mark
     from nemo_upcycle.apps.run_dir import check_export_target
     from nemo_upcycle.formats.moe_dir import export_problem
+    from nemo_upcycle.system.files import write_mark
 
     run_dir = _hydra_run_dir(tmp_path / "r")
     hf = _user_dir(run_dir / "hf_mixtral", "model.safetensors")

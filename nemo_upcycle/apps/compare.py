@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
-from nemo_upcycle.system import files
 from nemo_upcycle.apps import run_dir as run_dirs
 from nemo_upcycle.apps.compare_out import (
     MARKER,
@@ -38,11 +37,11 @@ from nemo_upcycle.apps.compare_out import (
     claim_out,
     finish_row,
     fmt,
-    markdown,
     remove_run_dir,
     write_outputs,
 )
 from nemo_upcycle.errors import UpcycleError
+from nemo_upcycle.system import files
 
 TRAIN_MODULE = "nemo_upcycle.apps.train"  # what `python train.py` runs; works from an installed package
 GRANULARITY = 2

@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-
 from typing import Sequence
 
-from nemo_upcycle.system import files
 from nemo_upcycle.apps import run_dir as run_dirs
 from nemo_upcycle.errors import UpcycleError
+from nemo_upcycle.system import files
 
 REFERENCE = "copy"  # the MoE whose FLOPs per token set the equal-FLOPs budget
 MARKER = "variant.json"  # written by compare into each run directory: settings, status

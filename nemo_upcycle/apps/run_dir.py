@@ -27,10 +27,10 @@ import zipfile
 from pathlib import Path
 from typing import Optional
 
-from nemo_upcycle.system import files, launcher
+from nemo_upcycle.config.schema import RunConfig
 from nemo_upcycle.errors import UpcycleError
 from nemo_upcycle.formats.moe_dir import export_problem
-from nemo_upcycle.config.schema import RunConfig
+from nemo_upcycle.system import files, launcher
 
 LOCK = files.MARK + ".lock"
 CHECKPOINTS = Path("run") / "checkpoints"

@@ -40,8 +40,8 @@ RUN_DIR: dict = {}  # precheck's record: "checked", "path" (absolute), "made" (i
 
 @hydra.main(config_path="../conf", config_name=DEFAULT_RECIPE, version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from nemo_upcycle.system.launcher import is_rank0
     from nemo_upcycle.apps.modes import dispatch
+    from nemo_upcycle.system.launcher import is_rank0
 
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     made = cfg.get("mode") == "train" and made_here(out_dir)
@@ -72,8 +72,8 @@ def made_here(out_dir: Path) -> bool:
 def remove_run_dir(out_dir: Path) -> None:
     """A run refused before it started (data, source) leaves nothing: the run directory this invocation made (marked,
     no run_identity.json, no checkpoints) is removed, with the empty parents it made."""
-    from nemo_upcycle.system.files import remove_ours
     from nemo_upcycle.apps.run_dir import IDENTITY_FILE
+    from nemo_upcycle.system.files import remove_ours
 
     if (out_dir / IDENTITY_FILE).exists() or (out_dir / "run" / "checkpoints").exists():
         return

@@ -27,18 +27,16 @@ from nemo_upcycle.errors import UpcycleError
 from nemo_upcycle.system.files import atomic_write_json
 from nemo_upcycle.system.launcher import is_rank0
 
-
 T0 = time.perf_counter()  # this module is imported when mode=train starts: the run's wall time counts from here
 
 
 def train(run: RunConfig, out_dir: Path) -> int:
     """Build the recipe (the source resolved, its tokenizer written, the corpus prepared: data and source refusals
     happen here, flagged ``before_start``), then record the run's identity and train."""
-    from nemo_upcycle.apps.run_dir import write_run_identity
+    from nemo_upcycle.apps.run_dir import resume_checkpoint, write_run_identity
     from nemo_upcycle.data.sources import resolve_source
-    from nemo_upcycle.engine.cpu import enable_cpu_support
-    from nemo_upcycle.apps.run_dir import resume_checkpoint
     from nemo_upcycle.engine.build import build
+    from nemo_upcycle.engine.cpu import enable_cpu_support
     from nemo_upcycle.engine.partial import train_partial
 
     resume_from = resume_checkpoint(out_dir, warn=True)  # NeMo's pick is damaged: an earlier complete one (no NeMo)

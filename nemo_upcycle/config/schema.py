@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 
-
 @dataclass
 class ModelSchema:
     name: str = "???"

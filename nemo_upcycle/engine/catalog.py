@@ -17,8 +17,8 @@ from typing import Any, Optional, Sequence
 import nemo_run as run
 
 from nemo_upcycle.config.compose import compose, overrides_from_kwargs
-from nemo_upcycle.config.validate import check_layout
 from nemo_upcycle.config.schema import RunConfig
+from nemo_upcycle.config.validate import check_layout
 from nemo_upcycle.data.sources import resolve_source, tokenizer_dir
 from nemo_upcycle.engine.cpu import enable_cpu_support
 from nemo_upcycle.engine.partial import train_partial

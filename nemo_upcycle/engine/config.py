@@ -16,9 +16,9 @@ from typing import Callable, List, Optional, Union
 from nemo.collections.llm.gpt.model.llama import Llama3Config, Llama31Config
 
 from nemo_upcycle.core.options import UpcycleOptions
+from nemo_upcycle.engine.spec import moe_layer_spec, te_importable
 from nemo_upcycle.errors import UpcycleError
 from nemo_upcycle.formats.keymap import FIELDS, hf_values
-from nemo_upcycle.engine.spec import moe_layer_spec, te_importable
 
 
 @dataclass

@@ -32,8 +32,8 @@ from torch.utils.data import Dataset
 
 from nemo_upcycle.data.prepare import PreparedCorpus, describe, prepare_corpus
 from nemo_upcycle.engine.indexed import write_indexed
-from nemo_upcycle.system.launcher import is_rank0
 from nemo_upcycle.errors import UpcycleError
+from nemo_upcycle.system.launcher import is_rank0
 
 
 def default_cache_dir() -> Path:

@@ -52,8 +52,8 @@ warnings.filterwarnings("ignore", message="The pynvml package is deprecated", ca
 import torch  # noqa: E402
 
 from nemo_upcycle.errors import UpcycleError
-from nemo_upcycle.offline.verify import REFERENCE_FILE, load_reference  # noqa: F401 -- the reader lives with verify (no NeMo there)
 from nemo_upcycle.formats.keymap import KEYMAP, KeyMap, Sizes, hf_values, megatron_values, mismatches
+from nemo_upcycle.offline.verify import REFERENCE_FILE, load_reference  # noqa: F401 -- the reader lives with verify (no NeMo there)
 
 log = logging.getLogger(__name__)
 
@@ -249,11 +249,11 @@ def export_hf_mixtral(module, config, out_dir, *, hf_llama_config: dict, tokeniz
     """
     from tqdm.auto import tqdm
 
-    from nemo_upcycle.offline.convert import OUTPUT_KINDS, check_output
-    from nemo_upcycle.system.files import check_writable, publish, staging
     from nemo_upcycle.formats.mixtral import layout, mixtral_config, output_bytes
     from nemo_upcycle.formats.moe_dir import is_upcycled_mixtral_dir
     from nemo_upcycle.formats.safetensors_stream import ShardedWriter
+    from nemo_upcycle.offline.convert import OUTPUT_KINDS, check_output
+    from nemo_upcycle.system.files import check_writable, publish, staging
 
     out = Path(out_dir).expanduser().absolute()
     check_output(out, overwrite)
@@ -392,7 +392,6 @@ def export_checkpoint(ckpt_dir, out_dir, *, hf_llama_config: Optional[dict] = No
     to keep its token ids and a vocabulary smaller than the model's); ``tokenizer_dir`` to ``context/nemo_tokenizer``.
     """
     from nemo_upcycle.engine.nemo_source import NeMoDenseSource
-
     from nemo_upcycle.offline.convert import check_output
 
     ckpt = check_checkpoint(ckpt_dir)

@@ -19,12 +19,12 @@ import torch
 from nemo.collections.llm.gpt.model.base import GPTModel
 from nemo.lightning import io
 
-from nemo_upcycle.errors import UpcycleError
-from nemo_upcycle.formats.base import DenseSource, open_dense
+from nemo_upcycle.engine import nemo_source  # noqa: F401 -- registers the NeMo 2 checkpoint reader with open_dense
 from nemo_upcycle.engine.config import UpcycledLlamaConfig
 from nemo_upcycle.engine.cpu import cpu_strategy_kwargs
 from nemo_upcycle.engine.filler import MegatronFiller, RankLayout
-from nemo_upcycle.engine import nemo_source  # noqa: F401 -- registers the NeMo 2 checkpoint reader with open_dense
+from nemo_upcycle.errors import UpcycleError
+from nemo_upcycle.formats.base import DenseSource, open_dense
 from nemo_upcycle.planning.layout import ModelDims, ParallelLayout, check_layout
 
 log = logging.getLogger(__name__)

@@ -23,9 +23,9 @@ import torch
 
 from nemo_upcycle.core.options import UpcycleOptions
 from nemo_upcycle.errors import UpcycleError
-from nemo_upcycle.formats.mixtral import LLAMA_DEFAULTS, layout, num_output_tensors
 from nemo_upcycle.formats.base import MOE_CONFIG_KEYS, SIZE_KEYS, check_config_values, read_json
 from nemo_upcycle.formats.hf_llama import check_safetensors_size
+from nemo_upcycle.formats.mixtral import LLAMA_DEFAULTS, layout, num_output_tensors
 from nemo_upcycle.system import files
 
 REFERENCE_FILE = "nemo_reference.safetensors"

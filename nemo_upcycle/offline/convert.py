@@ -26,11 +26,11 @@ import torch
 from nemo_upcycle.core.options import UpcycleOptions, resolve_moe_layers
 from nemo_upcycle.core.upcycle import LayerExperts, router_weight
 from nemo_upcycle.errors import FieldError, UpcycleError
-from nemo_upcycle.system.files import check_not_protected, check_replaceable, check_writable, publish, staging
+from nemo_upcycle.formats.base import DenseSource, locate, open_dense, read_dense_mlp
 from nemo_upcycle.formats.mixtral import layout, mixtral_config, num_output_tensors, output_bytes, source_keys
 from nemo_upcycle.formats.moe_dir import is_upcycled_mixtral_dir
 from nemo_upcycle.formats.safetensors_stream import ShardedWriter
-from nemo_upcycle.formats.base import DenseSource, locate, open_dense, read_dense_mlp
+from nemo_upcycle.system.files import check_not_protected, check_replaceable, check_writable, publish, staging
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}

@@ -25,8 +25,8 @@ import torch
 
 from nemo_upcycle.core.routing import route
 from nemo_upcycle.errors import UpcycleError
-from nemo_upcycle.formats.moe_dir import REFERENCE_FILE, check_moe_dir, check_pair, sniff
 from nemo_upcycle.formats.base import DenseSource, locate, open_dense
+from nemo_upcycle.formats.moe_dir import REFERENCE_FILE, check_moe_dir, check_pair, sniff
 
 # the step-0 tolerance: the largest |logit difference| (fp32) at which the MoE still computes the dense function (a
 # function-preserving upcycle differs by rounding only); verify, mode=verify and the training's step-0 check use it
