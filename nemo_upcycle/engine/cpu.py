@@ -169,6 +169,9 @@ _SCOPED = [
     *[(MC + "tensor_parallel.mappings", fn, ()) for fn in (
         "_gather_along_first_dim", "_reduce_scatter_along_first_dim", "_gather_along_last_dim",
         "_reduce_scatter_along_last_dim", "_AllToAll.forward")],
+    # tensor_parallel/layers.py:544/589/599 (sequence parallelism) the reduce-scatter output of the input gradient
+    # and the weight-gradient buffers on current_device()
+    (MC + "tensor_parallel.layers", "LinearWithGradAccumulationAndAsyncCommunication.backward", ()),
     # distributed/param_and_grad_buffer.py:702/719/725 DDP param and grad buffers on current_device()
     (MC + "distributed.param_and_grad_buffer", "_ParamAndGradBuffer.__init__", ()),
     # optimizer/optimizer.py:469/477/481 found_inf, overflow and scale tensors, :903 the fp32 optimizer's
