@@ -118,12 +118,21 @@ def _resolve(module: str, qualname: str):
     return owner, name
 
 
+def _with_nested(code) -> list:
+    """A code object and those of the functions defined inside it (closures such as p2p's ``create_tensor_recv_prev``)."""
+    out = [code]
+    for const in code.co_consts:
+        if inspect.iscode(const):
+            out += _with_nested(const)
+    return out
+
+
 def _scope(module: str, qualname: str, callees: tuple[str, ...] = ()) -> None:
     """Wrap ``module.qualname`` so CUDA requests written in its body (and in ``callees``) land on the CPU."""
     owner, name = _resolve(module, qualname)
     fn = getattr(owner, name)
     helpers = [getattr(*_resolve(*c.rsplit(":", 1))) for c in callees]
-    codes = frozenset(inspect.unwrap(f).__code__ for f in (fn, *helpers))
+    codes = frozenset(c for f in (fn, *helpers) for c in _with_nested(inspect.unwrap(f).__code__))
 
     @functools.wraps(fn)
     def on_cpu(*args, **kwargs):
@@ -160,6 +169,9 @@ _SCOPED = [
     *[(MC + "tensor_parallel.mappings", fn, ()) for fn in (
         "_gather_along_first_dim", "_reduce_scatter_along_first_dim", "_gather_along_last_dim",
         "_reduce_scatter_along_last_dim", "_AllToAll.forward")],
+    # tensor_parallel/layers.py:544/589/599 (sequence parallelism) the reduce-scatter output of the input gradient
+    # and the weight-gradient buffers on current_device()
+    (MC + "tensor_parallel.layers", "LinearWithGradAccumulationAndAsyncCommunication.backward", ()),
     # distributed/param_and_grad_buffer.py:702/719/725 DDP param and grad buffers on current_device()
     (MC + "distributed.param_and_grad_buffer", "_ParamAndGradBuffer.__init__", ()),
     # optimizer/optimizer.py:469/477/481 found_inf, overflow and scale tensors, :903 the fp32 optimizer's
@@ -169,8 +181,15 @@ _SCOPED = [
     # optimizer/clip_grads.py:90/103/115 norm buffers on 'cuda'; utils.py:1029 the torch fallback of the
     # l2-norm kernel returns its result on 'cuda'
     (MC + "optimizer.optimizer", "get_grad_norm_fp32", (MC + "utils:local_multi_tensor_l2_norm",)),
-    # pipeline_parallel/schedules.py:573 total_num_tokens on "cuda" (the model it runs is not redirected)
-    (MC + "pipeline_parallel.schedules", "forward_backward_no_pipelining", ()),
+    # pipeline_parallel/schedules.py:573/963/2114 total_num_tokens on "cuda" in each schedule (the model it runs is
+    # not redirected)
+    *[(MC + "pipeline_parallel.schedules", fn, ()) for fn in (
+        "forward_backward_no_pipelining", "forward_backward_pipelining_with_interleaving",
+        "forward_backward_pipelining_without_interleaving")],
+    # pipeline_parallel/p2p_communication.py:190-202 shape buffers, :313/321 receive buffers on current_device(),
+    # :242/398 torch.cuda.synchronize() after the exchange
+    (MC + "pipeline_parallel.p2p_communication", "P2PCommunicator._communicate_shapes", ()),
+    (MC + "pipeline_parallel.p2p_communication", "P2PCommunicator._communicate", ()),
     # timers.py:149/162 torch.cuda.synchronize() around every timer, :286 the gathered times on CUDA
     (MC + "timers", "Timer.start", ()),
     (MC + "timers", "Timer.stop", ()),
@@ -187,6 +206,10 @@ _SCOPED = [
     (DC + "exchange_utils", "exchange_loaded_tensors_broadcast", ()),
     # nemo/lightning/megatron_parallel.py:617 init_ddp inside torch.cuda.stream(torch.cuda.Stream())
     (NL + "megatron_parallel", "MegatronParallel.init_model_parallel", ()),
+    # nemo/lightning/megatron_parallel.py:348 the zero loss of a stage that is not the last one (pipeline) and
+    # :1847/1857 the empty loss sums of the token-averaged reduction, on current_device()
+    (NL + "megatron_parallel", "MegatronParallel.forward", ()),
+    (NL + "megatron_parallel", "MaskedTokenLossReduction.reduce", ()),
     # nemo/collections/llm/gpt/model/base.py:103 gpt_data_step moves the batch with .cuda(non_blocking=True)
     ("nemo.collections.llm.gpt.model.base", "GPTModel.data_step",
      ("nemo.collections.llm.gpt.model.base:gpt_data_step",)),

@@ -59,6 +59,52 @@ def resolve_backend(requested: str = "auto") -> str:
     return requested
 
 
+class SequenceParallelTorchNorm:
+    """torch's RMSNorm / LayerNorm for the local spec under sequence parallelism, which Megatron's
+    ``WrappedTorchNorm`` refuses (megatron/core/transformer/torch_norm.py). The norm itself is the same; what
+    sequence parallelism needs is that each rank's weight gradient (from its slice of the sequence) is summed over
+    the tensor-parallel group: Megatron's ``finalize_model_grads`` does that for parameters marked
+    ``sequence_parallel`` (as Transformer Engine's norms are)."""
+
+    def __new__(cls, config, hidden_size: int, eps: float = 1e-5, **_):
+        from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+        if not config.sequence_parallel:
+            return WrappedTorchNorm(config, hidden_size, eps)
+        norm_cls = {"RMSNorm": torch.nn.RMSNorm, "LayerNorm": torch.nn.LayerNorm}.get(config.normalization)
+        if norm_cls is None:
+            raise UpcycleError(f"normalization {config.normalization!r} with sequence parallelism needs Transformer "
+                               "Engine; use RMSNorm or LayerNorm with the local spec.")
+        norm = norm_cls(hidden_size, eps=eps)
+        for p in norm.parameters():
+            p.sequence_parallel = True
+        return norm
+
+
+def _swap_norms(spec, seen=None):
+    """Replace Megatron's ``WrappedTorchNorm`` by ``SequenceParallelTorchNorm`` everywhere in a (nested) spec."""
+    from dataclasses import fields, is_dataclass
+
+    from megatron.core.transformer.spec_utils import ModuleSpec
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    if spec is WrappedTorchNorm:
+        return SequenceParallelTorchNorm
+    seen = set() if seen is None else seen
+    if isinstance(spec, type) or id(spec) in seen:
+        return spec
+    seen.add(id(spec))
+    if isinstance(spec, (list, tuple)):
+        return type(spec)(_swap_norms(s, seen) for s in spec)
+    if isinstance(spec, ModuleSpec):
+        spec.module = _swap_norms(spec.module, seen)
+        spec.submodules = _swap_norms(spec.submodules, seen)
+    elif is_dataclass(spec) and not isinstance(spec, type):
+        for f in fields(spec):
+            setattr(spec, f.name, _swap_norms(getattr(spec, f.name), seen))
+    return spec
+
+
 def moe_layer_spec(config, vp_stage=None):
     """NeMo ``transformer_layer_spec`` callable: the decoder-block spec for this config's backend."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
@@ -69,5 +115,6 @@ def moe_layer_spec(config, vp_stage=None):
     elif config.moe_grouped_gemm:
         config.moe_grouped_gemm = False  # the local grouped GEMM needs CUDA kernels; SequentialMLP instead
     kwargs = {"vp_stage": vp_stage} if vp_stage is not None else {}
-    return get_gpt_decoder_block_spec(config, use_transformer_engine=backend == "te", normalization=config.normalization,
-                                      **kwargs)
+    spec = get_gpt_decoder_block_spec(config, use_transformer_engine=backend == "te",
+                                      normalization=config.normalization, **kwargs)
+    return _swap_norms(spec) if backend == "local" and config.sequence_parallel else spec
