@@ -162,7 +162,8 @@ def proc_status(pid: int) -> dict[str, int]:
     """VmHWM / VmRSS / RssAnon / RssFile of a live process, in bytes ({} once it has exited)."""
     try:
         with open(f"/proc/{pid}/status") as fh:
-            return {k: int(v.split()[0]) * 1024 for k, v in (ln.split(":", 1) for ln in fh) if k.startswith(("Vm", "Rss"))}
+            return {k: int(v.split()[0]) * 1024 for k, v in (ln.split(":", 1) for ln in fh)
+                    if k.startswith(("Vm", "Rss"))}
     except (OSError, ValueError):
         return {}
 

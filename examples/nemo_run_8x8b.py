@@ -36,15 +36,19 @@ MODEL, DATA, RESULTS = "/models/dense", "/data", "/results"  # mount points insi
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--dry-run", action="store_true", help="print the sbatch script NeMo-Run would submit; submit nothing")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the sbatch script NeMo-Run would submit; submit nothing")
     p.add_argument("--account", default=os.environ.get("SLURM_ACCOUNT", "my_account"))
     p.add_argument("--partition", default=os.environ.get("SLURM_PARTITION", "batch"))
-    p.add_argument("--time", default="04:00:00", help="Slurm time limit of one job (training resumes from the last checkpoint)")
+    p.add_argument("--time", default="04:00:00",
+                   help="Slurm time limit of one job (training resumes from the last checkpoint)")
     p.add_argument("--image", default=IMAGE)
-    p.add_argument("--host", default=None, help="login node for an SSH tunnel (default: a local tunnel, run on the login node)")
+    p.add_argument("--host", default=None,
+                   help="login node for an SSH tunnel (default: a local tunnel, run on the login node)")
     p.add_argument("--user", default=os.environ.get("USER", ""))
     p.add_argument("--job-dir", default=None, help="NeMo-Run job directory on the cluster's shared filesystem")
-    p.add_argument("--model-dir", default="/lustre/models/Meta-Llama-3-8B", help="cluster path of the dense HF Llama 3 8B")
+    p.add_argument("--model-dir", default="/lustre/models/Meta-Llama-3-8B",
+                   help="cluster path of the dense HF Llama 3 8B")
     p.add_argument("--data-dir", default="/lustre/data", help="cluster directory holding the training text")
     p.add_argument("--data-files", default="train.jsonl", help="comma-separated files in --data-dir (text or jsonl)")
     p.add_argument("--results-dir", default="/lustre/results", help="cluster directory for logs and checkpoints")
@@ -127,7 +131,8 @@ def main(argv=None) -> int:
                     run_config.set_nemorun_home(home)
             return 0
         if not a.job_dir:
-            raise UpcycleError("--job-dir is required to submit: a NeMo-Run job directory on the cluster's shared filesystem.")
+            raise UpcycleError("--job-dir is required to submit: "
+                               "a NeMo-Run job directory on the cluster's shared filesystem.")
         with _in_repo():
             run.run(partial, executor=make_executor(a, a.job_dir), name=NAME, detach=True)
         return 0

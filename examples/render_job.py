@@ -104,7 +104,8 @@ def render(name: str, overrides: list[str], out: str, time: str = "04:00:00", ac
         raise UpcycleError(f"recipe {name} runs on CPU (parallel.accelerator=cpu); render a GPU recipe, "
                            f"or run it here: python train.py --config-name={name}.")
     if r.data.kind != "files":
-        raise UpcycleError(f"recipe {name} reads data.kind={r.data.kind}; the job script feeds files (data=pretrain_8k).")
+        raise UpcycleError(f"recipe {name} reads data.kind={r.data.kind}; "
+                           "the job script feeds files (data=pretrain_8k).")
     layout = (f"TP{p.tensor_model_parallel_size} PP{p.pipeline_model_parallel_size}"
               + (f" VP{p.virtual_pipeline_model_parallel_size}" if p.virtual_pipeline_model_parallel_size else "")
               + f" EP{p.expert_model_parallel_size}")

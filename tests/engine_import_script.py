@@ -37,7 +37,8 @@ def online_checkpoint(cfg, dense: Path, out: Path) -> None:
     from nemo_upcycle.engine.model import UpcycledLlamaModel
 
     model = UpcycledLlamaModel(cfg, upcycle_from=str(dense))
-    trainer = Trainer(devices=1, accelerator="cpu", strategy=MegatronStrategy(ckpt_save_optimizer=False, **cpu_strategy_kwargs()))
+    trainer = Trainer(devices=1, accelerator="cpu",
+                      strategy=MegatronStrategy(ckpt_save_optimizer=False, **cpu_strategy_kwargs()))
     trainer.state.fn = TrainerFn.FITTING
     trainer.strategy.connect(model)
     trainer.strategy.setup_environment()
@@ -71,7 +72,8 @@ def main(work: Path) -> None:
     res = {"offline_vs_online": max_diff(a, b), "num_tensors": len(a),
            "expert_keys": sorted(k for k in a if "experts" in k)[:4]}
     # the checkpoint holds the dense weights (not an initialization that happens to agree) ...
-    res["embedding_vs_dense"] = (a["module.embedding.word_embeddings.weight"] - hf.get("model.embed_tokens.weight")).abs().max().item()
+    res["embedding_vs_dense"] = (a["module.embedding.word_embeddings.weight"]
+                                 - hf.get("model.embed_tokens.weight")).abs().max().item()
     # ... and a different upcycling seed gives a different router (negative control for the comparison)
     other = dict(moe, upcycle_seed=7)
     online_checkpoint(UpcycledLlamaConfig.from_dense(hf.config, **other), dense, work / "online_seed7")
@@ -98,8 +100,9 @@ def main(work: Path) -> None:
     res["nemo_source_class"] = type(ns).__name__
     res["nemo_source_vs_hf"] = max((ns.get(k).float() - hf.get(k).float()).abs().max().item() for k in hf.keys())
     res["nemo_source_config_equal"] = all(ns.config[k] == hf.config[k] for k in
-                                          ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                                           "num_key_value_heads", "vocab_size", "tie_word_embeddings"))
+                                          ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                           "num_attention_heads", "num_key_value_heads", "vocab_size",
+                                           "tie_word_embeddings"))
     from_nemo = llm.import_ckpt(UpcycledLlamaModel(UpcycledLlamaConfig.from_dense(hf.config, **moe)),
                                 f"upcycle://{nemo_dense}", output_path=work / "from_nemo")
     res["from_nemo_vs_offline"] = max_diff(read_ckpt(from_nemo), a)

@@ -143,7 +143,8 @@ def test_no_import_circle():
 
 def test_the_checks_catch_what_they_look_for(tmp_path):
     """Negative control: a circle, an upward import and a NeMo import outside the engine are all reported."""
-    g = {"nemo_upcycle.core.a": {"nemo_upcycle.apps.b": (1, True)}, "nemo_upcycle.apps.b": {"nemo_upcycle.core.a": (1, False)}}
+    g = {"nemo_upcycle.core.a": {"nemo_upcycle.apps.b": (1, True)},
+         "nemo_upcycle.apps.b": {"nemo_upcycle.core.a": (1, False)}}
     assert cycles(g) == [["nemo_upcycle.apps.b", "nemo_upcycle.core.a"]]
     assert upward_imports(g) == ["nemo_upcycle.core.a:1 imports nemo_upcycle.apps.b (layer apps above core)"]
     f = tmp_path / "m.py"

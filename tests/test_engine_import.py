@@ -20,7 +20,7 @@ def results(tmp_path_factory) -> dict:
     work = tmp_path_factory.mktemp("engine_import")
     script = Path(__file__).with_name("engine_import_script.py")
     r = subprocess.run([sys.executable, str(script), str(work)], capture_output=True, text=True, timeout=900)
-    lines = [l for l in r.stdout.splitlines() if l.startswith("RESULT ")]
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
     assert r.returncode == 0 and lines, r.stdout[-3000:] + r.stderr[-3000:]
     return json.loads(lines[-1][len("RESULT "):])
 

@@ -88,7 +88,8 @@ def test_filler_shards_reassemble(tiny_llama):
     ep = [filler(ep_rank=r, ep_size=2) for r in range(2)]
     for e in range(4):
         name = f"decoder.layers.2.mlp.experts.local_experts.{e % 2}.linear_fc1.weight"
-        assert torch.equal(ep[e // 2].tensor(name), one.tensor(f"decoder.layers.2.mlp.experts.local_experts.{e}.linear_fc1.weight"))
+        assert torch.equal(ep[e // 2].tensor(name),
+                           one.tensor(f"decoder.layers.2.mlp.experts.local_experts.{e}.linear_fc1.weight"))
     etp = [filler(etp_rank=r, etp_size=2) for r in range(2)]
     fc1 = [f.tensor("decoder.layers.0.mlp.experts.local_experts.3.linear_fc1.weight") for f in etp]
     full = one.tensor("decoder.layers.0.mlp.experts.local_experts.3.linear_fc1.weight")

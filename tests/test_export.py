@@ -254,7 +254,8 @@ def test_export_replaces_only_its_own_output(untied, tmp_path, token_ids):
 
 
 def save_trained_checkpoint(work: Path) -> None:
-    """Run as a script (fresh process): a NeMo trainer saves a perturbed upcycled MoE, then the checkpoint is exported."""
+    """Run as a script (fresh process): a NeMo trainer saves a perturbed upcycled MoE, then the checkpoint is
+    exported."""
     from lightning.pytorch.trainer.states import TrainerFn
     from nemo.lightning import MegatronStrategy, Trainer
     from nemo.lightning.base import teardown

@@ -51,7 +51,8 @@ def test_config_matches_transformers(src, hf_model):
                 "vocab_size", "rms_norm_eps", "rope_theta", "tie_word_embeddings", "max_position_embeddings",
                 "head_dim", "bos_token_id", "eos_token_id", "pad_token_id", "rope_scaling"):
         assert c[key] == getattr(h, key), key
-    assert (c["hidden_size"], c["num_hidden_layers"], c["num_attention_heads"], c["num_key_value_heads"]) == (576, 30, 9, 3)
+    assert (c["hidden_size"], c["num_hidden_layers"], c["num_attention_heads"],
+            c["num_key_value_heads"]) == (576, 30, 9, 3)
     assert c["model_type"] == "llama" and c["architectures"] == ["LlamaForCausalLM"] and c["tie_word_embeddings"]
     json.dumps(c)  # config.json-serializable
 
@@ -112,7 +113,8 @@ def _write_tiny(path, arch="llama", tied=True, experts=0, rope_freqs=None, meta=
         hf.update({p + "input_layernorm.weight": (D,), p + "post_attention_layernorm.weight": (D,),
                    p + "self_attn.q_proj.weight": (H * hd, D), p + "self_attn.k_proj.weight": (KV * hd, D),
                    p + "self_attn.v_proj.weight": (KV * hd, D), p + "self_attn.o_proj.weight": (D, H * hd),
-                   p + "mlp.gate_proj.weight": (F, D), p + "mlp.up_proj.weight": (F, D), p + "mlp.down_proj.weight": (D, F)})
+                   p + "mlp.gate_proj.weight": (F, D), p + "mlp.up_proj.weight": (F, D),
+                   p + "mlp.down_proj.weight": (D, F)})
     hf = {k: rng.standard_normal(s).astype(np.float32) for k, s in hf.items()}
     names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
              "lm_head.weight": "output.weight"}

@@ -65,4 +65,5 @@ def test_granular_shapes():
     assert shapes["model.layers.0.block_sparse_moe.gate.weight"] == (64, 4096)
     dense_mlp = 3 * 4096 * 14336
     c = parameter_counts(LLAMA3_8B, opts)
-    assert c["total"] - parameter_counts(LLAMA3_8B, UpcycleOptions(8, 1, granularity=8))["total"] == 32 * 7 * dense_mlp + 32 * 56 * 4096
+    assert (c["total"] - parameter_counts(LLAMA3_8B, UpcycleOptions(8, 1, granularity=8))["total"]
+            == 32 * 7 * dense_mlp + 32 * 56 * 4096)

@@ -151,7 +151,8 @@ def _opts(E, k, G, pre_softmax, scaling="megatron") -> UpcycleOptions:
     ).validate(ffn_hidden_size=FFN)
 
 
-@pytest.mark.parametrize("E,k,G,pre_softmax", CASES, ids=[f"E{E}k{k}G{G}{'pre' if p else 'post'}" for E, k, G, p in CASES])
+@pytest.mark.parametrize("E,k,G,pre_softmax", CASES,
+                         ids=[f"E{E}k{k}G{G}{'pre' if p else 'post'}" for E, k, G, p in CASES])
 def test_core_matches_megatron_upcycling(megatron_world, E, k, G, pre_softmax):
     sd, gate, up, down, router, moe = _convert(E, k, G, pre_softmax)
     opts = _opts(E, k, G, pre_softmax)
@@ -181,10 +182,12 @@ def test_exact_scaling_differs_from_megatron(megatron_world):
         ours = expert_weights(gate, up, down, opts, layer=0, expert=e)
         fc1 = sd[f"mlp.experts.local_experts.{e}.linear_fc1.weight"]
         fc2 = sd[f"mlp.experts.local_experts.{e}.linear_fc2.weight"]
-        worst = max(worst, (fc1 - torch.cat([ours.gate, ours.up])).abs().max().item(), (fc2 - ours.down).abs().max().item())
+        worst = max(worst, (fc1 - torch.cat([ours.gate, ours.up])).abs().max().item(),
+                    (fc2 - ours.down).abs().max().item())
     # Megatron: 2**(1/3) on gate, up and down; exact: 1 on gate/up, 2 on down. On N(0, 1) weights the
     # largest entry-wise gap is O(1) (3.03 seen); far above any rounding.
     assert worst > 0.1, f"scaling='exact' unexpectedly matches Megatron (max |diff| {worst})"
     with pytest.raises(AssertionError):
         ours0 = expert_weights(gate, up, down, opts, layer=0, expert=0)
-        torch.testing.assert_close(sd["mlp.experts.local_experts.0.linear_fc2.weight"], ours0.down, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(sd["mlp.experts.local_experts.0.linear_fc2.weight"], ours0.down,
+                                   rtol=1e-6, atol=1e-7)

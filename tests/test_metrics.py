@@ -114,7 +114,7 @@ def synthetic_records(steps=(2, 4, 6), layers=(0, 1, 2), E=4, with_moe=True, wit
                "grad_norm": 1.0, "seconds": 0.5, "step_seconds": 0.25, "tokens_per_s": 512.0,
                "tflops": 512.0 * 2e6 / 1e12, "mfu": 512.0 * 2e6 / 3e10}
         if with_moe:
-            counts = [[64 + 8 * ((e + l + i) % E) for e in range(E)] for l in layers]
+            counts = [[64 + 8 * ((e + layer + i) % E) for e in range(E)] for layer in layers]
             rec.update(moe_layers=list(layers), tokens_per_expert=counts,
                        load_max_over_mean_layers=[max(c) / (sum(c) / E) for c in counts],
                        load_max_over_mean=1.2, load_cv_layers=[0.1] * len(layers), load_cv=0.1,

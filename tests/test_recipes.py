@@ -164,8 +164,8 @@ def test_group_option_composes_and_validates(rel):
         if isinstance(value, str) and "${" in value:
             continue  # an interpolation (${oc.env:...}): resolved, not literal
         got = node[key]
-        assert got == value or (isinstance(value, (int, float)) and not isinstance(value, bool) and got == pytest.approx(value)), \
-            (rel, key, value, got)
+        assert got == value or (isinstance(value, (int, float)) and not isinstance(value, bool)
+                                and got == pytest.approx(value)), (rel, key, value, got)
 
 
 # ---- plan mode: parameter counts, memory --------------------------------------------------------------------------
@@ -246,7 +246,8 @@ def test_slurm_dry_run_prints_the_committed_script_and_writes_nothing(render_job
     assert "#SBATCH --nodes=8\n" in script and "#SBATCH --ntasks-per-node=8\n" in script
     assert "#SBATCH --gpus-per-node=8\n" in script
     assert "IMAGE=${IMAGE:-nvcr.io/nvidia/nemo:26.02}" in script and '--container-image="$IMAGE"' in script
-    assert "--container-mounts=" in script and "pip install --no-deps --no-build-isolation -e /workspace/nemo-upcycle" in script
+    assert ("--container-mounts=" in script
+            and "pip install --no-deps --no-build-isolation -e /workspace/nemo-upcycle" in script)
     assert "python train.py --config-name=llama3_8x8b_upcycle mode=train" in script
     assert not any("torchrun" in ln for ln in script.splitlines() if not ln.startswith("#"))
     subprocess.run(["bash", "-n"], input=script, text=True, check=True)
@@ -261,7 +262,8 @@ def test_slurm_render_writes_only_its_file_and_never_submits(render_job, tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["job.sh"]
     text = out.read_text()
     assert text == render_job.render("llama3_2_8x1b_upcycle", ["trainer.max_steps=100"], str(out), account="acct")
-    assert "#SBATCH --nodes=1\n" in text and "#SBATCH --ntasks-per-node=8\n" in text and "#SBATCH --account=acct" in text
+    assert ("#SBATCH --nodes=1\n" in text and "#SBATCH --ntasks-per-node=8\n" in text
+            and "#SBATCH --account=acct" in text)
     assert "--config-name=llama3_2_8x1b_upcycle" in text and text.rstrip().endswith("trainer.max_steps=100")
     assert f"sbatch {out}" in printed and "nothing was submitted" in printed
     # negative controls: a bad override, a key the script sets and a CPU recipe stop before anything is written
@@ -312,7 +314,8 @@ def test_recipe_module_is_the_yaml(nemo, name, tmp_path, monkeypatch):
                                                                       r.model.ffn_hidden_size)
     assert st.expert_model_parallel_size == r.parallel.expert_model_parallel_size
     assert st.pipeline_model_parallel_size == r.parallel.pipeline_model_parallel_size
-    assert (tr.num_nodes, tr.devices, tr.accelerator) == (r.parallel.num_nodes, r.parallel.devices, r.parallel.accelerator)
+    assert (tr.num_nodes, tr.devices, tr.accelerator) == (r.parallel.num_nodes, r.parallel.devices,
+                                                          r.parallel.accelerator)
     assert tr.max_steps == r.trainer.max_steps and p.optim.config.lr == r.optim.lr
     assert p.log.log_dir == str(tmp_path)
     if r.parallel.accelerator == "gpu":
@@ -330,12 +333,14 @@ def test_8x8b_recipe_fields_and_overrides(nemo, monkeypatch):
     p = recipe()
     st = p.trainer.strategy
     assert (p.model.config.num_moe_experts, p.model.config.moe_router_topk, st.expert_model_parallel_size) == (8, 2, 8)
-    assert (st.tensor_model_parallel_size, st.pipeline_model_parallel_size, st.virtual_pipeline_model_parallel_size) == (1, 4, 8)
+    assert (st.tensor_model_parallel_size, st.pipeline_model_parallel_size,
+            st.virtual_pipeline_model_parallel_size) == (1, 4, 8)
     assert (p.trainer.num_nodes, p.trainer.devices, p.trainer.max_steps) == (8, 8, 47684)
     assert p.model.config.moe_expert_capacity_factor == 1.25 and p.data.paths == []
     assert p.model.upcycle_from == "/models/Meta-Llama-3-8B" and p.log.log_dir == "outputs/llama3_8x8b_upcycle"
     # negative control: overrides reach the Partial, and only what they name changes
-    q = recipe(dir="/results/a", name="exp1", trainer__max_steps=100, **{"moe.moe_router_topk": 1, "data.paths": ["/d/x"]})
+    q = recipe(dir="/results/a", name="exp1", trainer__max_steps=100,
+               **{"moe.moe_router_topk": 1, "data.paths": ["/d/x"]})
     assert q != p
     assert (q.trainer.max_steps, q.model.config.moe_router_topk, q.data.paths) == (100, 1, ["/d/x"])
     assert q.log.log_dir == "/results/a" and q.log.name == "exp1" and q.optim.lr_scheduler.max_steps == 100

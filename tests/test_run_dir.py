@@ -72,7 +72,8 @@ def test_train_py_refuses_another_runs_directory_and_touches_nothing(tmp_path):
                         f"hydra.run.dir={run_dir}"], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
     assert p.returncode == 2, p.stderr
     lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: run directory") and "upcycle.granularity=2 there, 1 here" in lines[0]
+    assert (len(lines) == 1 and lines[0].startswith("error: run directory")
+            and "upcycle.granularity=2 there, 1 here" in lines[0])
     assert _snapshot(run_dir) == before
 
 
@@ -316,7 +317,8 @@ MID = """
 import os, subprocess, sys, time
 from nemo_upcycle.apps.run_dir import die_with_parent_if_asked
 die_with_parent_if_asked()
-leaf = subprocess.Popen([sys.executable, "-c", "import time; from nemo_upcycle.apps.run_dir import die_with_parent_if_asked;"
+leaf = subprocess.Popen([sys.executable, "-c",
+                         "import time; from nemo_upcycle.apps.run_dir import die_with_parent_if_asked;"
                          " die_with_parent_if_asked(); time.sleep(300)"])
 print(leaf.pid, flush=True)
 time.sleep(300)

@@ -58,7 +58,8 @@ def _run(run_dir: Path, log: Path) -> None:
 
 def _run_and_kill_after_step(run_dir: Path, log: Path, step: int) -> int:
     with open(log, "a") as f:
-        p = subprocess.Popen(_cmd(run_dir), cwd=REPO, env=ENV, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        p = subprocess.Popen(_cmd(run_dir), cwd=REPO, env=ENV, stdout=f, stderr=subprocess.STDOUT,
+                             start_new_session=True)
         deadline = time.time() + 1500
         while time.time() < deadline and p.poll() is None:
             if any(r["step"] >= step for r in _records(run_dir, "train")):

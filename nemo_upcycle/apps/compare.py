@@ -37,6 +37,7 @@ from nemo_upcycle.apps.compare_out import (
     claim_out,
     finish_row,
     fmt,
+    markdown,  # noqa: F401 -- re-exported: tests and callers use compare.markdown
     remove_run_dir,
     write_outputs,
 )

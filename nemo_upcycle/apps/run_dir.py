@@ -322,7 +322,8 @@ def check_run_dir(run: RunConfig, out_dir: Path) -> None:
     try:
         old = json.loads(ident.read_text())
     except (OSError, json.JSONDecodeError):
-        raise UpcycleError(f"{ident} is unreadable, so the checkpoints in {out_dir} cannot be matched to this run; {fix}.") from None
+        raise UpcycleError(f"{ident} is unreadable, so the checkpoints in {out_dir} cannot be matched to this run; "
+                           f"{fix}.") from None
     new = run_identity(run)
     diff = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
     if diff:

@@ -34,7 +34,8 @@ def composition_error(e: Exception) -> UpcycleError:
 
 
 def conf_dir() -> Path:
-    """The Hydra config directory: ``conf/`` at the repository root next to this package, else ``$NEMO_UPCYCLE_CONF``."""
+    """The Hydra config directory: ``conf/`` at the repository root next to this package, else
+    ``$NEMO_UPCYCLE_CONF``."""
     here = Path(__file__).resolve().parent.parent / "conf"  # nemo_upcycle/conf
     if here.is_dir():
         return here
@@ -42,7 +43,8 @@ def conf_dir() -> Path:
     if env and Path(env).is_dir():
         return Path(env).resolve()
     raise UpcycleError(f"no recipe directory: {here} does not exist and {CONF_ENV} is "
-                       f"{'unset' if not env else repr(env) + ', not a directory'}; set {CONF_ENV} to the repository's conf/.")
+                       f"{'unset' if not env else repr(env) + ', not a directory'}; "
+                       f"set {CONF_ENV} to the repository's conf/.")
 
 
 def recipe_names() -> list[str]:
@@ -107,12 +109,15 @@ def _override_value(v: Any) -> str:
         return "[" + ",".join(_override_value(x) for x in v) + "]"
     if isinstance(v, str):
         return "'" + v.replace("\\", "\\\\").replace("'", "\\'") + "'"
-    raise UpcycleError(f"cannot pass a {type(v).__name__} as a recipe override; use a number, string, bool, None or list.")
+    raise UpcycleError(f"cannot pass a {type(v).__name__} as a recipe override; "
+                       "use a number, string, bool, None or list.")
 
 
-def overrides_from_kwargs(kwargs: dict, num_nodes: Optional[int] = None, num_gpus_per_node: Optional[int] = None) -> list[str]:
+def overrides_from_kwargs(kwargs: dict, num_nodes: Optional[int] = None,
+                          num_gpus_per_node: Optional[int] = None) -> list[str]:
     """Python keywords -> Hydra overrides: ``trainer__max_steps=10`` or ``**{"trainer.max_steps": 10}``;
-    ``num_nodes`` / ``num_gpus_per_node`` (NeMo's recipe arguments) set ``parallel.num_nodes`` / ``parallel.devices``."""
+    ``num_nodes`` / ``num_gpus_per_node`` (NeMo's recipe arguments) set ``parallel.num_nodes`` /
+    ``parallel.devices``."""
     out = [f"{k.replace('__', '.')}={_override_value(v)}" for k, v in kwargs.items()]
     if num_nodes is not None:
         out.append(f"parallel.num_nodes={int(num_nodes)}")

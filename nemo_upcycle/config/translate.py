@@ -31,7 +31,8 @@ def parallel_layout(run: RunConfig) -> ParallelLayout:
                           virtual_pipeline_model_parallel_size=p.virtual_pipeline_model_parallel_size,
                           context_parallel_size=p.context_parallel_size,
                           expert_model_parallel_size=p.expert_model_parallel_size,
-                          expert_tensor_parallel_size=p.expert_tensor_parallel_size, sequence_parallel=p.sequence_parallel)
+                          expert_tensor_parallel_size=p.expert_tensor_parallel_size,
+                          sequence_parallel=p.sequence_parallel)
 
 
 def training_setup(run: RunConfig) -> TrainingSetup:

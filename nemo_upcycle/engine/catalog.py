@@ -49,7 +49,8 @@ def _sources(r: RunConfig, out_dir: Path):
     """(upcycle source, tokenizer dir) for ``train_partial``: plain strings, or build-time configs."""
     src: Any = r.model.source
     if not src:
-        raise UpcycleError("model.source is not set; point it at a dense HF Llama directory, .gguf or NeMo 2 checkpoint.")
+        raise UpcycleError("model.source is not set; "
+                           "point it at a dense HF Llama directory, .gguf or NeMo 2 checkpoint.")
     cpu = r.parallel.accelerator == "cpu"
     if src in KEYWORD_SOURCES or cpu:
         tiny = dataclasses.asdict(r.model) if src == "tiny" else None

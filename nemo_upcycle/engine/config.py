@@ -55,12 +55,14 @@ class MoEUpcycleFields:
         G = self.upcycle_granularity
         if self.moe_ffn_hidden_size is None and self.num_moe_experts:
             if G < 1 or self.ffn_hidden_size % G:
-                raise UpcycleError(f"upcycle_granularity {G} does not divide ffn_hidden_size {self.ffn_hidden_size}; choose a divisor.")
+                raise UpcycleError(f"upcycle_granularity {G} does not divide ffn_hidden_size {self.ffn_hidden_size}; "
+                                   "choose a divisor.")
             self.moe_ffn_hidden_size = self.ffn_hidden_size // G
         if (self.num_moe_experts and self.moe_router_topk == 1 and self.moe_router_score_function == "softmax"
                 and not self.moe_router_pre_softmax):
-            raise UpcycleError("moe_router_topk=1 needs moe_router_pre_softmax=true in Megatron-core (a softmax over one "
-                               "score has zero gradient); set it, knowing the step-0 output is then scaled by the top probability.")
+            raise UpcycleError("moe_router_topk=1 needs moe_router_pre_softmax=true in Megatron-core "
+                               "(a softmax over one score has zero gradient); "
+                               "set it, knowing the step-0 output is then scaled by the top probability.")
         if self.apply_rope_fusion and not te_importable():
             self.apply_rope_fusion = False  # the fused RoPE kernel lives in Transformer Engine (ValueError without it)
         super().__post_init__()
@@ -69,7 +71,8 @@ class MoEUpcycleFields:
         """The core's options; validated against the dense sizes."""
         n = self.num_layers
         freq = self.moe_layer_freq
-        layers = (f"every:{freq}" if freq != 1 else "all") if isinstance(freq, int) else [i for i, m in enumerate(freq) if m]
+        layers = ((f"every:{freq}" if freq != 1 else "all") if isinstance(freq, int)
+                  else [i for i, m in enumerate(freq) if m])
         return UpcycleOptions(
             num_moe_experts=self.num_moe_experts, moe_router_topk=self.moe_router_topk,
             granularity=self.upcycle_granularity, scaling=self.upcycle_scaling, router_init=self.upcycle_router_init,
@@ -103,11 +106,13 @@ class UpcycledLlamaConfig(MoEUpcycleFields, Llama3Config):
             target = UpcycledLlama31Config
             sizes.update({k: v for k, v in values.items() if FIELDS[k].rope})
         elif kind not in (None, "default"):
-            raise UpcycleError(f"rope_scaling type {kind!r} is not supported by the NeMo Llama configs; use a Llama 3 / 3.1 checkpoint.")
+            raise UpcycleError(f"rope_scaling type {kind!r} is not supported by the NeMo Llama configs; "
+                               "use a Llama 3 / 3.1 checkpoint.")
         names = {f.name for f in fields(target)}
         unknown = sorted(set(overrides) - names)
         if unknown:
-            raise UpcycleError(f"unknown config field(s) {', '.join(unknown)}; see nemo_upcycle/engine/config.py for the names.")
+            raise UpcycleError(f"unknown config field(s) {', '.join(unknown)}; "
+                               "see nemo_upcycle/engine/config.py for the names.")
         return target(**{**sizes, **overrides})
 
 

@@ -119,7 +119,8 @@ def _resolve(module: str, qualname: str):
 
 
 def _with_nested(code) -> list:
-    """A code object and those of the functions defined inside it (closures such as p2p's ``create_tensor_recv_prev``)."""
+    """A code object and those of the functions defined inside it (closures such as p2p's
+    ``create_tensor_recv_prev``)."""
     out = [code]
     for const in code.co_consts:
         if inspect.iscode(const):

@@ -47,17 +47,21 @@ import warnings
 from pathlib import Path
 from typing import Optional
 
-# torch.cuda imports the deprecated pynvml; its FutureWarning would break the entry point's one-line errors (as cli.py)
+# torch.cuda imports the deprecated pynvml; its FutureWarning would break the entry point's one-line errors (as cli.py),
+# so the filter is set before the imports below (noqa: E402): torch, and keymap and verify, which import torch too.
 warnings.filterwarnings("ignore", message="The pynvml package is deprecated", category=FutureWarning)
 import torch  # noqa: E402
 
-from nemo_upcycle.errors import UpcycleError
-from nemo_upcycle.formats.keymap import KEYMAP, KeyMap, Sizes, hf_values, megatron_values, mismatches
-from nemo_upcycle.offline.verify import REFERENCE_FILE, load_reference  # noqa: F401 -- the reader lives with verify (no NeMo there)
+from nemo_upcycle.errors import UpcycleError  # noqa: E402
+from nemo_upcycle.formats.keymap import KEYMAP, KeyMap, Sizes, hf_values, megatron_values, mismatches  # noqa: E402
+
+# re-exported (F401): the reference reader lives with verify (no NeMo there)
+from nemo_upcycle.offline.verify import REFERENCE_FILE, load_reference  # noqa: E402, F401
 
 log = logging.getLogger(__name__)
 
-_NOT_TOKENIZER = re.compile(r"(config\.json|.*\.safetensors|.*\.bin|.*\.pt|.*\.index\.json|\.nemo-upcycle.*)")  # weights, marks
+# weights and marks (not tokenizer files)
+_NOT_TOKENIZER = re.compile(r"(config\.json|.*\.safetensors|.*\.bin|.*\.pt|.*\.index\.json|\.nemo-upcycle.*)")
 
 
 def unwrap(module):
@@ -124,8 +128,8 @@ def check_exportable(module, config, hf_llama: dict) -> None:
         raise UpcycleError(f"{', '.join(bad)} set: HF Mixtral cannot express this routing; export needs plain top-k "
                            "routing (softmax or sigmoid, pre-softmax or not).")
     act = getattr(config.activation_func, "__name__", "")
-    if not (config.gated_linear_unit and act == "silu" and config.normalization == "RMSNorm") or config.add_bias_linear \
-            or config.add_qkv_bias or getattr(config, "qk_layernorm", False):
+    if not (config.gated_linear_unit and act == "silu" and config.normalization == "RMSNorm") \
+            or config.add_bias_linear or config.add_qkv_bias or getattr(config, "qk_layernorm", False):
         raise UpcycleError("the model is not a Llama-style MoE (SwiGLU, RMSNorm, no biases, no qk norm); only those "
                            "export to HF Mixtral.")
     # 4. sizes agree with the dense HF config the Mixtral config is written from (the key table's config fields)
@@ -188,7 +192,8 @@ def reference_logits(module, input_ids: torch.Tensor, vocab_size: int) -> torch.
     if input_ids.dtype != torch.long or input_ids.ndim != 2:
         raise UpcycleError(f"reference_ids must be a LongTensor [B, T], got {input_ids.dtype} {list(input_ids.shape)}.")
     if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= vocab_size):
-        raise UpcycleError(f"reference_ids hold ids outside 0..{vocab_size - 1}; pass tokens of this model's tokenizer.")
+        raise UpcycleError(f"reference_ids hold ids outside 0..{vocab_size - 1}; "
+                           "pass tokens of this model's tokenizer.")
     device = next(module.parameters()).device
     config = module.config
     was_training, capacity = module.training, config.moe_expert_capacity_factor
@@ -260,7 +265,8 @@ def export_hf_mixtral(module, config, out_dir, *, hf_llama_config: dict, tokeniz
     module = unwrap(module)
     config = module.config if config is None else config
     if not hasattr(config, "upcycle_options"):
-        raise UpcycleError(f"{config.__class__.__name__} has no upcycling fields; pass the UpcycledLlamaConfig of the run.")
+        raise UpcycleError(f"{config.__class__.__name__} has no upcycling fields; "
+                           "pass the UpcycledLlamaConfig of the run.")
     hf = dict(hf_llama_config)
     check_exportable(module, config, hf)
     opts = config.upcycle_options()
@@ -289,7 +295,8 @@ def export_hf_mixtral(module, config, out_dir, *, hf_llama_config: dict, tokeniz
         info = dict(info or {})
         cfg = mixtral_config(hf, opts, dtype, source=info.get("source"))
         cfg["trained"] = {
-            **info, "exported_from": "megatron-core GPTModel", "megatron_dtype": str(megatron_dtype).removeprefix("torch."),
+            **info, "exported_from": "megatron-core GPTModel",
+            "megatron_dtype": str(megatron_dtype).removeprefix("torch."),
             "padded_vocab_size": module.embedding.word_embeddings.weight.shape[0],
             "routing": "dropless" if config.moe_expert_capacity_factor is None else
                        f"dropless (trained with capacity factor {config.moe_expert_capacity_factor})",
@@ -328,8 +335,8 @@ def one_rank_world():
             port = s.getsockname()[1]
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     elif dist.get_world_size() != 1:
-        raise UpcycleError(f"this process is rank {dist.get_rank()} of {dist.get_world_size()}; export a checkpoint from "
-                           "a separate 1-rank process (python -m nemo_upcycle.engine.export CKPT OUT).")
+        raise UpcycleError(f"this process is rank {dist.get_rank()} of {dist.get_world_size()}; export a checkpoint "
+                           "from a separate 1-rank process (python -m nemo_upcycle.engine.export CKPT OUT).")
     made_state = not ps.model_parallel_is_initialized()
     if made_state:
         if not torch.cuda.is_available():
@@ -348,7 +355,8 @@ def one_rank_world():
 
 
 def load_module(ckpt: Path):
-    """(Megatron GPTModel with the checkpoint's weights, its config) built here as one rank; needs ``one_rank_world``."""
+    """(Megatron GPTModel with the checkpoint's weights, its config) built here as one rank; needs
+    ``one_rank_world``."""
     from megatron.core import dist_checkpointing
     from nemo.lightning.io import load_context
 
@@ -357,7 +365,8 @@ def load_module(ckpt: Path):
     try:
         config = load_context(ckpt / "context", subpath="model.config")
     except Exception as e:  # a broken context raises many different errors
-        raise UpcycleError(f"{ckpt}/context cannot be read ({e.__class__.__name__}); pass a NeMo 2 checkpoint directory.") from None
+        raise UpcycleError(f"{ckpt}/context cannot be read ({e.__class__.__name__}); "
+                           "pass a NeMo 2 checkpoint directory.") from None
     for k, v in ONE_RANK.items():
         setattr(config, k, v)
     if not torch.cuda.is_available():
@@ -399,7 +408,8 @@ def export_checkpoint(ckpt_dir, out_dir, *, hf_llama_config: Optional[dict] = No
     step = re.search(r"step=(\d+)", ckpt.name)
     info = {"checkpoint": str(ckpt), **({"steps": int(step.group(1))} if step else {}), **(info or {})}
     tok = ckpt / "context" / "nemo_tokenizer"
-    if tokenizer_dir is None and tok.is_dir() and any((tok / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
+    if tokenizer_dir is None and tok.is_dir() \
+            and any((tok / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
         tokenizer_dir = tok
     with one_rank_world():
         module, config = load_module(ckpt)

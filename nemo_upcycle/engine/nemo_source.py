@@ -37,16 +37,19 @@ class NeMoDenseSource(DenseSource):
 
             cfg = load_context(self.path / "context", subpath="model.config")
         except Exception as e:  # a broken context raises many different errors
-            raise UpcycleError(f"{self.path}/context cannot be read ({e.__class__.__name__}); is this a NeMo 2 checkpoint?") from None
+            raise UpcycleError(f"{self.path}/context cannot be read ({e.__class__.__name__}); "
+                               "is this a NeMo 2 checkpoint?") from None
         if getattr(cfg, "num_moe_experts", None):
-            raise UpcycleError(f"{self.path} is already a Mixture-of-Experts (num_moe_experts={cfg.num_moe_experts}); upcycling needs a dense checkpoint.")
+            raise UpcycleError(f"{self.path} is already a Mixture-of-Experts (num_moe_experts={cfg.num_moe_experts}); "
+                               "upcycling needs a dense checkpoint.")
         self.nemo_config = cfg
         self.config = self._hf_config(cfg)
         try:
             self._reader = FileSystemReader(str(self.path / "weights"))
             self._meta = self._reader.read_metadata().state_dict_metadata
         except Exception as e:
-            raise UpcycleError(f"{self.path}/weights is not a readable distributed checkpoint ({e.__class__.__name__}); re-save it.") from None
+            raise UpcycleError(f"{self.path}/weights is not a readable distributed checkpoint "
+                               f"({e.__class__.__name__}); re-save it.") from None
         self._prefix = "module." if any(k.startswith("module.") for k in self._meta) else ""
         self._cache: dict[str, torch.Tensor] = {}
         self._shapes = None

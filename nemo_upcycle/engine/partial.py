@@ -41,17 +41,20 @@ def model_config(r: RunConfig) -> run.Config:
     kw["seq_length"] = r.data.seq_length
     kw.update(bf16=bf16, params_dtype=torch.bfloat16 if bf16 else torch.float32,
               num_moe_experts=moe.num_moe_experts, moe_router_topk=moe.moe_router_topk,
-              moe_expert_capacity_factor=moe.moe_expert_capacity_factor, moe_token_drop_policy=moe.moe_token_drop_policy,
+              moe_expert_capacity_factor=moe.moe_expert_capacity_factor,
+              moe_token_drop_policy=moe.moe_token_drop_policy,
               moe_pad_expert_input_to_capacity=moe.moe_pad_expert_input_to_capacity,
               moe_aux_loss_coeff=moe.moe_aux_loss_coeff, moe_z_loss_coeff=moe.moe_z_loss_coeff,
               moe_router_load_balancing_type=moe.moe_router_load_balancing_type,
               moe_token_dispatcher_type=moe.moe_token_dispatcher_type, moe_grouped_gemm=moe.moe_grouped_gemm,
-              moe_router_pre_softmax=moe.moe_router_pre_softmax, moe_router_score_function=moe.moe_router_score_function,
+              moe_router_pre_softmax=moe.moe_router_pre_softmax,
+              moe_router_score_function=moe.moe_router_score_function,
               moe_layer_freq=moe.moe_layer_freq, upcycle_granularity=up.granularity, upcycle_scaling=up.scaling,
               upcycle_router_init=up.router_init, upcycle_router_std=up.router_std, upcycle_noise_std=up.noise_std,
               upcycle_drop_ratio=up.drop_ratio, upcycle_seed=up.seed)
     if r.trainer.recompute != "none":
-        kw.update(recompute_granularity=r.trainer.recompute, recompute_method="uniform" if r.trainer.recompute == "full" else None,
+        kw.update(recompute_granularity=r.trainer.recompute,
+                  recompute_method="uniform" if r.trainer.recompute == "full" else None,
                   recompute_num_layers=1 if r.trainer.recompute == "full" else None)
     if r.parallel.accelerator == "cpu":
         kw.update(cpu_config_overrides())
@@ -97,7 +100,8 @@ def callbacks(r: RunConfig, out_dir: Path, source: Optional[str], tokenizer_dir:
                        peak_flops=peak, peak_name=peak_name, log_every_n_steps=r.trainer.log_every_n_steps)]
 
 
-def trainer(r: RunConfig, out_dir: Path, source: Optional[str] = None, tokenizer_dir: Optional[str] = None) -> run.Config:
+def trainer(r: RunConfig, out_dir: Path, source: Optional[str] = None,
+            tokenizer_dir: Optional[str] = None) -> run.Config:
     t, p = r.trainer, r.parallel
     return run.Config(
         nl.Trainer, accelerator=p.accelerator, devices=p.devices, num_nodes=p.num_nodes, max_steps=t.max_steps,
@@ -120,8 +124,8 @@ def optimizer(r: RunConfig) -> run.Config:
 
 
 def logger(r: RunConfig, out_dir: Path) -> run.Config:
-    ckpt = run.Config(nl.ModelCheckpoint, monitor=None, every_n_train_steps=r.trainer.checkpoint_every_n_steps, save_last="link",
-                      save_top_k=-1, save_optim_on_train_end=True, filename="{step}")
+    ckpt = run.Config(nl.ModelCheckpoint, monitor=None, every_n_train_steps=r.trainer.checkpoint_every_n_steps,
+                      save_last="link", save_top_k=-1, save_optim_on_train_end=True, filename="{step}")
     ckpt = ckpt if r.trainer.checkpoint_every_n_steps > 0 else None  # 0: no checkpoints (trainer() agrees)
     tb = run.Config(__import__("lightning.pytorch.loggers", fromlist=["TensorBoardLogger"]).TensorBoardLogger,
                     save_dir="tb", name="") if r.logging.tensorboard else None  # NeMoLogger puts it under log_dir

@@ -50,10 +50,12 @@ def resolve_backend(requested: str = "auto") -> str:
     if requested not in BACKENDS:
         raise UpcycleError(f"spec backend {requested!r} is not one of {', '.join(BACKENDS)}.")
     if requested == "te" and not te_available():
-        raise UpcycleError("spec_backend 'te' needs Transformer Engine and a CUDA GPU; use spec_backend=local on this machine.")
+        raise UpcycleError("spec_backend 'te' needs Transformer Engine and a CUDA GPU; "
+                           "use spec_backend=local on this machine.")
     if requested == "auto":
         backend = "te" if te_available() else "local"
-        _announce(backend, "auto: " + ("Transformer Engine and CUDA found" if backend == "te" else "no Transformer Engine or no CUDA"))
+        _announce(backend, "auto: " + ("Transformer Engine and CUDA found" if backend == "te"
+                                       else "no Transformer Engine or no CUDA"))
         return backend
     _announce(requested, "requested")
     return requested

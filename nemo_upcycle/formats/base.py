@@ -133,17 +133,21 @@ class DenseSource(abc.ABC):
         c = self.config
         moe = [k for k in MOE_CONFIG_KEYS if c.get(k)]
         if moe:
-            raise UpcycleError(f"{self.path} is already a Mixture-of-Experts ({moe[0]}={c[moe[0]]}); upcycling needs a dense Llama checkpoint.")
+            raise UpcycleError(f"{self.path} is already a Mixture-of-Experts ({moe[0]}={c[moe[0]]}); "
+                               "upcycling needs a dense Llama checkpoint.")
         mt = c.get("model_type")
         if mt != "llama":
-            raise UpcycleError(f"{self.path} is model_type {mt!r}, not a dense Llama ('llama'); only Llama-architecture checkpoints can be upcycled.")
+            raise UpcycleError(f"{self.path} is model_type {mt!r}, not a dense Llama ('llama'); "
+                               "only Llama-architecture checkpoints can be upcycled.")
         for flag in ("attention_bias", "mlp_bias"):
             if c.get(flag):
-                raise UpcycleError(f"{self.path} sets {flag}=true; HF Mixtral has no biases, so this Llama variant cannot be upcycled to Mixtral.")
+                raise UpcycleError(f"{self.path} sets {flag}=true; "
+                                   "HF Mixtral has no biases, so this Llama variant cannot be upcycled to Mixtral.")
         act = c.get("hidden_act", "silu")
         if act != "silu":
             raise UpcycleError(f"{self.path} uses hidden_act={act!r}; Llama/Mixtral experts are SwiGLU ('silu').")
-        missing = [k for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size") if k not in c]
+        missing = [k for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                               "vocab_size") if k not in c]
         if missing:
             raise UpcycleError(f"{self.path}: config lacks {', '.join(missing)}; is this an HF Llama config.json?")
         check_config_values(c, self.config_where)
@@ -156,14 +160,17 @@ class DenseSource(abc.ABC):
         expected = self.expected_shapes()
         absent = [k for k in expected if k not in have]
         if absent:
-            raise UpcycleError(f"{self.path} lacks {len(absent)} tensor(s) the config implies, e.g. {absent[0]}; the checkpoint is incomplete or its config is wrong.")
+            raise UpcycleError(f"{self.path} lacks {len(absent)} tensor(s) the config implies, e.g. {absent[0]}; "
+                               "the checkpoint is incomplete or its config is wrong.")
         extra = sorted(k for k in have - set(expected) if not k.endswith("rotary_emb.inv_freq"))
         if extra:
-            raise UpcycleError(f"{self.path} has {len(extra)} tensor(s) a dense Llama does not, e.g. {extra[0]}; is it another architecture?")
+            raise UpcycleError(f"{self.path} has {len(extra)} tensor(s) a dense Llama does not, e.g. {extra[0]}; "
+                               "is it another architecture?")
         for k, shp in expected.items():
             got = tuple(self.shape(k))
             if got != shp:
-                raise UpcycleError(f"{self.path}: {k} has shape {list(got)} but the config implies {list(shp)}; the config does not match the weights.")
+                raise UpcycleError(f"{self.path}: {k} has shape {list(got)} but the config implies {list(shp)}; "
+                                   "the config does not match the weights.")
         for k in expected:
             dt = self.dtype(k)
             if dt not in WEIGHT_DTYPES:

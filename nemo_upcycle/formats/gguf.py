@@ -87,7 +87,8 @@ class GGUFLlamaSource(DenseSource):
         try:
             return f.contents()
         except (ValueError, IndexError, UnicodeDecodeError) as e:
-            raise UpcycleError(f"{self.path}: metadata {key} is unreadable ({e}); the file is corrupt: re-download it.") from None
+            raise UpcycleError(f"{self.path}: metadata {key} is unreadable ({e}); "
+                               "the file is corrupt: re-download it.") from None
 
     def _build_config(self) -> dict:
         arch = self._meta("general.architecture")
@@ -145,8 +146,9 @@ class GGUFLlamaSource(DenseSource):
         factor = float(f"{factor:.6g}")  # float32 data: 8.0000005 -> 8
         want = 1 / ((1 - smooth) / factor + smooth)
         if len(want) != got.size or not np.allclose(got, want, rtol=1e-4):
-            raise UpcycleError(f"{self.path}: rope_freqs.weight does not match Llama 3 RoPE scaling (factor {factor:g}, "
-                               "low 1, high 4, context 8192); convert the original HF checkpoint instead.")
+            raise UpcycleError(f"{self.path}: rope_freqs.weight does not match Llama 3 RoPE scaling "
+                               f"(factor {factor:g}, low 1, high 4, context 8192); "
+                               "convert the original HF checkpoint instead.")
         return {"rope_type": "llama3", "factor": factor, "low_freq_factor": low, "high_freq_factor": high,
                 "original_max_position_embeddings": orig}
 
@@ -184,7 +186,8 @@ class GGUFLlamaSource(DenseSource):
         w = self._raw(key)
         if key.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight")):
             c = self.config
-            heads = c["num_attention_heads"] if ".q_proj." in key else c.get("num_key_value_heads") or c["num_attention_heads"]
+            heads = (c["num_attention_heads"] if ".q_proj." in key
+                     else c.get("num_key_value_heads") or c["num_attention_heads"])
             w = np.ascontiguousarray(unpermute_rope(w, heads))
         return torch.from_numpy(w)
 
@@ -198,7 +201,8 @@ class GGUFLlamaSource(DenseSource):
             tok = AutoTokenizer.from_pretrained(str(self.path.parent), gguf_file=self.path.name)
         except Exception as e:  # transformers raises many types for unsupported tokenizers
             raise UpcycleError(f"{self.path}: transformers cannot build a tokenizer from this GGUF "
-                               f"({e.__class__.__name__}: {e}); copy the original HF tokenizer files instead.") from None
+                               f"({e.__class__.__name__}: {e}); "
+                               "copy the original HF tokenizer files instead.") from None
         tokens = self._fields.get("tokenizer.ggml.tokens")
         token = lambda i: tokens.contents(i) if tokens is not None and i is not None and i < len(tokens.data) else None  # noqa: E731
         c = self.config

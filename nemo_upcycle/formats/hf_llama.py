@@ -33,7 +33,8 @@ class HFLlamaSource(DenseSource):
         self.path = path
         cfg_path = path / "config.json"
         if not cfg_path.is_file():
-            raise UpcycleError(f"{path} has no config.json; point at an HF model directory (config.json + *.safetensors) or a .gguf file.")
+            raise UpcycleError(f"{path} has no config.json; "
+                               "point at an HF model directory (config.json + *.safetensors) or a .gguf file.")
         self.config = read_json(cfg_path)
         if not isinstance(self.config, dict):
             raise UpcycleError(f"{cfg_path} holds {type(self.config).__name__}, not a JSON object; is this an HF "
@@ -49,19 +50,22 @@ class HFLlamaSource(DenseSource):
         else:
             files = sorted(p.name for p in path.glob("*.safetensors"))
         if not files:
-            hint = " (found PyTorch .bin weights: re-save them with save_pretrained(safe_serialization=True))" if list(path.glob("*.bin")) else ""
+            hint = (" (found PyTorch .bin weights: re-save them with save_pretrained(safe_serialization=True))"
+                    if list(path.glob("*.bin")) else "")
             raise UpcycleError(f"{path} holds no .safetensors weights{hint}.")
         self._handles, self._where, self._span, self._dtypes = {}, {}, {}, {}
         for name in files:
             f = path / name
             if not f.is_file():
-                raise UpcycleError(f"{path}: the index names {name}, which is missing; re-download or re-save the checkpoint.")
+                raise UpcycleError(f"{path}: the index names {name}, which is missing; "
+                                   "re-download or re-save the checkpoint.")
             data_start, header = check_safetensors_size(f)
             try:
                 h = safe_open(str(f), framework="pt")
                 keys = list(h.keys())
             except Exception as e:  # safetensors raises its own error types for corrupt headers
-                raise UpcycleError(f"{f} is not a readable safetensors file ({e}); re-download or re-save it.") from None
+                raise UpcycleError(f"{f} is not a readable safetensors file ({e}); "
+                                   "re-download or re-save it.") from None
             self._handles[name] = h
             for k in keys:
                 self._where[k] = name
@@ -141,7 +145,8 @@ def check_safetensors_size(f: Path) -> tuple[int, dict]:
         raise UpcycleError(f"{f} is corrupt: its header does not give every tensor's data offsets; "
                            "re-download it.") from None
     if 8 + n + end != size:
-        raise UpcycleError(f"{f} is truncated or corrupt: header promises {8 + n + end} bytes, file has {size}; re-download it.")
+        raise UpcycleError(f"{f} is truncated or corrupt: header promises {8 + n + end} bytes, file has {size}; "
+                           "re-download it.")
     return 8 + n, header
 
 

@@ -25,8 +25,8 @@ NAME = "smollm2_135m_upcycle"
 @run.cli.factory(target=llm.train, name=NAME)
 def recipe(dir: Optional[str] = None, name: Optional[str] = None, num_nodes: Optional[int] = None,
            num_gpus_per_node: Optional[int] = None, **overrides) -> run.Partial:
-    """``conf/smollm2_135m_upcycle.yaml`` as ``run.Partial(llm.train, ...)``: ``dir`` holds logs and checkpoints (default
-    ``outputs/smollm2_135m_upcycle``), ``name`` the logger's run name, ``num_nodes`` / ``num_gpus_per_node`` replace
-    ``parallel.num_nodes`` / ``parallel.devices``; the layout is re-checked."""
+    """``conf/smollm2_135m_upcycle.yaml`` as ``run.Partial(llm.train, ...)``: ``dir`` holds logs and checkpoints
+    (default ``outputs/smollm2_135m_upcycle``), ``name`` the logger's run name, ``num_nodes`` / ``num_gpus_per_node``
+    replace ``parallel.num_nodes`` / ``parallel.devices``; the layout is re-checked."""
     return catalog.nemo_recipe(NAME, dir=dir, name=name, num_nodes=num_nodes, num_gpus_per_node=num_gpus_per_node,
                                **overrides)
