@@ -49,6 +49,12 @@ class ModelDims:
         self.kv_channels = self.kv_channels or self.hidden_size // self.num_attention_heads
         self.moe_ffn_hidden_size = self.moe_ffn_hidden_size or self.ffn_hidden_size
 
+    @classmethod
+    def from_config(cls, cfg, **overrides) -> "ModelDims":
+        """From any object with these attribute names (a NeMo / Megatron config; None means what it means there)."""
+        kw = {**{f.name: getattr(cfg, f.name) for f in fields(cls) if hasattr(cfg, f.name)}, **overrides}
+        return cls(**kw)
+
     def moe_pattern(self) -> list[bool]:
         """Which layers are MoE (Megatron: int f -> layer i iff i % f == 0; a list gives 1/0 per layer)."""
         f = self.moe_layer_freq
