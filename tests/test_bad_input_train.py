@@ -502,3 +502,23 @@ def test_fiddle_dump_is_stripped_from_a_refusal_raised_inside_the_build():
     assert "Fiddle context" in str(e.value)  # what train.py printed before
     plain = without_fiddle_context(e.value)
     assert isinstance(plain, UpcycleError) and str(plain) == "the corpus has 31 tokens; add text."
+
+
+# ---- layouts Megatron forbids, or only a GPU runs: refused before anything is built --------------------------------
+def test_layouts_megatron_or_the_cpu_cannot_run_are_refused_up_front(monkeypatch):
+    from nemo_upcycle.apps.modes import check_gpu
+    from nemo_upcycle.config.validate import check_layout
+
+    world2 = ["parallel.devices=2", "model.vocab_size=100"]
+    with pytest.raises(UpcycleError, match=r"need parallel.sequence_parallel=true"):
+        check_layout(compose(TINY, [*world2, "parallel.tensor_model_parallel_size=2"]))
+    with pytest.raises(UpcycleError, match=r"need parallel.sequence_parallel=true"):  # the megatron-core NameError
+        check_layout(compose(TINY, ["parallel.devices=4", "model.vocab_size=100",
+                                    "parallel.tensor_model_parallel_size=2", "parallel.expert_model_parallel_size=2"]))
+    check_layout(compose(TINY, [*world2, "parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true"]))
+    cp = compose(TINY, [*world2, "parallel.context_parallel_size=2"])
+    check_layout(cp)  # a valid Megatron layout (plan mode describes it) ...
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    with pytest.raises(UpcycleError, match=r"context_parallel_size=2 needs Transformer Engine's attention"):
+        check_gpu(cp, TINY)  # ... that this machine cannot train
+    check_gpu(compose(TINY, world2), TINY)  # negative control: CP 1 trains here

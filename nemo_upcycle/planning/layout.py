@@ -182,6 +182,9 @@ def model_problems(m: ModelDims, par: ParallelLayout) -> list[Problem]:
          "{ffn_hidden_size=} of the dense layers; choose a divisor."),
         (par.sequence_parallel and t == 1, "{sequence_parallel} needs {tensor_model_parallel_size} > 1 (megatron-core "
          "raises 'Cannot use sequence parallelism without tensor parallelism')."),
+        (E and t > 1 and not par.sequence_parallel, "MoE layers with {tensor_model_parallel_size=} need "
+         "{sequence_parallel}=true (megatron-core refuses MoE with tensor parallelism otherwise, and with expert "
+         "parallelism 0.15.3 fails inside model_parallel_config.py); set {sequence_parallel}=true."),
     ], values)
 
 
@@ -221,7 +224,8 @@ def layout_problems(m: ModelDims, par: ParallelLayout, tr: TrainingSetup) -> lis
     """Every rule the layout breaks (errors) or should know about (warnings); each names its fields and a fix."""
     out = model_problems(m, par) + job_problems(m, par, tr)
     out += _problems("warning", [
-        (par.tensor_model_parallel_size > 1 and not par.sequence_parallel, "TP > 1 without {sequence_parallel} keeps "
+        (par.tensor_model_parallel_size > 1 and not par.sequence_parallel and not m.num_moe_experts,
+         "TP > 1 without {sequence_parallel} keeps "
          "10sbh per layer unsharded (Megatron also warns EP with TP needs it); set {sequence_parallel}=True."),
     ], _values(m, par, tr))
     return out
