@@ -32,7 +32,7 @@ from pathlib import Path
 import pytest
 
 from helpers import make_llama
-from nemo_upcycle.apps.precheck import check_data, check_launcher, check_source
+from nemo_upcycle.apps.precheck import check_data, check_launcher, check_source, launcher_overrides
 from nemo_upcycle.config import schema as conf_schema
 from nemo_upcycle.config import validate as conf_validate
 from nemo_upcycle.config.compose import compose
@@ -280,7 +280,7 @@ def test_binary_after_the_prefix_is_refused_by_data_prep(tmp_path):
 
 # ---- launchers (in process) -------------------------------------------------------------------------------------
 def test_launcher_world_other_than_the_recipes_names_the_fix(monkeypatch):
-    for var in ("WORLD_SIZE", "LOCAL_WORLD_SIZE", "SLURM_STEP_NUM_TASKS", "SLURM_NTASKS_PER_NODE", "RANK"):
+    for var in ("WORLD_SIZE", "LOCAL_WORLD_SIZE", "SLURM_STEP_NUM_TASKS", "SLURM_STEP_NUM_NODES", "RANK"):
         monkeypatch.delenv(var, raising=False)
     check_launcher(compose(TINY))  # no launcher
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")
@@ -294,6 +294,15 @@ def test_launcher_world_other_than_the_recipes_names_the_fix(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "4")  # two nodes of two
     with pytest.raises(UpcycleError, match=r"add parallel.num_nodes=2 parallel.devices=2"):
         check_launcher(compose(TINY))
+    # what train.py does instead of refusing: the launcher's world as overrides (none when they agree)
+    assert launcher_overrides(compose(TINY)) == ["parallel.num_nodes=2", "parallel.devices=2"]
+    assert launcher_overrides(compose(TINY, ["parallel.num_nodes=2", "parallel.devices=2"])) == []
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID")
+    monkeypatch.setenv("SLURM_STEP_NUM_NODES", "2")  # srun: 2 nodes, 4 tasks
+    monkeypatch.delenv("WORLD_SIZE")
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "4")
+    assert launcher_overrides(compose(TINY)) == ["parallel.num_nodes=2", "parallel.devices=2"]
 
 
 # ---- python train.py / torchrun (subprocesses; NeMo made unimportable: the precheck must not need it) --------------
@@ -392,9 +401,11 @@ def test_train_py_accepted_neighbours_pass_the_precheck(sources, no_nemo, tmp_pa
 
 
 @pytest.mark.slow
-def test_torchrun_world_mismatch_is_one_line_from_rank_0(no_nemo, tmp_path):
+def test_torchrun_world_is_taken_and_errors_are_one_line_from_rank_0(no_nemo, tmp_path):
+    """The launcher defines the world: 2 torchrun processes on a 1 x 1 recipe become parallel.devices=2 (one note,
+    from rank 0); what is then refused is refused once, by the layout rule it breaks (not a claimed 'world 1')."""
     torchrun = [str(Path(PY).parent / "torchrun"), "--nproc_per_node", "2"]
-    for i, (args, words) in enumerate(((["parallel.expert_model_parallel_size=2"], "add parallel.devices=2"),
+    for i, (args, words) in enumerate(((["parallel.expert_model_parallel_size=3"], "expert_model_parallel_size=3"),
                                        (["optim.lr=nan"], "optim.lr=nan"))):
         base = tmp_path / str(i)
         r, _ = train_py(base, *args, env=_env(no_nemo), launcher=torchrun)
@@ -402,6 +413,8 @@ def test_torchrun_world_mismatch_is_one_line_from_rank_0(no_nemo, tmp_path):
         assert r.returncode == 1 and "exitcode  : 2" in r.stderr, r.stderr[-3000:]
         assert len(error_lines(r)) == 1 and words in error_lines(r)[0], r.stderr[-3000:]
         assert "world 1" not in r.stderr and list(base.iterdir()) == []
+    notes = [ln for ln in r.stderr.splitlines() if ln.startswith("note:")]
+    assert len(notes) == 1 and "as parallel.devices=2; the recipe said" in notes[0], r.stderr[-3000:]
     # negative control: mode=plan describes a cluster and runs under any launcher
     r, run_dir = train_py(tmp_path / "plan", "mode=plan", env=_env(no_nemo), launcher=torchrun)
     assert r.returncode == 0 and (run_dir / "plan.json").is_file(), r.stderr[-3000:]
@@ -489,3 +502,23 @@ def test_fiddle_dump_is_stripped_from_a_refusal_raised_inside_the_build():
     assert "Fiddle context" in str(e.value)  # what train.py printed before
     plain = without_fiddle_context(e.value)
     assert isinstance(plain, UpcycleError) and str(plain) == "the corpus has 31 tokens; add text."
+
+
+# ---- layouts Megatron forbids, or only a GPU runs: refused before anything is built --------------------------------
+def test_layouts_megatron_or_the_cpu_cannot_run_are_refused_up_front(monkeypatch):
+    from nemo_upcycle.apps.modes import check_gpu
+    from nemo_upcycle.config.validate import check_layout
+
+    world2 = ["parallel.devices=2", "model.vocab_size=100"]
+    with pytest.raises(UpcycleError, match=r"need parallel.sequence_parallel=true"):
+        check_layout(compose(TINY, [*world2, "parallel.tensor_model_parallel_size=2"]))
+    with pytest.raises(UpcycleError, match=r"need parallel.sequence_parallel=true"):  # the megatron-core NameError
+        check_layout(compose(TINY, ["parallel.devices=4", "model.vocab_size=100",
+                                    "parallel.tensor_model_parallel_size=2", "parallel.expert_model_parallel_size=2"]))
+    check_layout(compose(TINY, [*world2, "parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true"]))
+    cp = compose(TINY, [*world2, "parallel.context_parallel_size=2"])
+    check_layout(cp)  # a valid Megatron layout (plan mode describes it) ...
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    with pytest.raises(UpcycleError, match=r"context_parallel_size=2 needs Transformer Engine's attention"):
+        check_gpu(cp, TINY)  # ... that this machine cannot train
+    check_gpu(compose(TINY, world2), TINY)  # negative control: CP 1 trains here

@@ -121,8 +121,12 @@ def test_fix_suggestions_and_warnings():
     errors = layout_problems(LLAMA3_8X8B, layout(expert_model_parallel_size=3), TRAINING_8X8B)
     assert any("[1, 2, 4, 8]" in p.message for p in errors)  # the EP values that would work
     tp2 = layout(tensor_model_parallel_size=2, virtual_pipeline_model_parallel_size=4)
-    assert check_layout(LLAMA3_8X8B, tp2, TRAINING_8X8B) and "sequence_parallel" in check_layout(
-        LLAMA3_8X8B, tp2, TRAINING_8X8B)[0]
+    with pytest.raises(UpcycleError, match="need sequence_parallel=true"):  # MoE + TP: Megatron refuses it
+        check_layout(LLAMA3_8X8B, tp2, TRAINING_8X8B)
+    dense = dataclasses.replace(LLAMA3_8X8B, num_moe_experts=None)  # a dense model (EP 1) only gets the warning
+    tp2 = dataclasses.replace(tp2, expert_model_parallel_size=1)
+    assert check_layout(dense, tp2, TRAINING_8X8B) and "sequence_parallel" in check_layout(dense, tp2, TRAINING_8X8B)[0]
+    assert check_layout(LLAMA3_8X8B, dataclasses.replace(tp2, sequence_parallel=True), TRAINING_8X8B) == []
     assert check_layout(LLAMA3_8X8B, LAYOUT_8X8B_64_H100, TRAINING_8X8B) == []
 
 
@@ -254,7 +258,11 @@ def test_memory_tiny_tp_cp_by_hand(sp):
     par = ParallelLayout(num_nodes=1, gpus_per_node=8, tensor_model_parallel_size=2, context_parallel_size=2,
                          expert_model_parallel_size=2, expert_tensor_parallel_size=1, sequence_parallel=sp)
     assert (par.data_parallel_size, par.expert_data_parallel_size) == (2, 4)
-    assert len(check_layout(TINY, par, TINY_TR)) == (0 if sp else 1)  # the sequence_parallel warning
+    if sp:
+        assert check_layout(TINY, par, TINY_TR) == []
+    else:  # MoE with TP and no sequence parallelism: Megatron refuses it (the memory formula still covers it)
+        with pytest.raises(UpcycleError, match="need sequence_parallel=true"):
+            check_layout(TINY, par, TINY_TR)
     tsp = 2 if sp else 1  # sequence parallel also shards the 10 sbh Korthikanti keeps replicated over TP
     attn, rep, experts = 64 * 64 * 2 + 64 * 32 * 2, 2 * 64 + 4 * 64, 4 * 3 * 64 * 128
     dense = (4 * attn + 2 * 256 * 64) // 2 + 4 * rep + 64  # attention, embedding, output / TP; norms, routers

@@ -10,6 +10,7 @@ Every output goes under the current directory, which Hydra sets to the run direc
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from pathlib import Path
 
 import torch
@@ -78,10 +79,17 @@ def run_verify(run: RunConfig, out_dir: Path) -> int:
 
 
 def check_gpu(run: RunConfig, config_name: str) -> None:
+    """What only a GPU runs, refused in one line on a machine without one (training only; plan mode runs anywhere)."""
     if (run.requires_gpu or run.parallel.accelerator == "gpu") and not torch.cuda.is_available():
         raise UpcycleError(f"recipe {config_name} needs {run.parallel.num_nodes * run.parallel.devices} GPUs and this "
                            f"machine has none; check it here with mode=plan, or run a CPU recipe: "
                            f"{', '.join(CPU_RECIPES)}.")
+    te = importlib.util.find_spec("transformer_engine") is not None and torch.cuda.is_available()
+    if run.parallel.context_parallel_size > 1 and not te:
+        raise UpcycleError(f"parallel.context_parallel_size={run.parallel.context_parallel_size} needs Transformer "
+                           "Engine's attention (TEDotProductAttention, Megatron's only context-parallel attention) on "
+                           "CUDA GPUs, which this machine lacks; set parallel.context_parallel_size=1 here (check a "
+                           "CP layout with mode=plan).")
 
 
 def preflight(run: RunConfig, config_name: str) -> None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from pathlib import Path
 from typing import Optional
 
@@ -39,21 +38,32 @@ KEYWORD_SOURCES = ("smollm2", "tiny")
 
 
 # ---- launcher ----------------------------------------------------------------------------------------------------
+def launcher_overrides(run) -> list[str]:
+    """Under torchrun / srun the processes started are the world: the ``parallel.num_nodes`` / ``parallel.devices``
+    overrides that make the recipe's world theirs (none when they agree or without a launcher). ``run``: a RunConfig
+    or the composed DictConfig (``run.parallel.num_nodes`` / ``devices``)."""
+    from nemo_upcycle.system.launcher import launcher_nodes
+
+    started, p = launcher_nodes(), run.parallel
+    if started is None or started == (p.num_nodes, p.devices):
+        return []
+    nodes, per_node = started
+    return [f"parallel.{k}={v}" for k, v, was in (("num_nodes", nodes, p.num_nodes), ("devices", per_node, p.devices))
+            if v != was]
+
+
 def check_launcher(run: RunConfig) -> None:
-    """Refuse a launcher world (torchrun's WORLD_SIZE, srun's tasks) other than the recipe's, naming the fix."""
+    """Refuse a launcher world other than the recipe's (train.py takes the launcher's first: this guards the rest)."""
     from nemo_upcycle.system.launcher import launcher_name, launcher_world
 
     world, p = launcher_world(), run.parallel
     want = p.num_nodes * p.devices
     if world is None or world == want:
         return
-    per_node = os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("SLURM_NTASKS_PER_NODE") or ""
-    per_node = int(per_node) if per_node.isdigit() and world % int(per_node) == 0 else None
-    nodes = world // per_node if per_node else p.num_nodes if world % p.num_nodes == 0 else 1
-    fix = ([f"parallel.num_nodes={nodes}"] if nodes != p.num_nodes else []) + [f"parallel.devices={world // nodes}"]
+    fix = " ".join(launcher_overrides(run))
     raise UpcycleError(f"{launcher_name()} started {world} processes but the recipe's world is parallel.num_nodes x "
-                       f"parallel.devices = {p.num_nodes} x {p.devices} = {want}; add {' '.join(fix)} (or start "
-                       f"{want} process{'es' if want > 1 else ''}).")
+                       f"parallel.devices = {p.num_nodes} x {p.devices} = {want}; add {fix} (or start {want} "
+                       f"process{'es' if want > 1 else ''}).")
 
 
 # ---- the dense source --------------------------------------------------------------------------------------------

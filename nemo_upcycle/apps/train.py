@@ -116,10 +116,18 @@ def precheck(argv: list[str]) -> list[str]:
             overrides.append(a)
     try:
         from nemo_upcycle.apps.modes import preflight
+        from nemo_upcycle.apps.precheck import launcher_overrides
         from nemo_upcycle.apps.run_dir import check_run_dir
+        from nemo_upcycle.system.launcher import launcher_name, note
 
         with initialize_config_dir(str(conf_dir()), version_base="1.3"):
             cfg = compose(name, overrides=overrides, return_hydra_config=True)
+            world = launcher_overrides(cfg)
+            if world:  # the processes the launcher started are the world: take it (logged once)
+                note(f"{launcher_name()} started its processes as {' '.join(world)}; the recipe said "
+                     f"parallel.num_nodes={cfg.parallel.num_nodes} parallel.devices={cfg.parallel.devices}")
+                overrides, argv = overrides + world, [*argv, *world]
+                cfg = compose(name, overrides=overrides, return_hydra_config=True)
             pinned = _run_dir(cfg, run_dir)
             with open_dict(cfg):
                 del cfg["hydra"]

@@ -49,6 +49,12 @@ class ModelDims:
         self.kv_channels = self.kv_channels or self.hidden_size // self.num_attention_heads
         self.moe_ffn_hidden_size = self.moe_ffn_hidden_size or self.ffn_hidden_size
 
+    @classmethod
+    def from_config(cls, cfg, **overrides) -> "ModelDims":
+        """From any object with these attribute names (a NeMo / Megatron config; None means what it means there)."""
+        kw = {**{f.name: getattr(cfg, f.name) for f in fields(cls) if hasattr(cfg, f.name)}, **overrides}
+        return cls(**kw)
+
     def moe_pattern(self) -> list[bool]:
         """Which layers are MoE (Megatron: int f -> layer i iff i % f == 0; a list gives 1/0 per layer)."""
         f = self.moe_layer_freq
@@ -176,6 +182,9 @@ def model_problems(m: ModelDims, par: ParallelLayout) -> list[Problem]:
          "{ffn_hidden_size=} of the dense layers; choose a divisor."),
         (par.sequence_parallel and t == 1, "{sequence_parallel} needs {tensor_model_parallel_size} > 1 (megatron-core "
          "raises 'Cannot use sequence parallelism without tensor parallelism')."),
+        (E and t > 1 and not par.sequence_parallel, "MoE layers with {tensor_model_parallel_size=} need "
+         "{sequence_parallel}=true (megatron-core refuses MoE with tensor parallelism otherwise, and with expert "
+         "parallelism 0.15.3 fails inside model_parallel_config.py); set {sequence_parallel}=true."),
     ], values)
 
 
@@ -215,7 +224,8 @@ def layout_problems(m: ModelDims, par: ParallelLayout, tr: TrainingSetup) -> lis
     """Every rule the layout breaks (errors) or should know about (warnings); each names its fields and a fix."""
     out = model_problems(m, par) + job_problems(m, par, tr)
     out += _problems("warning", [
-        (par.tensor_model_parallel_size > 1 and not par.sequence_parallel, "TP > 1 without {sequence_parallel} keeps "
+        (par.tensor_model_parallel_size > 1 and not par.sequence_parallel and not m.num_moe_experts,
+         "TP > 1 without {sequence_parallel} keeps "
          "10sbh per layer unsharded (Megatron also warns EP with TP needs it); set {sequence_parallel}=True."),
     ], _values(m, par, tr))
     return out

@@ -51,12 +51,32 @@ def launcher_world() -> Optional[int]:
     return None
 
 
+def launcher_nodes() -> Optional[tuple[int, int]]:
+    """(nodes, processes per node) the launcher started, or None without one: torchrun's ``WORLD_SIZE`` /
+    ``LOCAL_WORLD_SIZE``, srun's ``SLURM_STEP_NUM_NODES`` and tasks (a homogeneous step)."""
+    world = launcher_world()
+    if world is None:
+        return None
+    local = os.environ.get("LOCAL_WORLD_SIZE", "")
+    if not local.isdigit():
+        nodes = os.environ.get("SLURM_STEP_NUM_NODES", "")
+        local = str(world // int(nodes)) if nodes.isdigit() and int(nodes) and world % int(nodes) == 0 else ""
+    per_node = int(local) if local.isdigit() and int(local) and world % int(local) == 0 else world
+    return world // per_node, per_node
+
+
 def launcher_name() -> str:
     if "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_WORLD_SIZE" in os.environ:
         return "torchrun"
     if "SLURM_STEP_NUM_TASKS" in os.environ:
         return "srun"
     return "the launcher"
+
+
+def note(message: str) -> None:
+    """Print ``note: ...`` on rank 0 only (something the run decided for the user, said once)."""
+    if is_rank0():
+        print(f"note: {message}", file=sys.stderr, flush=True)
 
 
 def refuse(error: UpcycleError, names: Optional[Mapping[str, str]] = None) -> "None":
