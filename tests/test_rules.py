@@ -262,13 +262,13 @@ def test_compose_turns_only_hydra_errors_into_user_errors(monkeypatch):
 
 
 def test_train_precheck_turns_only_hydra_errors_into_user_errors(monkeypatch, capsys, tmp_path):
-    import nemo_upcycle.apps.modes as modes
+    import nemo_upcycle.apps.train as train
     from nemo_upcycle.apps.train import precheck
 
     def bug(*a, **k):
         raise KeyError("a bug in preflight")
 
-    monkeypatch.setattr(modes, "preflight", bug)
+    monkeypatch.setattr(train, "preflight", bug)
     with pytest.raises(KeyError, match="a bug in preflight"):
         precheck(["--config-name", TINY, "mode=plan", f"hydra.run.dir={tmp_path / 'run'}"])
     with pytest.raises(SystemExit) as e:  # control: a bad override is one line, exit 2

@@ -27,11 +27,17 @@ from typing import Optional, Sequence
 # torch.cuda imports the deprecated pynvml on every start; its FutureWarning would break the one-line errors.
 warnings.filterwarnings("ignore", message="The pynvml package is deprecated", category=FutureWarning)
 
-from nemo_upcycle.core.options import CHOICES, UpcycleOptions  # noqa: E402
-from nemo_upcycle.errors import UpcycleError  # noqa: E402
-from nemo_upcycle.formats.base import is_nemo_checkpoint  # noqa: E402
-from nemo_upcycle.offline.verify import STEP0_ATOL  # noqa: E402
-from nemo_upcycle.system.files import Terminated  # noqa: E402
+from nemo_upcycle.config.compose import compose, describe, recipe_names
+from nemo_upcycle.core.options import CHOICES, UpcycleOptions
+from nemo_upcycle.errors import UpcycleError
+from nemo_upcycle.formats.base import is_nemo_checkpoint
+from nemo_upcycle.offline.convert import convert
+from nemo_upcycle.offline.verify import (
+    STEP0_ATOL,
+    TrainedVerifyResult,
+    verify,
+)
+from nemo_upcycle.system.files import Terminated
 
 
 class _Parser(argparse.ArgumentParser):
@@ -130,7 +136,6 @@ def upcycle_options(a: argparse.Namespace):
 
 
 def run_convert(a: argparse.Namespace) -> int:
-    from nemo_upcycle.offline.convert import convert
 
     if a.shard_size_mb < 1:
         raise UpcycleError(f"--shard-size-mb {a.shard_size_mb} must be at least 1.")
@@ -147,7 +152,6 @@ def run_convert(a: argparse.Namespace) -> int:
 
 
 def run_verify(a: argparse.Namespace) -> int:
-    from nemo_upcycle.offline.verify import TrainedVerifyResult, verify
 
     if a.max_tokens < 1:
         raise UpcycleError(f"--max-tokens {a.max_tokens} must be at least 1.")
@@ -195,7 +199,6 @@ def _print_trained(r, a: argparse.Namespace, ok: bool) -> int:
 
 
 def run_recipes(a: argparse.Namespace) -> int:
-    from nemo_upcycle.config.compose import compose, describe, recipe_names
 
     rows = []
     for name in recipe_names():

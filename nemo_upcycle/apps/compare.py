@@ -41,6 +41,9 @@ from nemo_upcycle.apps.compare_out import (
     remove_run_dir,
     write_outputs,
 )
+from nemo_upcycle.config.compose import compose
+from nemo_upcycle.config.translate import flops_for_run
+from nemo_upcycle.data.sources import make_tiny_llama
 from nemo_upcycle.errors import UpcycleError
 from nemo_upcycle.system import files
 
@@ -187,8 +190,6 @@ def compare(config_name: str, overrides: Sequence[str] = (), variants: Optional[
             tokens: Optional[int] = None, steps: Optional[int] = None, out: Optional[Path] = None,
             sets: Sequence[str] = (), keep_checkpoints: bool = False, timeout: Optional[float] = None) -> dict:
     """Train every variant in turn (skipping finished ones) and write the outputs; returns comparison.json's dict."""
-    from nemo_upcycle.config.compose import compose
-    from nemo_upcycle.config.translate import flops_for_run
 
     chosen = parse_variants(variants)
     per_variant = _per_variant_sets(sets, [v.name for v in chosen])
@@ -218,8 +219,6 @@ def compare(config_name: str, overrides: Sequence[str] = (), variants: Optional[
 
 def _run_all(config_name: str, overrides: list, base, chosen: list, per_variant: dict, result: dict, out: Path,
              keep_checkpoints: bool, timeout: Optional[float]) -> dict:
-    from nemo_upcycle.config.compose import compose
-    from nemo_upcycle.config.translate import flops_for_run
 
     n_steps, tps = result["budget"]["steps"], result["budget"]["tokens_per_step"]
     E, k = base.moe.num_moe_experts, base.moe.moe_router_topk
@@ -256,7 +255,6 @@ def _shared_source(base, out: Path) -> Optional[str]:
     """``tiny``: one random dense model for every variant (written once under OUT); others resolve alike."""
     if base.model.source != "tiny":
         return None
-    from nemo_upcycle.data.sources import make_tiny_llama
 
     return str(make_tiny_llama(base.model, out / "dense_tiny", base.seed))
 

@@ -15,12 +15,16 @@ from pathlib import Path
 
 import torch
 
-from nemo_upcycle.apps.run_dir import check_run_dir
+from nemo_upcycle.apps.precheck import check_data, check_launcher, check_memory, check_source
+from nemo_upcycle.apps.run_dir import check_run_dir, claim
 from nemo_upcycle.config.schema import RunConfig
 from nemo_upcycle.config.translate import hf_llama_config, model_dims, parallel_layout, training_setup, upcycle_options
 from nemo_upcycle.config.validate import check_layout
 from nemo_upcycle.data.sources import resolve_source
 from nemo_upcycle.errors import UpcycleError
+from nemo_upcycle.formats.mixtral import mixtral_config
+from nemo_upcycle.offline.convert import convert
+from nemo_upcycle.offline.verify import STEP0_ATOL, verify
 from nemo_upcycle.planning.flops import GPUS
 from nemo_upcycle.planning.plan import format_plan, plan
 from nemo_upcycle.system.files import atomic_write_json, atomic_write_text
@@ -31,8 +35,6 @@ CPU_RECIPES = ("smollm2_135m_upcycle", "tiny_llama_upcycle")
 def meta_parameter_count(run: RunConfig) -> int:
     """Parameters of transformers' MixtralForCausalLM built from this recipe on the meta device (zero memory)."""
     from transformers import MixtralConfig, MixtralForCausalLM
-
-    from nemo_upcycle.formats.mixtral import mixtral_config
 
     cfg = mixtral_config(hf_llama_config(run), upcycle_options(run), torch.bfloat16)
     cfg = {k: v for k, v in cfg.items() if k not in ("architectures", "model_type", "upcycling", "torch_dtype")}
@@ -61,8 +63,6 @@ def run_plan(run: RunConfig, out_dir: Path) -> str:
 
 
 def run_verify(run: RunConfig, out_dir: Path) -> int:
-    from nemo_upcycle.offline.convert import convert
-    from nemo_upcycle.offline.verify import STEP0_ATOL, verify
 
     src = resolve_source(run.model.source, out_dir, run.model, run.seed)
     res = convert(src, out_dir / "hf_moe", upcycle_options(run), dtype="float32", overwrite=True)
@@ -96,7 +96,6 @@ def preflight(run: RunConfig, config_name: str) -> None:
     """Everything that can be refused before a run directory or a model exists: for mode=train the launcher's world
     first (its fix explains a layout error that follows from it), the layout, GPUs, the dense source, the corpus and
     the memory of a CPU run (``precheck``); plan and verify: the layout."""
-    from nemo_upcycle.apps.precheck import check_data, check_launcher, check_memory, check_source
 
     if run.mode == "train":
         check_launcher(run)
@@ -114,7 +113,6 @@ def dispatch(run: RunConfig, config_name: str, out_dir: Path, prechecked: bool =
     if not prechecked:
         preflight(run, config_name)
     if run.mode == "train":
-        from nemo_upcycle.apps.run_dir import claim
 
         claim(out_dir)  # this run's lock on its directory, held until exit (the mark comes when training starts)
         check_run_dir(run, out_dir)

@@ -21,8 +21,11 @@ from pathlib import Path
 from typing import Optional
 
 from nemo_upcycle.config.schema import RunConfig
-from nemo_upcycle.config.translate import corpus_paths
+from nemo_upcycle.config.translate import corpus_paths, model_dims, parallel_layout, training_setup
+from nemo_upcycle.data.prepare import _check_vocab, _load_tokenizer, _tokenizer_files
+from nemo_upcycle.data.text import check_corpus_file
 from nemo_upcycle.errors import UpcycleError
+from nemo_upcycle.formats.base import open_dense
 from nemo_upcycle.formats.keymap import SHAPE_FIELDS, hf_values, mismatches, model_values
 from nemo_upcycle.planning.plan import (
     GiB,
@@ -33,6 +36,7 @@ from nemo_upcycle.planning.plan import (
     layer_activation_bytes,
     rank_parameters,
 )
+from nemo_upcycle.system.launcher import launcher_name, launcher_nodes, launcher_world
 
 KEYWORD_SOURCES = ("smollm2", "tiny")
 
@@ -42,7 +46,6 @@ def launcher_overrides(run) -> list[str]:
     """Under torchrun / srun the processes started are the world: the ``parallel.num_nodes`` / ``parallel.devices``
     overrides that make the recipe's world theirs (none when they agree or without a launcher). ``run``: a RunConfig
     or the composed DictConfig (``run.parallel.num_nodes`` / ``devices``)."""
-    from nemo_upcycle.system.launcher import launcher_nodes
 
     started, p = launcher_nodes(), run.parallel
     if started is None or started == (p.num_nodes, p.devices):
@@ -54,7 +57,6 @@ def launcher_overrides(run) -> list[str]:
 
 def check_launcher(run: RunConfig) -> None:
     """Refuse a launcher world other than the recipe's (train.py takes the launcher's first: this guards the rest)."""
-    from nemo_upcycle.system.launcher import launcher_name, launcher_world
 
     world, p = launcher_world(), run.parallel
     want = p.num_nodes * p.devices
@@ -81,7 +83,6 @@ def check_source(run: RunConfig) -> Optional[dict]:
                            "model.source at the dense checkpoint itself.")
     if p.is_dir() and (p / "context").is_dir() and (p / "weights").is_dir():
         return None  # a NeMo 2 checkpoint: reading it needs NeMo; the engine checks it when training starts
-    from nemo_upcycle.formats.base import open_dense
 
     dense = open_dense(p)
     c = dense.config
@@ -103,7 +104,6 @@ def check_source(run: RunConfig) -> Optional[dict]:
 def check_data(run: RunConfig) -> None:
     """The corpus files (each one's first ``data.text.PREFIX_BYTES`` decoded), a bound on their tokens against one
     training window and one validation batch, and the tokenizer (``data.tokenizer``, or the source's)."""
-    from nemo_upcycle.data.text import check_corpus_file
 
     d = run.data
     if d.kind == "mock":
@@ -121,7 +121,6 @@ def check_data(run: RunConfig) -> None:
     if not d.tokenizer:
         _source_has_a_tokenizer(run)
     else:
-        from nemo_upcycle.data.prepare import _check_vocab, _load_tokenizer, _tokenizer_files
 
         tok_dir = Path(d.tokenizer)
         _tokenizer_files(tok_dir)
@@ -198,7 +197,6 @@ def machine_memory() -> int:
 
 def check_memory(run: RunConfig) -> dict:
     """Refuse a CPU run whose estimated peak (all its processes on this node) exceeds this machine's memory."""
-    from nemo_upcycle.config.translate import model_dims, parallel_layout, training_setup
 
     est = cpu_training_memory(model_dims(run), parallel_layout(run), training_setup(run),
                               checkpoints=run.trainer.checkpoint_every_n_steps > 0, mock_data=run.data.kind == "mock")

@@ -22,15 +22,20 @@ from typing import Optional
 
 warnings.filterwarnings("ignore", message="The pynvml package is deprecated", category=FutureWarning)
 
-import hydra  # noqa: E402
-from hydra.core.hydra_config import HydraConfig  # noqa: E402
-from hydra.types import RunMode  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig
 
-from nemo_upcycle.config.compose import COMPOSE_ERRORS, composition_error, conf_dir  # noqa: E402
-from nemo_upcycle.config.schema import register  # noqa: E402
-from nemo_upcycle.config.validate import KEYS, validate  # noqa: E402
-from nemo_upcycle.errors import UpcycleError  # noqa: E402
+from nemo_upcycle.apps.modes import dispatch, preflight
+from nemo_upcycle.apps.precheck import launcher_overrides
+from nemo_upcycle.apps.run_dir import IDENTITY_FILE, check_run_dir, claim, die_with_parent_if_asked
+from nemo_upcycle.config.compose import COMPOSE_ERRORS, composition_error, conf_dir
+from nemo_upcycle.config.schema import register
+from nemo_upcycle.config.validate import KEYS, validate
+from nemo_upcycle.errors import UpcycleError
+from nemo_upcycle.system.files import remove_ours, write_mark
+from nemo_upcycle.system.launcher import is_rank0, launcher_name, launcher_world, note, refuse
 
 register()
 EXIT = {"code": 0}
@@ -40,8 +45,6 @@ RUN_DIR: dict = {}  # precheck's record: "checked", "path" (absolute), "made" (i
 
 @hydra.main(config_path="../conf", config_name=DEFAULT_RECIPE, version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from nemo_upcycle.apps.modes import dispatch
-    from nemo_upcycle.system.launcher import is_rank0
 
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     made = cfg.get("mode") == "train" and made_here(out_dir)
@@ -60,8 +63,6 @@ def main(cfg: DictConfig) -> None:
 
 def made_here(out_dir: Path) -> bool:
     """Whether this invocation (one process) made the run directory, which precheck saw absent; if so, mark it."""
-    from nemo_upcycle.system.files import write_mark
-    from nemo_upcycle.system.launcher import launcher_world
 
     if RUN_DIR.get("made") is None or out_dir.resolve() != RUN_DIR["path"] or (launcher_world() or 1) > 1:
         return False
@@ -72,8 +73,6 @@ def made_here(out_dir: Path) -> bool:
 def remove_run_dir(out_dir: Path) -> None:
     """A run refused before it started (data, source) leaves nothing: the run directory this invocation made (marked,
     no run_identity.json, no checkpoints) is removed, with the empty parents it made."""
-    from nemo_upcycle.apps.run_dir import IDENTITY_FILE
-    from nemo_upcycle.system.files import remove_ours
 
     if (out_dir / IDENTITY_FILE).exists() or (out_dir / "run" / "checkpoints").exists():
         return
@@ -102,8 +101,6 @@ def precheck(argv: list[str]) -> list[str]:
     from hydra import compose, initialize_config_dir
     from omegaconf import open_dict
 
-    from nemo_upcycle.system.launcher import refuse
-
     name, overrides, run_dir, it = DEFAULT_RECIPE, [], None, iter(argv)
     for a in it:
         if a.startswith("hydra.run.dir="):
@@ -115,10 +112,6 @@ def precheck(argv: list[str]) -> list[str]:
         elif not a.startswith("-") and not a.startswith("hydra.") and not a.startswith("hydra/"):
             overrides.append(a)
     try:
-        from nemo_upcycle.apps.modes import preflight
-        from nemo_upcycle.apps.precheck import launcher_overrides
-        from nemo_upcycle.apps.run_dir import check_run_dir
-        from nemo_upcycle.system.launcher import launcher_name, note
 
         with initialize_config_dir(str(conf_dir()), version_base="1.3"):
             cfg = compose(name, overrides=overrides, return_hydra_config=True)
@@ -134,7 +127,6 @@ def precheck(argv: list[str]) -> list[str]:
             run = validate(cfg)
         preflight(run, name)
         if run.mode == "train":
-            from nemo_upcycle.apps.run_dir import claim
 
             claim(pinned)  # refuses a directory another run holds, before Hydra writes its files there
             check_run_dir(run, pinned)
@@ -161,7 +153,6 @@ def _quote(value: str) -> str:
 
 def cli_main() -> None:
     """What ``python train.py`` runs: the precheck (before Hydra makes a run directory), then Hydra's app."""
-    from nemo_upcycle.apps.run_dir import die_with_parent_if_asked
 
     die_with_parent_if_asked()  # started by nemo-upcycle compare: die with it
     sys.argv[1:] = precheck(sys.argv[1:])

@@ -21,8 +21,9 @@ from typing import Optional
 
 import torch
 
+from nemo_upcycle.apps.run_dir import resume_checkpoint, write_run_identity
 from nemo_upcycle.config.schema import RunConfig
-from nemo_upcycle.data.sources import tokenizer_dir
+from nemo_upcycle.data.sources import resolve_source, tokenizer_dir
 from nemo_upcycle.errors import UpcycleError
 from nemo_upcycle.system.files import atomic_write_json
 from nemo_upcycle.system.launcher import is_rank0
@@ -33,8 +34,6 @@ T0 = time.perf_counter()  # this module is imported when mode=train starts: the 
 def train(run: RunConfig, out_dir: Path) -> int:
     """Build the recipe (the source resolved, its tokenizer written, the corpus prepared: data and source refusals
     happen here, flagged ``before_start``), then record the run's identity and train."""
-    from nemo_upcycle.apps.run_dir import resume_checkpoint, write_run_identity
-    from nemo_upcycle.data.sources import resolve_source
     from nemo_upcycle.engine.build import build
     from nemo_upcycle.engine.cpu import enable_cpu_support
     from nemo_upcycle.engine.partial import train_partial

@@ -20,7 +20,8 @@ from typing import Any, Optional, Sequence
 from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
-from nemo_upcycle.config.schema import RunConfig
+from nemo_upcycle.config.schema import RunConfig, register
+from nemo_upcycle.config.validate import validate
 from nemo_upcycle.errors import UpcycleError
 
 CONF_ENV = "NEMO_UPCYCLE_CONF"
@@ -80,9 +81,6 @@ def compose(name: str, overrides: Sequence[str] = ()) -> RunConfig:
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.singleton import Singleton
-
-    from nemo_upcycle.config.schema import register
-    from nemo_upcycle.config.validate import validate
 
     check_name(name)
     register()

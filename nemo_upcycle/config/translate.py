@@ -10,6 +10,7 @@ from typing import Optional
 
 from nemo_upcycle.config.schema import RunConfig
 from nemo_upcycle.core.options import UpcycleOptions, moe_layers_of
+from nemo_upcycle.data.resources import shakespeare_texts
 from nemo_upcycle.formats.keymap import hf_config, model_values
 from nemo_upcycle.planning.flops import GPUS, flops_per_token
 from nemo_upcycle.planning.layout import ModelDims, ParallelLayout, TrainingSetup
@@ -98,7 +99,6 @@ def corpus_paths(run: RunConfig) -> list[str]:
     if run.data.kind == "mock":
         return []
     if run.data.kind == "shakespeare":
-        from nemo_upcycle.data.resources import shakespeare_texts
 
         return [str(p) for p in shakespeare_texts()]
     return list(run.data.paths)

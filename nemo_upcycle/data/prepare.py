@@ -33,6 +33,16 @@ import numpy as np
 
 from nemo_upcycle.data.text import NOT_TEXT_LIMIT, check_path, not_text_bytes, not_text_error
 from nemo_upcycle.errors import UpcycleError
+from nemo_upcycle.system.files import (
+    MARK,
+    FileLock,
+    is_ours,
+    remove_ours,
+    signals_as_exceptions,
+    sweep_stale,
+    write_errors,
+    write_mark,
+)
 
 FORMAT = 1
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -268,7 +278,6 @@ def _key_lock(key: str):
 
     The lock lives in the node's temp directory, not in the cache (bad input leaves the cache untouched).
     """
-    from nemo_upcycle.system.files import FileLock
 
     lock = FileLock(Path(tempfile.gettempdir()) / f"nemo-upcycle-data-{key}.lock")
     try:
@@ -283,7 +292,6 @@ def _key_lock(key: str):
 
 def _set_aside(entry: Path) -> None:
     """A damaged cache entry: removed if nemo-upcycle made it (its mark), else moved aside (never deleted)."""
-    from nemo_upcycle.system.files import MARK, is_ours, remove_ours
 
     if is_ours(entry, ("data-cache",)):
         remove_ours(entry, ("data-cache",))
@@ -314,7 +322,6 @@ def prepare_corpus(paths: Sequence, tokenizer_dir, out_dir, *, seq_length: int, 
     entry = Path(out_dir) / key
     with _key_lock(key):
         if entry.parent.is_dir():
-            from nemo_upcycle.system.files import sweep_stale
 
             sweep_stale(entry)  # temporary entries of killed processes
         hit = _load_cached(entry, key)  # also when another rank finished it while we waited for the lock
@@ -341,7 +348,6 @@ def _build(files: list[Path], tokenizer_dir: Path, tok_files: dict, entry: Path,
     parts = dict(zip(SPLITS, split_documents(docs, cut)))
 
     # 2. write a marked temporary directory next to the entry and rename it into place
-    from nemo_upcycle.system.files import signals_as_exceptions, write_errors, write_mark
 
     entry.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.tmp-{os.getpid()}-", dir=entry.parent))

@@ -50,10 +50,10 @@ from typing import Optional
 # torch.cuda imports the deprecated pynvml; its FutureWarning would break the entry point's one-line errors (as cli.py),
 # so the filter is set before the imports below (noqa: E402): torch, and keymap and verify, which import torch too.
 warnings.filterwarnings("ignore", message="The pynvml package is deprecated", category=FutureWarning)
-import torch  # noqa: E402
+import torch
 
-from nemo_upcycle.errors import UpcycleError  # noqa: E402
-from nemo_upcycle.formats.keymap import KEYMAP, KeyMap, Sizes, hf_values, megatron_values, mismatches  # noqa: E402
+from nemo_upcycle.errors import UpcycleError
+from nemo_upcycle.formats.keymap import KEYMAP, KeyMap, Sizes, hf_values, megatron_values, mismatches
 
 # re-exported (F401): the reference reader lives with verify (no NeMo there)
 from nemo_upcycle.offline.verify import REFERENCE_FILE, load_reference  # noqa: E402, F401
