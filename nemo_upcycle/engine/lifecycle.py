@@ -167,7 +167,7 @@ class UpcycleLifecycle(pl.Callback):
             return
         rec: dict = {"step": int(trainer.global_step)}
         if not self._one_rank():
-            rec["skipped"] = "the model is split over ranks: evaluate and export from a 1-rank run of the checkpoint"
+            rec["skipped"] = "the model is split over ranks: no final evaluation (the HF export streams the checkpoint)"
             atomic_write_json(self.out_dir / "final_eval.json", rec)
             return
         if self.check_ids is not None:
@@ -194,6 +194,12 @@ class UpcycleLifecycle(pl.Callback):
                                           "run_dir": str(self.out_dir)})
             rec["hf_mixtral"] = str(out)
         atomic_write_json(self.out_dir / "final_eval.json", rec)
+
+    def on_fit_end(self, trainer, pl_module):  # after the final checkpoint save (Lightning's teardown finishes it)
+        if self.export and not self._one_rank():  # split over ranks: every rank joins (engine.export_scale)
+            from nemo_upcycle.engine.export_scale import export_after_training
+
+            export_after_training(self, trainer, pl_module)
 
 
 def validation_windows(datamodule, n: int) -> list[list[int]]:
