@@ -48,7 +48,12 @@ from nemo_upcycle.engine.export_files import (  # noqa: E402
     upcycle_options,
     write_export,
 )
-from nemo_upcycle.engine.export_stream import check_checkpoint, checkpoint_config, stream_export  # noqa: E402
+from nemo_upcycle.engine.export_stream import (  # noqa: E402
+    CheckpointTensors,
+    check_checkpoint,
+    checkpoint_config,
+    stream_export,
+)
 from nemo_upcycle.errors import UpcycleError  # noqa: E402
 from nemo_upcycle.formats.keymap import KEYMAP, KeyMap, Sizes, megatron_values  # noqa: E402
 
@@ -250,6 +255,8 @@ def load_module(ckpt: Path):
     config = checkpoint_config(ckpt)
     for k, v in ONE_RANK.items():
         setattr(config, k, v)
+    # the vocabulary as saved: padded for the saving run's TP, which one rank would pad less
+    config.vocab_size = CheckpointTensors.stored_rows(ckpt / "weights", "embedding.word_embeddings.weight")
     if not torch.cuda.is_available():
         enable_cpu_support()
         for k, v in {**cpu_config_overrides(), "spec_backend": "local"}.items():

@@ -25,6 +25,8 @@ without them ``nemo-upcycle verify`` can only compare with the dense model, whic
 
 from __future__ import annotations
 
+import io
+import os
 import re
 from pathlib import Path
 from typing import Optional
@@ -52,20 +54,40 @@ def stored_location(name: str) -> tuple[str, int]:
     return name, axes
 
 
-class _Into:
-    """The two planner calls ``FileSystemReader.read_data`` makes for a tensor: where a read item goes."""
+class _Slice(io.RawIOBase):
+    """``length`` bytes of an open file from ``offset``: one saved item, which ``torch.load`` reads in place (as
+    ``torch.distributed.checkpoint.utils._ReaderView`` does)."""
 
-    def __init__(self, out: torch.Tensor):
-        self.out = out
+    def __init__(self, f, offset: int, length: int):
+        super().__init__()
+        self.f, self.offset, self.length = f, offset, length
+        f.seek(offset)
 
-    def resolve_tensor(self, item) -> torch.Tensor:
-        t = self.out
-        for dim, (offset, length) in enumerate(zip(item.dest_offsets, item.lengths)):
-            t = t.narrow(dim, offset, length)
-        return t
+    def seek(self, pos: int, whence: int = os.SEEK_SET) -> int:
+        if whence == os.SEEK_SET:
+            pos += self.offset
+        elif whence == os.SEEK_END:
+            pos, whence = self.offset + self.length + pos, os.SEEK_SET
+        return self.f.seek(pos, whence) - self.offset
 
-    def commit_tensor(self, item, tensor) -> None:
-        pass
+    def tell(self) -> int:
+        return self.f.tell() - self.offset
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        left = self.length - self.tell()
+        return self.f.readinto(memoryview(b)[:left]) if left > 0 else 0
+
+
+def _narrow(t: torch.Tensor, offsets, lengths) -> torch.Tensor:
+    for dim, (offset, length) in enumerate(zip(offsets, lengths)):
+        t = t.narrow(dim, offset, length)
+    return t
 
 
 class CheckpointTensors:
@@ -76,12 +98,11 @@ class CheckpointTensors:
         from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
         try:
-            self.reader = FileSystemReader(str(weights))
-            md = self.reader.read_metadata()
+            md = FileSystemReader(str(weights)).read_metadata()
         except Exception as e:
             raise UpcycleError(f"{weights} is not a readable distributed checkpoint ({e.__class__.__name__}); "
                                "pass a complete NeMo 2 checkpoint.") from None
-        self.reader.set_up_storage_reader(md, True)
+        self.weights, self.storage = Path(weights), md.storage_data
         meta = {k: v for k, v in md.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)}
         self.prefix = "module." if any(k.startswith("module.") for k in meta) else ""
         self.meta = {k[len(self.prefix):]: v for k, v in meta.items()
@@ -96,10 +117,21 @@ class CheckpointTensors:
         self.read: dict[str, set[tuple[int, ...]]] = {}
         self._last: tuple[Optional[tuple], tuple[torch.Tensor, ...]] = (None, ())
 
+    @staticmethod
+    def stored_rows(weights: Path, key: str) -> int:
+        """The first dimension of the stored model tensor ``key`` (metadata only)."""
+        from torch.distributed.checkpoint import FileSystemReader
+
+        meta = FileSystemReader(str(weights)).read_metadata().state_dict_metadata
+        hit = meta.get("module." + key, meta.get(key))
+        if hit is None:
+            raise UpcycleError(f"{weights} holds no {key}; pass a NeMo 2 checkpoint of a GPT model.")
+        return hit.size[0]
+
     def region(self, key: str, index: tuple[int, ...]) -> torch.Tensor:
-        """The stored tensor ``key`` at ``index`` of its leading (stacked) axes, whole."""
+        """The stored tensor ``key`` at ``index`` of its leading (stacked) axes, whole: the saved chunks that overlap
+        it, copied into place (a region saved as one chunk is that chunk, not copied)."""
         from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
-        from torch.distributed.checkpoint.planner import LoadPlan
         from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
         md = self.meta[key]
@@ -108,16 +140,31 @@ class CheckpointTensors:
             raise UpcycleError(f"the checkpoint's {key} is {list(size)}; it has no index {list(index)} (the checkpoint "
                                "does not match its context).")
         shape = (1,) * len(index) + size[len(index):]
-        out = torch.empty(shape, dtype=md.properties.dtype)
         chunk = ChunkStorageMetadata(torch.Size(tuple(index) + (0,) * (len(size) - len(index))), torch.Size(shape))
         items = create_read_items_for_chunk_list(self.prefix + key, md, [chunk])
-        covered = sum(int(torch.Size(it.lengths).numel()) for it in items)
-        if covered != out.numel():
-            raise UpcycleError(f"the checkpoint holds {covered} of the {out.numel()} elements of {key}{list(index)}; "
+        numel = torch.Size(shape).numel()
+        covered = sum(torch.Size(it.lengths).numel() for it in items)
+        if covered != numel:
+            raise UpcycleError(f"the checkpoint holds {covered} of the {numel} elements of {key}{list(index)}; "
                                "it is incomplete (a rank's files missing?): pass a complete checkpoint.")
-        self.reader.read_data(LoadPlan(items), _Into(out)).wait()
+        if len(items) == 1:
+            out = self._read(items[0])
+        else:
+            out = torch.empty(shape, dtype=md.properties.dtype)
+            for it in items:
+                _narrow(out, it.dest_offsets, it.lengths).copy_(self._read(it))
         self.read.setdefault(key, set()).add(tuple(index))
         return out.reshape(size[len(index):])
+
+    def _read(self, item) -> torch.Tensor:
+        """One read item: its saved chunk loaded from its file (as ``FileSystemReader.read_data``), narrowed."""
+        info = self.storage[item.storage_index]
+        if info.transform_descriptors:
+            raise UpcycleError(f"{self.weights} stores {item.storage_index.fqn} transformed "
+                               f"({info.transform_descriptors}); re-save the checkpoint without storage transforms.")
+        with open(self.weights / info.relative_path, "rb") as f:
+            t = torch.load(_Slice(f, info.offset, info.length), map_location="cpu", weights_only=True)
+        return _narrow(t, item.storage_offsets, item.lengths)
 
     def get(self, hf_key: str) -> torch.Tensor:
         """The HF tensor ``hf_key`` (a name of ``formats.mixtral.layout``)."""
