@@ -3,7 +3,8 @@ of training split over ranks (``engine.export_scale``).
 
 Fast (no NeMo): the stored key of every key-table row; a synthetic checkpoint (written with torch's distributed
 checkpoint, Megatron's stored names and stacking) read back region by region equals the HF tensors it was made from;
-an incomplete checkpoint (a chunk missing) and an unread stored tensor are refused; the reference windows' budget.
+an incomplete checkpoint (a chunk missing) and an unread stored tensor are refused; the reference windows' budget;
+the end-of-training export takes only a checkpoint saved at the final step.
 
 Slow: ``train.py`` under torchrun at 2 ranks (tiny recipe, 4 layers, 2 steps, a checkpoint at step 2) at EP2,
 PP2 x VP2 and TP2 + SP. Each run ends with rank 0 streaming its final checkpoint into ``RUN/hf_mixtral`` with
@@ -165,6 +166,18 @@ def test_reference_windows_budget():
     assert cut.shape == (1, REFERENCE_TOKENS - REFERENCE_TOKENS % 12) and torch.equal(cut[0], long[0, :cut.shape[1]])
     assert reference_windows(torch.zeros(8, 512, dtype=torch.long)).shape == (2, 512)
     assert reference_windows(None) is None
+
+
+def test_only_the_final_checkpoint_is_exported_at_the_end_of_training():
+    """An older checkpoint than the live model (the last save before the final step) or none at all: no export."""
+    from nemo_upcycle.engine.export_scale import _final_checkpoint
+
+    none = SimpleNamespace(checkpoint_callback=None, global_step=6)
+    assert _final_checkpoint(none) == (None, "no checkpoint was saved (trainer.checkpoint_every_n_steps=0)")
+    old = SimpleNamespace(global_step=6, checkpoint_callback=SimpleNamespace(last_model_path="/r/step=3-last",
+                                                                             _last_global_step_saved=4))
+    ckpt, why = _final_checkpoint(old)
+    assert ckpt is None and why.startswith("the last checkpoint is from step 4 but training ended at step 6")
 
 
 # ---------------------------------------------------------------------------------------------- slow: 2-rank runs

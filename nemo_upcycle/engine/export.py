@@ -331,6 +331,8 @@ def main(argv=None) -> int:
             if not isinstance(hf_cfg, dict):
                 raise UpcycleError(f"--dense-config {a.dense_config} is not a JSON object; pass a config.json.")
         out = export_checkpoint(ckpt, a.out, hf_llama_config=hf_cfg, overwrite=a.overwrite, dtype=DTYPES[a.dtype])
+        print("note: no reference logits (no model in this process): nemo-upcycle verify DENSE OUT compares the "
+              "export with the dense model, which a checkpoint matches at step 0 only", file=sys.stderr)
         print(f"wrote {out}")
     except UpcycleError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -167,10 +167,7 @@ def export_after_training(callback, trainer, pl_module) -> Optional[Path]:
             reference = (ids, logits.cpu(), megatron_dtype)
     if not is_rank0():
         return None
-    hf = callback._dense_config()
-    if reference is not None:
-        reference = (reference[0], reference[1][..., :hf["vocab_size"]], reference[2])
-    out = stream_export(plan["ckpt"], callback.out_dir / EXPORT_DIR, hf_llama_config=hf,
+    out = stream_export(plan["ckpt"], callback.out_dir / EXPORT_DIR, hf_llama_config=callback._dense_config(),
                         tokenizer_dir=callback.tokenizer_dir, reference=reference, overwrite=True,
                         info={"steps": int(trainer.global_step), "source": str(callback.dense_source),
                               "run_dir": str(callback.out_dir), "reference_from": "the live ranks at the end of "

@@ -250,6 +250,8 @@ def stream_export(ckpt_dir, out_dir, *, config=None, hf_llama_config: Optional[d
         raise UpcycleError(f"{ckpt} holds a dense model (no num_moe_experts); only an upcycled MoE exports to HF "
                            "Mixtral.")
     hf = dict(hf_llama_config or NeMoDenseSource._hf_config(config))
+    if reference is not None:  # logits over the padded vocabulary are cut to the HF one
+        reference = (reference[0], reference[1][..., :hf["vocab_size"]], reference[2])
     src = CheckpointTensors(ckpt / "weights", config, hf["vocab_size"])
     check_config_exportable(config, hf, src.padded_vocab)
     trained = {**checkpoint_info(ckpt, info), "exported_from": "megatron-core distributed checkpoint (streamed)",

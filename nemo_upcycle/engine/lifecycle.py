@@ -14,6 +14,8 @@ process, i.e. TP = PP = EP = 1 -- other layouts skip them with a note and keep `
                            ``nemo-upcycle verify DENSE hf_mixtral`` checks. An ``hf_mixtral/`` that nemo-upcycle
                            did not write is never replaced: the export is skipped with a note (train.py refuses
                            such a run directory before training; this catches one made during training).
+  on_fit_end, > 1 rank     after the final checkpoint save: the reference logits from the live ranks, then rank 0
+                           streams that checkpoint into ``hf_mixtral/`` (``engine.export_scale``).
 """
 
 from __future__ import annotations
