@@ -8,9 +8,10 @@ dense function (checked); its vocabulary is padded (99 -> 128) as Megatron pads 
 - negative controls: w1/w3 swapped in one expert, or two experts swapped, break the equality;
 - ``nemo-upcycle verify`` passes on the export, fails on a tampered reference and on a broken export;
 - refusals: a sharded layout, a dense layer, routing HF cannot express, a mismatching dense config;
-- from a NeMo 2 checkpoint (``export_checkpoint``): a fresh process (this file run as a script) saves a trained
-  model with a NeMo trainer (``nemo_save``) and exports the checkpoint after teardown; this process exports the
-  same checkpoint again in its own world; both equal the saved model's logits.
+- from a NeMo 2 checkpoint (``export_checkpoint``: streamed from the distributed checkpoint, the reference logits from
+  the model built on one rank): a fresh process (this file run as a script) saves a trained model with a NeMo trainer
+  (``nemo_save``) and exports the checkpoint after teardown; this process exports the same checkpoint again in its
+  own world; both equal the saved model's logits. Checkpoints saved at other layouts: tests/test_export_stream.py.
 """
 
 from __future__ import annotations

@@ -14,6 +14,8 @@ process, i.e. TP = PP = EP = 1 -- other layouts skip them with a note and keep `
                            ``nemo-upcycle verify DENSE hf_mixtral`` checks. An ``hf_mixtral/`` that nemo-upcycle
                            did not write is never replaced: the export is skipped with a note (train.py refuses
                            such a run directory before training; this catches one made during training).
+  on_fit_end, > 1 rank     after the final checkpoint save: the reference logits from the live ranks, then rank 0
+                           streams that checkpoint into ``hf_mixtral/`` (``engine.export_scale``).
 """
 
 from __future__ import annotations
@@ -167,7 +169,7 @@ class UpcycleLifecycle(pl.Callback):
             return
         rec: dict = {"step": int(trainer.global_step)}
         if not self._one_rank():
-            rec["skipped"] = "the model is split over ranks: evaluate and export from a 1-rank run of the checkpoint"
+            rec["skipped"] = "the model is split over ranks: no final evaluation (the HF export streams the checkpoint)"
             atomic_write_json(self.out_dir / "final_eval.json", rec)
             return
         if self.check_ids is not None:
@@ -194,6 +196,12 @@ class UpcycleLifecycle(pl.Callback):
                                           "run_dir": str(self.out_dir)})
             rec["hf_mixtral"] = str(out)
         atomic_write_json(self.out_dir / "final_eval.json", rec)
+
+    def on_fit_end(self, trainer, pl_module):  # after the final checkpoint save (Lightning's teardown finishes it)
+        if self.export and not self._one_rank():  # split over ranks: every rank joins (engine.export_scale)
+            from nemo_upcycle.engine.export_scale import export_after_training
+
+            export_after_training(self, trainer, pl_module)
 
 
 def validation_windows(datamodule, n: int) -> list[list[int]]:
