@@ -10,7 +10,8 @@ processes) is the same for all of them. Run keys:
     name, overrides (Hydra overrides), steps, run_dir (a name under the work directory; the same name again resumes
     it, as ``hydra.run.dir`` does), stop_after (end ``fit`` after that step, as a finished shorter run would: the
     checkpoints of ``trainer.checkpoint_every_n_steps`` and the last one are written),
-    export_bf16 (also export the trained module with ``dtype=torch.bfloat16`` to ``<run_dir>/hf_mixtral_bf16``).
+    export_bf16 (also export the trained module with ``dtype=torch.bfloat16`` to ``<run_dir>/hf_mixtral_bf16``),
+    config (model config fields set after the recipe, e.g. ``{"gradient_accumulation_fusion": false}``).
 Rank 0 writes ``{name: {"losses", "grad_norms", "steps", "seconds", "dtypes"}}`` after each run; ``dtypes``: what the
 run trained with (module parameters, Megatron optimizer classes, its main parameters, the DDP gradient buffers).
 
@@ -41,9 +42,15 @@ def dtypes(trainer, pl_module) -> dict:
     optims = getattr(mcore, "chained_optimizers", None) or [mcore]
     main = {str(p.dtype) for o in optims for g in getattr(o, "fp32_from_float16_groups", []) for p in g}
     grads = {str(p.main_grad.dtype) for p in pl_module.parameters() if getattr(p, "main_grad", None) is not None}
+    cfg, ddp = pl_module.config, trainer.strategy.ddp_config
     return {"params": sorted({str(p.dtype) for p in unwrap(pl_module.module).parameters()}),
             "optimizers": sorted({type(o).__name__ for o in optims}), "main_params": sorted(main),
-            "main_grads": sorted(grads), "wrappers": _wrappers(pl_module.module)}
+            "main_grads": sorted(grads), "wrappers": _wrappers(pl_module.module),
+            "config": {"params_dtype": str(cfg.params_dtype), "bf16": cfg.bf16,
+                       "pipeline_dtype": str(cfg.pipeline_dtype),
+                       "gradient_accumulation_fusion": cfg.gradient_accumulation_fusion,
+                       "optim_bf16": pl_module.optim.config.bf16, "grad_reduce_in_fp32": ddp.grad_reduce_in_fp32},
+            "precision": str(trainer.precision)}
 
 
 def _wrappers(module) -> list:
@@ -113,6 +120,8 @@ def train(index: int, run: dict, work: Path) -> dict:
     source = make_tiny_llama(r.model, work / "dense_tiny", r.seed)  # as model.source=tiny does
     partial = train_partial(r, run_dir, str(source))
     partial.trainer.limit_val_batches = 0
+    for k, v in run.get("config", {}).items():  # model config fields set by hand (the tests' controls)
+        setattr(partial.model.config, k, v)
     fn = build(partial)
     trainer = fn.keywords["trainer"]
     rec = recorder(run, run_dir)

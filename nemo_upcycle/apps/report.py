@@ -29,17 +29,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 from nemo_upcycle.system.files import atomic_path, atomic_write_text  # noqa: E402
 
 
-PRECISIONS = {"bf16-mixed": "bf16 weights and activations, fp32 main parameters and gradient reduction",
-              "16-mixed": "fp16 weights and activations, fp32 main parameters", "32-true": "fp32", "32": "fp32"}
-
-
-def precision_line(run: dict) -> str:
-    """The report's precision line: what trained (the trainer's precision) and the peak its MFU is over."""
-    p = run.get("precision")
-    what = f"**{p}** ({PRECISIONS[p]})" if p in PRECISIONS else f"**{p}**" if p else "not recorded"
-    return f"Precision: {what}; MFU over the peak of that precision: {run.get('peak_name') or 'none'}."
-
-
 # ---- reading ----------------------------------------------------------------------------------------------
 def read_metrics(path: Path) -> dict:
     """{"run": [...], "train": [...], "val": [...], "bad_lines": n} from a JSONL file (missing file: empty)."""
@@ -217,6 +206,17 @@ def _median_skip_first(xs: list) -> Optional[float]:
     if len(xs) > 2:
         xs = xs[1:]  # the first window holds the warm-up (allocation, first-touch, lazy init)
     return statistics.median(xs) if xs else None
+
+
+PRECISIONS = {"bf16-mixed": "bf16 weights and activations, fp32 main parameters and gradient reduction",
+              "16-mixed": "fp16 weights and activations, fp32 main parameters", "32-true": "fp32", "32": "fp32"}
+
+
+def precision_line(run: dict) -> str:
+    """The report's precision line: what trained (the trainer's precision) and the peak its MFU is over."""
+    p = run.get("precision")
+    what = f"**{p}** ({PRECISIONS[p]})" if p in PRECISIONS else f"**{p}**" if p else "not recorded"
+    return f"Precision: {what}; MFU over the peak of that precision: {run.get('peak_name') or 'none'}."
 
 
 def build_markdown(run_dir: Path, m: dict, step0: Optional[dict], summary: dict, plots: dict) -> str:
