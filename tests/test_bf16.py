@@ -1,13 +1,13 @@
 """bf16-mixed training on CPU through the path GPU recipes use: NeMo's ``bf16_mixed()`` precision plugin (bf16
 parameters, ``Float16Module``), Megatron's ``Float16OptimizerWithFloat16Params`` (fp32 main parameters), gradients
-reduced in fp32 and weight gradients accumulated in fp32 (``engine.cpu``'s bf16 block).
+reduced in fp32 and weight gradients accumulated in fp32 (``engine.cpu_mixed``).
 
 Fast: the CPU sites of that block on stand-ins (the optimizer's ``param.type()`` check; the fp32 weight-gradient
 accumulation). Slow: two torchrun launches of ``tests/dist_bf16.py`` (the tiny recipe, online upcycling, 4 steps of
-4 x 32 tokens), one rank (8 runs) and two ranks (2 runs), each process doing several runs:
+4 x 32 tokens), one rank (9 runs) and two ranks (2 runs), each process doing several runs:
   * what trains: bf16 parameters under Float16Module, Megatron's mixed-precision optimizer with fp32 main
     parameters and fp32 gradient buffers; the recipe's bf16 reaches the model, optimizer and DDP configs; an fp32 run
-    has none of it (control);
+    has none of it (control); 16-mixed (fp16, Megatron's loss scaler) runs too;
   * losses close to fp32 within RTOL (derived below, at lr 1e-3); controls: other data, 1.5x the lr, are outside it;
   * resume exact in bf16: a run stopped after its step-2 checkpoint and started again gives steps 3-4 of the
     uninterrupted run bit for bit (losses and grad norms);
@@ -35,7 +35,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from nemo_upcycle.engine import cpu
+from nemo_upcycle.engine import cpu_mixed
 
 SCRIPT = Path(__file__).with_name("dist_bf16.py")
 REPO = SCRIPT.parent.parent
@@ -64,6 +64,8 @@ ONE_RANK = [  # the first run saves checkpoints: NeMo's telemetry singleton is s
     {"name": "fp32_lr", "steps": 4, "overrides": [*FP32, *SMALL_LR]},
     {"name": "fp32_lr_data", "steps": 4, "overrides": [*FP32, *SMALL_LR, "data.seed=7"]},
     {"name": "fp32_lr_lr", "steps": 4, "overrides": [*FP32, *SMALL_LR, "optim.lr=0.0015"]},
+    {"name": "fp16", "steps": 2, "overrides": ["trainer.precision=16-mixed", "trainer.checkpoint_every_n_steps=2",
+                                               "logging.export_hf=false"]},
 ]
 TWO_RANKS = [
     {"name": "bf16_ep2", "steps": 4, "overrides": ["parallel=cpu_2_ep2", *BF16]},
@@ -94,7 +96,7 @@ def test_type_names_are_cuda_only_inside_the_named_constructor(monkeypatch):
     monkeypatch.setitem(sys.modules, module.__name__, module)
     params = [torch.nn.Parameter(torch.zeros(2, dtype=torch.bfloat16)), torch.nn.Parameter(torch.zeros(2))]
     assert module.Optimizer(params).kinds == ["torch.BFloat16Tensor", "torch.FloatTensor"]  # control: stock
-    cpu._scope_type_names(module.__name__, "Optimizer.__init__")
+    cpu_mixed._scope_type_names(module.__name__, "Optimizer.__init__")
     opt = module.Optimizer(params, call_helper=True)
     assert opt.kinds == ["torch.cuda.BFloat16Tensor", "torch.cuda.FloatTensor"]  # Megatron's accepted names
     assert opt.helper == ["torch.BFloat16Tensor", "torch.FloatTensor"]  # a function it calls: untouched
@@ -108,7 +110,7 @@ def test_weight_gradient_accumulates_in_fp32():
     x, dy = (torch.randn(96, n, generator=g).bfloat16() for n in (24, 40))  # [tokens, in], [tokens, out]
     start = torch.randn(40, 24, generator=g)
     main_grad = start.clone()
-    cpu._WgradAccum.wgrad_gemm_accum_fp32(x, dy, main_grad)
+    cpu_mixed._WgradAccum.wgrad_gemm_accum_fp32(x, dy, main_grad)
     want = start + (dy.double().t() @ x.double())
     assert (main_grad.double() - want).abs().max().item() < 1e-5 * want.abs().max().item()  # fp32 sums
     rounded = start + (dy.t() @ x).float()
@@ -160,6 +162,10 @@ def test_bf16_trains_through_megatrons_mixed_precision_path(one_rank):
     assert f["precision"] == "32-true" and f["params"] == ["torch.float32"] and f["optimizers"] == ["FP32Optimizer"]
     assert f["wrappers"] == ["DDP", "GPTModel"] and not f["main_params"]
     assert f["config"]["params_dtype"] == "torch.float32" and not f["config"]["bf16"]
+    h = r["fp16"]  # 16-mixed (NeMo's fp16_mixed()): the same optimizer with Megatron's loss scaler, on CPU too
+    assert h["dtypes"]["params"] == ["torch.float16"] and h["dtypes"]["main_params"] == ["torch.float32"]
+    assert h["dtypes"]["optimizers"] == ["Float16OptimizerWithFloat16Params"] and h["dtypes"]["precision"] == "16-mixed"
+    assert len(h["losses"]) == 2 and all(math.isfinite(x) for x in h["losses"])
 
 
 @pytest.mark.slow

@@ -13,6 +13,7 @@ Use, in this order: ``enable_cpu_support()`` before building the trainer; ``**cp
 model config; ``nl.MegatronStrategy(..., **cpu_strategy_kwargs())`` (no async checkpoint save: it synchronizes
 CUDA); ``nl.Trainer(accelerator="cpu", ...)``. Tested: DP and EP (alltoall and allgather dispatchers) over gloo and
 distributed-checkpoint save / load; not tested: TP, SP, CP, PP, the distributed optimizer, grouped GEMM, TE, fp8.
+Mixed precision (bf16-mixed, 16-mixed): ``engine/cpu_mixed.py``, applied by ``enable_cpu_support``.
 """
 
 from __future__ import annotations
@@ -223,85 +224,6 @@ _SCOPED = [
 ]
 
 
-# ---- bf16-mixed: Megatron's mixed-precision optimizer (Float16OptimizerWithFloat16Params) ----------------------
-# optimizer/optimizer.py:667/686 sort the parameters by ``param.type()`` against the CUDA type names only
-# ('torch.cuda.BFloat16Tensor' -> bf16 model parameter with an fp32 main copy, 'torch.cuda.FloatTensor' -> fp32
-# parameter, anything else: TypeError "Wrapped parameters must be one of torch.cuda.FloatTensor, ..."). Inside that
-# constructor's own body a CPU tensor's ``type()`` reports the CUDA name of the same dtype, so CPU parameters take
-# the same branches as on a GPU; nothing else (the copies it makes, the optimizer it wraps) is touched.
-_TYPE_AS_CUDA: list[frozenset] = []  # code objects whose Tensor.type() calls are answered with the CUDA name now
-
-
-class _CpuTypeAsCuda(TorchFunctionMode):
-    """``tensor.type()`` (no argument) of a CPU tensor, called directly by a function in ``_TYPE_AS_CUDA``:
-    ``torch.<X>Tensor`` -> ``torch.cuda.<X>Tensor``."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        caller = sys._getframe(1).f_code
-        if (func is torch.Tensor.type and len(args) == 1 and not kwargs and isinstance(out, str)
-                and args[0].device.type == "cpu" and any(caller in codes for codes in _TYPE_AS_CUDA)):
-            return out.replace("torch.", "torch.cuda.", 1)
-        return out
-
-
-def _scope_type_names(module: str, qualname: str) -> None:
-    """Wrap ``module.qualname`` so ``Tensor.type()`` written in its body names CPU tensors as CUDA ones."""
-    owner, name = _resolve(module, qualname)
-    fn = getattr(owner, name)
-    codes = frozenset(_with_nested(inspect.unwrap(fn).__code__))
-
-    @functools.wraps(fn)
-    def cpu_as_cuda_types(*args, **kwargs):
-        _TYPE_AS_CUDA.append(codes)
-        try:
-            with _CpuTypeAsCuda():
-                return fn(*args, **kwargs)
-        finally:
-            _TYPE_AS_CUDA.pop()
-
-    setattr(owner, name, cpu_as_cuda_types)
-
-
-_TYPE_NAMED = [
-    # optimizer/optimizer.py:667/686/691 the bf16 / fp32 parameter split of the mixed-precision optimizer
-    (MC + "optimizer.optimizer", "Float16OptimizerWithFloat16Params.__init__"),
-]
-
-
-class _WgradAccum:
-    """Stands in for Apex's ``fused_weight_gradient_mlp_cuda`` (tensor_parallel/layers.py:46, called at :561/:565 when
-    ``gradient_accumulation_fusion``): a linear layer's weight gradient [out, in] = grad_output[N, out]^T
-    input[N, in] computed from the bf16 tensors in fp32 (a bf16 x bf16 product is exact in fp32) and added straight
-    into ``main_grad``, as the fused GEMM of GPU recipes does, instead of a bf16 GEMM whose result is rounded to bf16
-    before DDP adds it. The rounding would otherwise depend on how tokens are grouped into GEMMs: an expert's gradient
-    is one GEMM over both ranks' tokens at EP=2, one per micro-batch on one rank."""
-
-    @staticmethod
-    def wgrad_gemm_accum_fp32(total_input, grad_output, main_grad):
-        main_grad.addmm_(grad_output.t().float(), total_input.float())
-
-    @staticmethod
-    def wgrad_gemm_accum_fp16(total_input, grad_output, main_grad):  # main_grad in bf16 (grad_reduce_in_fp32=False)
-        main_grad.add_(grad_output.t().float() @ total_input.float())
-
-
-def _enable_bf16_sites() -> None:
-    for module, qualname in _TYPE_NAMED:
-        _scope_type_names(module, qualname)
-    layers = importlib.import_module(MC + "tensor_parallel.layers")
-    if not layers._grad_accum_fusion_available:
-        layers.fused_weight_gradient_mlp_cuda = _WgradAccum
-        layers._grad_accum_fusion_available = True
-
-
-def cpu_bf16_config_overrides() -> dict:
-    """Model config fields for bf16-mixed on CPU, on top of ``cpu_config_overrides``: weight gradients accumulated in
-    fp32 (``_WgradAccum``), as NeMo's GPTConfig enables it where the fused kernel imports (GPU recipes, with TE too:
-    ``fuse_wgrad_accumulation``). Costs up to ~2x in a linear layer's backward here (an fp32 GEMM instead of bf16)."""
-    return dict(gradient_accumulation_fusion=True)
-
-
 def _move_to_cpu_as_on_gpu(tensor, as_numpy=False, record_stream=False):
     """transformer/moe/moe_utils.py:883 converts only CUDA tensors to numpy; the all-to-all split sizes must
     be numpy (lists) on CPU too, as torch.distributed.all_to_all_single wants."""
@@ -427,7 +349,9 @@ def enable_cpu_support() -> bool:
     _replace(NL + "io.pl", "_fix_tensors_device", _loaded_tensors_stay)
     megatron_init = importlib.import_module(NL + "megatron_init")
     megatron_init._set_random_seed = _seed_with_tracker(megatron_init._set_random_seed)
-    _enable_bf16_sites()
+    from nemo_upcycle.engine.cpu_mixed import enable_mixed_precision_sites
+
+    enable_mixed_precision_sites()  # bf16-mixed / 16-mixed: engine/cpu_mixed.py
     _ENABLED = True
     return True
 

@@ -22,7 +22,8 @@ from nemo.lightning.pytorch.optim import CosineAnnealingScheduler
 
 from nemo_upcycle.config.schema import RunConfig
 from nemo_upcycle.engine.config import UpcycledLlama31Config, UpcycledLlamaConfig
-from nemo_upcycle.engine.cpu import cpu_bf16_config_overrides, cpu_config_overrides, cpu_strategy_kwargs
+from nemo_upcycle.engine.cpu import cpu_config_overrides, cpu_strategy_kwargs
+from nemo_upcycle.engine.cpu_mixed import cpu_bf16_config_overrides
 from nemo_upcycle.engine.data import CorpusData, MockTokens
 from nemo_upcycle.engine.lifecycle import UpcycleLifecycle
 from nemo_upcycle.engine.metrics import MetricsLogger
