@@ -27,6 +27,7 @@ import sys
 import torch
 from torch.overrides import TorchFunctionMode
 
+from nemo_upcycle.engine import cpu_mixed
 from nemo_upcycle.errors import UpcycleError
 
 PINNED = {"nemo-toolkit": ("nemo.package_info", "2.7.3"),
@@ -349,9 +350,9 @@ def enable_cpu_support() -> bool:
     _replace(NL + "io.pl", "_fix_tensors_device", _loaded_tensors_stay)
     megatron_init = importlib.import_module(NL + "megatron_init")
     megatron_init._set_random_seed = _seed_with_tracker(megatron_init._set_random_seed)
-    from nemo_upcycle.engine.cpu_mixed import enable_mixed_precision_sites
-
-    enable_mixed_precision_sites()  # bf16-mixed / 16-mixed: engine/cpu_mixed.py
+    for module, qualname, callees in cpu_mixed.MIXED_SCOPED:  # bf16-mixed / 16-mixed: engine/cpu_mixed.py
+        _scope(module, qualname, callees)
+    cpu_mixed.enable_mixed_precision_sites()
     _ENABLED = True
     return True
 

@@ -2,7 +2,7 @@
 
 NeMo's ``bf16_mixed()`` plugin wraps the bf16 model in Megatron's ``Float16Module`` and its optimizer is
 ``Float16OptimizerWithFloat16Params`` (fp32 main parameters; gradients reduced in fp32). Three CUDA assumptions
-stand in the way (megatron-core 0.15.3 under megatron/core/), each bypassed here with ``engine.cpu``'s mechanism,
+stand in the way (megatron-core 0.15.3 under megatron/core/), each bypassed as ``engine.cpu`` bypasses its sites,
 applied by ``cpu.enable_cpu_support`` (only without CUDA, only for the pinned versions):
   * optimizer/optimizer.py:667/686 sort the parameters by ``param.type()`` against the CUDA type names only
     ('torch.cuda.BFloat16Tensor' -> bf16 model parameter with an fp32 main copy, 'torch.cuda.FloatTensor' -> fp32
@@ -12,7 +12,7 @@ applied by ``cpu.enable_cpu_support`` (only without CUDA, only for the pinned ve
     is touched.
   * tensor_parallel/layers.py:46 the fused weight-gradient kernel (Apex) is CUDA-only: ``_WgradAccum`` stands in,
     enabled by ``cpu_bf16_config_overrides()`` in bf16 model configs.
-  * optimizer/grad_scaler.py: 16-mixed's loss scaler keeps its tensors on 'cuda' (``_MIXED_SCOPED``).
+  * optimizer/grad_scaler.py: 16-mixed's loss scaler keeps its tensors on 'cuda' (``MIXED_SCOPED``).
 """
 
 from __future__ import annotations
@@ -25,7 +25,21 @@ import sys
 import torch
 from torch.overrides import TorchFunctionMode
 
-from nemo_upcycle.engine.cpu import MC, _resolve, _scope, _with_nested
+MC = "megatron.core."
+
+
+def _resolve(module: str, qualname: str):  # as engine/cpu.py's (which imports this module)
+    owner = importlib.import_module(module)
+    *path, name = qualname.split(".")
+    for part in path:
+        owner = getattr(owner, part)
+    return owner, name
+
+
+def _codes(code) -> list:
+    """A code object and those of the functions defined inside it."""
+    return [code, *(c for const in code.co_consts if inspect.iscode(const) for c in _codes(const))]
+
 
 _TYPE_AS_CUDA: list[frozenset] = []  # code objects whose Tensor.type() calls are answered with the CUDA name now
 
@@ -47,7 +61,7 @@ def _scope_type_names(module: str, qualname: str) -> None:
     """Wrap ``module.qualname`` so ``Tensor.type()`` written in its body names CPU tensors as CUDA ones."""
     owner, name = _resolve(module, qualname)
     fn = getattr(owner, name)
-    codes = frozenset(_with_nested(inspect.unwrap(fn).__code__))
+    codes = frozenset(_codes(inspect.unwrap(fn).__code__))
 
     @functools.wraps(fn)
     def cpu_as_cuda_types(*args, **kwargs):
@@ -84,8 +98,9 @@ class _WgradAccum:
         main_grad.add_(grad_output.t().float() @ total_input.float())
 
 
-# (module, function, callees) redirected to the CPU as ``_SCOPED``'s: the loss scaler of 16-mixed (fp16)
-_MIXED_SCOPED = [
+# (module, function, callees) that ``cpu.enable_cpu_support`` redirects to the CPU as its ``_SCOPED``: the loss scaler
+# of 16-mixed (fp16)
+MIXED_SCOPED = [
     # optimizer/grad_scaler.py:15 the scale, :88/91/94 min scale, growth and backoff factors on device='cuda',
     # :140 the loaded scale moved to current_device()
     (MC + "optimizer.grad_scaler", "MegatronGradScaler.__init__", ()),
@@ -95,11 +110,10 @@ _MIXED_SCOPED = [
 
 
 def enable_mixed_precision_sites() -> None:
-    """Apply the sites above (called by ``cpu.enable_cpu_support``: only without CUDA, pinned versions checked)."""
+    """Apply the sites above but ``MIXED_SCOPED`` (called by ``cpu.enable_cpu_support``, which scopes those: only
+    without CUDA, pinned versions checked)."""
     for module, qualname in _TYPE_NAMED:
         _scope_type_names(module, qualname)
-    for module, qualname, callees in _MIXED_SCOPED:
-        _scope(module, qualname, callees)
     layers = importlib.import_module(MC + "tensor_parallel.layers")
     if not layers._grad_accum_fusion_available:
         layers.fused_weight_gradient_mlp_cuda = _WgradAccum
