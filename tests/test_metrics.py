@@ -97,15 +97,40 @@ def test_peaks():
     run = tiny_run()
     assert translate.peak_for_run(run) == (None, None)  # CPU: measured by the training process
     run.parallel.accelerator = "gpu"
-    assert translate.peak_for_run(run)[0] == 989e12
+    assert translate.peak_for_run(run)[0] == 67e12  # an fp32 recipe: FP32 CUDA cores (torch's default: no TF32)
+    run.trainer.precision = "bf16-mixed"
+    assert translate.peak_for_run(run) == (989e12, "H100 SXM 80GB bf16 dense")
     peak = throughput.measured_cpu_peak(n=256, repeats=2)
     assert 1e8 < peak < 1e14 and throughput.measured_cpu_peak(n=256, repeats=2) == peak  # cached per process
+
+
+def test_peak_follows_the_precision_that_runs():
+    """bf16-mixed / 16-mixed matmuls run in bf16 / fp16, 32 in fp32: the GPU table's peak of that precision, the CPU
+    peak measured with a torch.mm of that dtype, named in the run record (control: the fp32 name and peak differ)."""
+    assert [throughput.matmul_dtype(p) for p in ("bf16-mixed", "bf16", "16-mixed", "32", "32-true", 32)] == [
+        "bf16", "bf16", "fp16", "fp32", "fp32", "fp32"]
+    h100 = throughput.GPUS["H100"]
+    assert throughput.table_peak(h100, "bf16-mixed") == (989e12, "H100 SXM 80GB bf16 dense")
+    assert throughput.table_peak(h100, "16-mixed") == (989e12, "H100 SXM 80GB fp16 dense")
+    assert throughput.table_peak(h100, "32") == (67e12, "H100 SXM 80GB fp32 (CUDA cores, no TF32)")
+    assert throughput.table_peak(h100, "32-true", tf32=True) == (494.5e12, "H100 SXM 80GB tf32 dense")
+    assert throughput.gpu_peak("NVIDIA A100-SXM4-80GB", 80 * 2**30, "32")[0] == 19.5e12
+    if torch.cuda.is_available():
+        pytest.skip("the CPU peaks below are measured on a CPU-only machine")
+    threads = torch.get_num_threads()
+    bf16, bf16_name = throughput.device_peak("bf16-mixed")
+    fp32, fp32_name = throughput.device_peak("32-true")
+    assert bf16_name == f"CPU bf16 torch.mm, {threads} threads (measured)"
+    assert fp32_name == f"CPU fp32 torch.mm, {threads} threads (measured)"
+    assert bf16 == throughput.measured_cpu_peak(dtype="bf16") and fp32 == throughput.measured_cpu_peak()  # cached
+    assert bf16 != fp32 and 1e8 < min(bf16, fp32)  # two measurements, not one peak under two names
 
 
 # ---------------------------------------------------------------------------------------------- report
 def synthetic_records(steps=(2, 4, 6), layers=(0, 1, 2), E=4, with_moe=True, with_val=True) -> list[dict]:
     recs = [{"kind": "run", "step": 0, "tokens_per_step": 128, "flops_per_token": 2.0e6, "peak_flops": 3.0e10,
-             "peak_name": "CPU fp32 torch.mm, 2 threads (measured)", "devices": 1, "num_layers": 3,
+             "peak_name": "CPU fp32 torch.mm, 2 threads (measured)", "precision": "32-true", "devices": 1,
+             "num_layers": 3,
              "num_experts": E, "topk": 2}]
     if with_val:
         recs.append({"kind": "val", "step": 0, "tokens": 0, "val_loss": 4.6, "val_ppl": math.exp(4.6)})
@@ -154,6 +179,7 @@ def test_report_full(tmp_path):
     assert "**PASS**" in md and "3.100e-06" in md
     assert "| before training | 0 | 0 | 4.6 |" in md and "| after | 6 |" in md
     assert "CPU fp32 torch.mm, 2 threads (measured)" in md and "| 3.41% |" in md  # 512 * 2e6 / 3e10
+    assert "Precision: **32-true** (fp32); MFU over the peak of that precision: CPU fp32 torch.mm, 2 threads" in md
     assert "| layer | tokens per expert (% of routed)" in md and "| recipe | tiny |" in md
     assert not list(tmp_path.glob(".*tmp"))  # temp files renamed away
 
@@ -168,7 +194,7 @@ def test_report_partial_records_and_cli(tmp_path, capsys):
     md = (tmp_path / "report.md").read_text()
     assert capsys.readouterr().out.strip() == str(tmp_path / "report.md")
     assert "**FAIL**" in md and "No validation records." in md and "No MoE fields" in md
-    assert "Skipped 1 unreadable" in md
+    assert "Skipped 1 unreadable" in md and "Precision: not recorded; MFU over the peak of that precision: none." in md
     assert_png(tmp_path / "loss.png")
     assert not (tmp_path / "expert_load.png").exists() and not (tmp_path / "router.png").exists()
     # nothing at all: still a report
@@ -456,6 +482,7 @@ def test_nemo_training_writes_metrics_tensorboard_progress_and_report(tmp_path):
     run, train, val = m["run"][-1], m["train"], m["val"]
     assert [t["step"] for t in train] == [2, 4] and [v["step"] for v in val] == [2, 4], (train, val)
     assert run["peak_name"].startswith("CPU fp32") and run["peak_flops"] > 1e8 and run["devices"] == 1
+    assert run["precision"] == "32-true"
     for t in train:
         assert t["steps"] == 2 and t["tokens"] == t["step"] * 128 and math.isfinite(t["loss"]) and t["lr"] > 0
         assert t["grad_norm"] > 0

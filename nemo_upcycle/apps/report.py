@@ -208,6 +208,17 @@ def _median_skip_first(xs: list) -> Optional[float]:
     return statistics.median(xs) if xs else None
 
 
+PRECISIONS = {"bf16-mixed": "bf16 weights and activations, fp32 main parameters and gradient reduction",
+              "16-mixed": "fp16 weights and activations, fp32 main parameters", "32-true": "fp32", "32": "fp32"}
+
+
+def precision_line(run: dict) -> str:
+    """The report's precision line: what trained (the trainer's precision) and the peak its MFU is over."""
+    p = run.get("precision")
+    what = f"**{p}** ({PRECISIONS[p]})" if p in PRECISIONS else f"**{p}**" if p else "not recorded"
+    return f"Precision: {what}; MFU over the peak of that precision: {run.get('peak_name') or 'none'}."
+
+
 def build_markdown(run_dir: Path, m: dict, step0: Optional[dict], summary: dict, plots: dict) -> str:
     run = m["run"][-1] if m["run"] else {}
     train, val = m["train"], m["val"]
@@ -266,7 +277,8 @@ def build_markdown(run_dir: Path, m: dict, step0: Optional[dict], summary: dict,
                       str(run.get("peak_name") or "–"), _num(run.get("peak_flops")), run.get("devices"),
                       _num(run.get("flops_per_token"))]])
         L += ["", "Medians over the logged windows (the first, with the warm-up, left out when there are 3 or more). "
-              "Model FLOPs as Megatron counts them: k routed experts, causal attention, logits; fwd + bwd."]
+              "Model FLOPs as Megatron counts them: k routed experts, causal attention, logits; fwd + bwd.", "",
+              precision_line(run)]
     else:
         L.append("No throughput records.")
     L.append("")

@@ -12,7 +12,7 @@ from nemo_upcycle.config.schema import RunConfig
 from nemo_upcycle.core.options import UpcycleOptions, moe_layers_of
 from nemo_upcycle.data.resources import shakespeare_texts
 from nemo_upcycle.formats.keymap import hf_config, model_values
-from nemo_upcycle.planning.flops import GPUS, flops_per_token
+from nemo_upcycle.planning.flops import GPUS, flops_per_token, table_peak
 from nemo_upcycle.planning.layout import ModelDims, ParallelLayout, TrainingSetup
 
 
@@ -89,8 +89,7 @@ def peak_for_run(run) -> tuple[Optional[float], Optional[str]]:
     """(peak FLOP/s per device, its name) for a GPU recipe (``parallel.gpu`` in ``plan.GPUS``); (None, None) on
     CPU, where the training process measures its own (:func:`device_peak`)."""
     if run.parallel.accelerator == "gpu" and run.parallel.gpu in GPUS:
-        gpu = GPUS[run.parallel.gpu]
-        return gpu.peak_bf16_flops, f"{gpu.name} bf16 dense"
+        return table_peak(GPUS[run.parallel.gpu], run.trainer.precision)  # the precision's peak (fp32: no TF32)
     return None, None
 
 

@@ -13,6 +13,7 @@ Use, in this order: ``enable_cpu_support()`` before building the trainer; ``**cp
 model config; ``nl.MegatronStrategy(..., **cpu_strategy_kwargs())`` (no async checkpoint save: it synchronizes
 CUDA); ``nl.Trainer(accelerator="cpu", ...)``. Tested: DP and EP (alltoall and allgather dispatchers) over gloo and
 distributed-checkpoint save / load; not tested: TP, SP, CP, PP, the distributed optimizer, grouped GEMM, TE, fp8.
+Mixed precision (bf16-mixed, 16-mixed): ``engine/cpu_mixed.py``, applied by ``enable_cpu_support``.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import sys
 import torch
 from torch.overrides import TorchFunctionMode
 
+from nemo_upcycle.engine import cpu_mixed
 from nemo_upcycle.errors import UpcycleError
 
 PINNED = {"nemo-toolkit": ("nemo.package_info", "2.7.3"),
@@ -348,6 +350,9 @@ def enable_cpu_support() -> bool:
     _replace(NL + "io.pl", "_fix_tensors_device", _loaded_tensors_stay)
     megatron_init = importlib.import_module(NL + "megatron_init")
     megatron_init._set_random_seed = _seed_with_tracker(megatron_init._set_random_seed)
+    for module, qualname, callees in cpu_mixed.MIXED_SCOPED:  # bf16-mixed / 16-mixed: engine/cpu_mixed.py
+        _scope(module, qualname, callees)
+    cpu_mixed.enable_mixed_precision_sites()
     _ENABLED = True
     return True
 

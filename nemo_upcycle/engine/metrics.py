@@ -2,8 +2,9 @@
 
 ``MetricsLogger`` (a Lightning callback) writes one record every ``log_every_n_steps`` optimizer steps and at the
 end, over the steps since the previous record (the window). By ``kind``:
-  run    once per fit: tokens_per_step, flops_per_token, peak_flops (one device), peak_name, devices, num_layers,
-         num_experts, topk, capacity_factor, aux / z-loss coefficients
+  run    once per fit: tokens_per_step, flops_per_token, peak_flops (one device, for the precision that runs: on
+         CPU measured in its matmul dtype), peak_name, precision (the trainer's), devices, num_layers, num_experts,
+         topk, capacity_factor, aux / z-loss coefficients
   train  step, tokens, steps, loss (mean of NeMo's reduced_train_loss), lr, grad_norm, seconds (training wall time:
          validation and checkpoints excluded), step_seconds, tokens_per_s, tflops, mfu (null without a peak),
          elapsed, and the MoE fields below
@@ -184,7 +185,8 @@ class MetricsLogger(pl.Callback):
         path: the JSONL file (appended to: a resumed run continues it).
         tokens_per_step: global batch x sequence length.
         flops_per_token: model FLOPs per token (``config.translate.flops_for_run``); None: no TFLOP/s, MFU.
-        peak_flops: peak FLOP/s of one device; None: the GPU table by device name, or measured on CPU.
+        peak_flops: peak FLOP/s of one device; None: the GPU table by device name, or measured on CPU, for the
+            trainer's precision (``planning.flops.device_peak``).
         peak_name: what that peak is (written to the records).
         log_every_n_steps: a record every n optimizer steps (values averaged over them), and one at the end.
     """
@@ -206,8 +208,9 @@ class MetricsLogger(pl.Callback):
 
     # -- setup
     def on_train_start(self, trainer, pl_module):
+        precision = str(getattr(trainer, "precision", "32"))  # NeMo's plugin: "bf16-mixed", "16-mixed", "32-true"
         if self.peak_flops is None and is_rank0():
-            self.peak_flops, name = device_peak()
+            self.peak_flops, name = device_peak(precision)  # the peak of the precision that runs
             self.peak_name = self.peak_name or name
         config = getattr(pl_module, "config", None)
         if config is not None and getattr(config, "num_moe_experts", None):
@@ -222,7 +225,7 @@ class MetricsLogger(pl.Callback):
         self._write({"kind": "run", "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                      "step": int(trainer.global_step), "tokens_per_step": self.tokens_per_step,
                      "flops_per_token": self.flops_per_token, "peak_flops": self.peak_flops,
-                     "peak_name": self.peak_name, "devices": int(trainer.world_size),
+                     "peak_name": self.peak_name, "precision": precision, "devices": int(trainer.world_size),
                      "log_every_n_steps": self.log_every_n_steps,
                      **({} if config is None else {
                          "num_layers": getattr(config, "num_layers", None),

@@ -23,6 +23,7 @@ from nemo.lightning.pytorch.optim import CosineAnnealingScheduler
 from nemo_upcycle.config.schema import RunConfig
 from nemo_upcycle.engine.config import UpcycledLlama31Config, UpcycledLlamaConfig
 from nemo_upcycle.engine.cpu import cpu_config_overrides, cpu_strategy_kwargs
+from nemo_upcycle.engine.cpu_mixed import cpu_bf16_config_overrides
 from nemo_upcycle.engine.data import CorpusData, MockTokens
 from nemo_upcycle.engine.lifecycle import UpcycleLifecycle
 from nemo_upcycle.engine.metrics import MetricsLogger
@@ -58,6 +59,8 @@ def model_config(r: RunConfig) -> run.Config:
                   recompute_num_layers=1 if r.trainer.recompute == "full" else None)
     if r.parallel.accelerator == "cpu":
         kw.update(cpu_config_overrides())
+        if bf16:
+            kw.update(cpu_bf16_config_overrides())
     cls = UpcycledLlamaConfig
     if scale_factor:  # Llama 3.1 / 3.2 RoPE scaling; NeMo's other RoPE fields keep their defaults
         cls = UpcycledLlama31Config
@@ -100,6 +103,20 @@ def callbacks(r: RunConfig, out_dir: Path, source: Optional[str], tokenizer_dir:
                        peak_flops=peak, peak_name=peak_name, log_every_n_steps=r.trainer.log_every_n_steps)]
 
 
+def precision_plugin(precision: str) -> run.Config:
+    """NeMo's precision plugin as its recipes build it (nemo/collections/llm/recipes/precision/mixed_precision.py):
+    ``bf16_mixed()`` (bf16 parameters and pipeline tensors, gradients reduced in fp32; Megatron's optimizer keeps fp32
+    main parameters) or ``fp16_mixed()``; fp32 otherwise. At ``connect`` the strategy writes its dtypes into the
+    model, optimizer and DDP configs (``update_config_with_dtype_overrides``), so they agree with ``model_config``."""
+    from nemo.collections.llm.recipes.precision.mixed_precision import bf16_mixed, fp16_mixed
+
+    if precision in ("bf16", "bf16-mixed"):
+        return bf16_mixed()
+    if precision in ("16", "16-mixed"):
+        return fp16_mixed()
+    return run.Config(nl.MegatronMixedPrecision, precision=precision)
+
+
 def trainer(r: RunConfig, out_dir: Path, source: Optional[str] = None,
             tokenizer_dir: Optional[str] = None) -> run.Config:
     t, p = r.trainer, r.parallel
@@ -108,7 +125,7 @@ def trainer(r: RunConfig, out_dir: Path, source: Optional[str] = None,
         val_check_interval=t.val_check_interval, limit_val_batches=t.limit_val_batches,
         log_every_n_steps=t.log_every_n_steps, num_sanity_val_steps=0, strategy=strategy(r),
         enable_checkpointing=t.checkpoint_every_n_steps > 0,  # 0: no checkpoints at all (nemo-upcycle compare)
-        plugins=run.Config(nl.MegatronMixedPrecision, precision=t.precision),
+        plugins=precision_plugin(t.precision),
         callbacks=callbacks(r, out_dir, source, tokenizer_dir),
     )
 
