@@ -50,12 +50,13 @@ def check_dense_matches(src: DenseSource, config) -> None:
                            f"{c['vocab_size']}.")
 
 
-def check_parallel_layout(config, tp: int, ep: int, etp: int = 1, pp: int = 1) -> None:
+def check_parallel_layout(config, tp: int, ep: int, etp: int = 1, pp: int = 1, sp: bool = False) -> None:
     """The layout rules (``planning.layout``) between the model and this job's parallel sizes, as one line up front
     instead of an error deep inside Megatron's model construction."""
     dims = ModelDims.from_config(config, vocab_size=config.vocab_size or 1)  # the vocab is in no layout rule
     check_layout(dims, ParallelLayout(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                                      expert_model_parallel_size=ep, expert_tensor_parallel_size=etp))
+                                      expert_model_parallel_size=ep, expert_tensor_parallel_size=etp,
+                                      sequence_parallel=sp))
 
 
 def rank_layout(module) -> RankLayout:
@@ -105,7 +106,7 @@ class UpcycledLlamaModel(GPTModel):
         if fresh and ps.model_parallel_is_initialized():
             check_parallel_layout(self.config, ps.get_tensor_model_parallel_world_size(),
                                   ps.get_expert_model_parallel_world_size(), ps.get_expert_tensor_parallel_world_size(),
-                                  ps.get_pipeline_model_parallel_world_size())
+                                  ps.get_pipeline_model_parallel_world_size(), bool(self.config.sequence_parallel))
         super().configure_model(vp_stage)
         if fresh and self.upcycle_from and not self._resuming():
             upcycle_into(self.module, self.config, self.upcycle_from)
