@@ -42,9 +42,12 @@ VP2 = (*PP2, "parallel.virtual_pipeline_model_parallel_size=2")
 
 # ---- the summary, the tolerance and the table (no NeMo) -----------------------------------------------------------
 def record(layer, rank, diff=1e-9, ref=1e-2, experts=None, router=(0.0, 0.4)) -> dict:
+    """One rank's record for one layer, as ``step0.check_layer`` makes it (experts: e -> diff, max |ref|, rows,
+    idle)."""
     return {"layer": layer, "rank": rank, "tokens": 64, "local_tokens": 64, "dtype": "float32", "max_abs_diff": diff,
             "max_abs_dense": ref, "router_max_abs_diff": router[0], "router_max_abs": router[1],
-            "experts": experts if experts is not None else {2 * rank: (0.0, 1.0), 2 * rank + 1: (0.0, 1.0)},
+            "experts": experts if experts is not None else {2 * rank: (0.0, 1.0, 30, False),
+                                                            2 * rank + 1: (0.0, 1.0, 0, True)},
             "seconds": 0.01}
 
 
@@ -55,10 +58,12 @@ def test_summary_names_layer_expert_and_rank():
     s = step0.summarize(clean, opts)
     assert s["passed"] and s["mismatches"] == [] and [r["layer"] for r in s["rows"]] == [0, 1]
     assert s["rows"][0]["ranks"] == [0, 1] and s["rows"][0]["experts"] == 4 and s["ranks"] == 2
+    assert s["rows"][0]["idle_experts"] == [1, 3]
     assert s["equivalent_by_construction"] and s["rtol"] == rtol
-    edge = [record(0, 0, experts={0: (rtol * 2.0, 2.0)})]  # exactly at the tolerance: passes
+    edge = [record(0, 0, experts={0: (rtol * 2.0, 2.0, 8, False)})]  # exactly at the tolerance: passes
     assert step0.summarize(edge, opts)["passed"]
-    bad = clean[:3] + [record(1, 1, experts={2: (0.0, 1.0), 3: (rtol * 1.01, 1.0)})]  # control: just above fails
+    just_above = {2: (0.0, 1.0, 9, False), 3: (rtol * 1.01, 1.0, 9, False)}  # control: just above fails
+    bad = clean[:3] + [record(1, 1, experts=just_above)]
     s = step0.summarize(bad, opts)
     assert not s["passed"] and s["rows"][0]["passed"] and not s["rows"][1]["experts_ok"]
     assert [(m["what"], m["layer"], m["expert"], m["rank"]) for m in s["mismatches"]] == [("expert", 1, 3, 1)]
@@ -82,7 +87,7 @@ def test_report_shows_the_per_layer_table(tmp_path):
     from nemo_upcycle.apps.report import write_report
 
     opts = UpcycleOptions(4, 2)
-    layers = step0.summarize([record(0, 0), record(0, 1, experts={3: (1e-3, 1.0)})], opts)
+    layers = step0.summarize([record(0, 0), record(0, 1, experts={3: (1e-3, 1.0, 5, False)})], opts)
     rec = {"step": 0, "passed": False, "logits_skipped": "the model is split over ranks", "layers": layers}
     md = write_report(tmp_path, step0=rec, summary={}).read_text()
     assert "Per-layer check" in md and "| layer | ranks | tokens | max abs diff |" in md
@@ -119,10 +124,12 @@ def run(name: str, *overrides: str, bad: tuple = (), report: bool = False) -> di
     return out
 
 
+ZEROS = "upcycle.router_init=zeros"  # equal scores: top-2 takes the same two experts (2, 3) for every token
 ONE = [run("one", report=True), run("one_bad", bad=(2, 1, 0)), run("one_4layers", FOUR),
-       run("noise", "upcycle.noise_std=1e-3"), run("g2", "upcycle=granular_g2")]
+       run("noise", "upcycle.noise_std=1e-3"), run("g2", "upcycle=granular_g2"), run("zeros", ZEROS)]
 TWO = [run("dp2"), run("ep2", "parallel.expert_model_parallel_size=2"),
        run("ep2_bad", "parallel.expert_model_parallel_size=2", bad=(1, 3, 1), report=True),
+       run("ep2_idle_bad", "parallel.expert_model_parallel_size=2", ZEROS, bad=(0, 1, 0)),
        run("etp2", "parallel.expert_tensor_parallel_size=2"),
        run("etp2_bad", "parallel.expert_tensor_parallel_size=2", bad=(0, 2, 1)),
        run("tp2sp", *TP2SP), run("tp2sp_bad", *TP2SP, bad=(2, 0, 1)),
@@ -167,7 +174,7 @@ def test_every_layout_passes_on_the_ranks_that_hold_each_layer(runs):
         assert all(r["max_abs_diff"] <= 1e-6 * r["max_abs_dense"] for r in layers["rows"]), name  # 10x margin
         if name in HOLDERS:
             assert {r["layer"]: r["ranks"] for r in layers["rows"]} == HOLDERS[name], name
-        if name in ("one", "one_4layers", "g2"):  # one rank: the whole-model logits check as well
+        if name in {r["name"] for r in ONE}:  # one rank: the whole-model logits check as well
             assert s["logits_passed"] and s["max_abs_logit_diff"] < 1e-5 and s["top1_agreement"] == 1.0, name
         else:
             assert "split over ranks" in s["logits_skipped"] and "max_abs_logit_diff" not in s, name
@@ -197,6 +204,17 @@ def test_perturbed_expert_is_caught_and_named(runs):
         assert experts == [(p["layer"], p["expert"], p["rank"])], (r["name"], layers["mismatches"])
         assert {m["layer"] for m in layers["mismatches"]} == {p["layer"]}, r["name"]  # other layers pass
         assert all(r_["passed"] == (r_["layer"] != p["layer"]) for r_ in layers["rows"]), r["name"]
+
+
+@pytest.mark.slow
+def test_experts_no_token_reached_are_checked_too(runs):
+    """A zero router sends every token to the same two experts; the other two are run on their own and checked."""
+    for row in step0_of(runs, "zeros")["layers"]["rows"]:
+        assert len(row["idle_experts"]) == 2 and row["experts"] == 4 and row["passed"], row
+    layers = step0_of(runs, "ep2_idle_bad")["layers"]  # expert 1 (rank 0) perturbed; torch.topk's ties leave 0, 1 idle
+    assert layers["rows"][0]["idle_experts"] == [0, 1]
+    assert [(m["what"], m["layer"], m["expert"], m["rank"]) for m in layers["mismatches"]] == [("expert", 0, 1, 0)]
+    assert layers["rows"][0]["output_ok"]  # the layer's output cannot show it: only the expert check names it
 
 
 @pytest.mark.slow

@@ -209,7 +209,8 @@ def _step0_layers(s: dict) -> list[str]:
     rows = s.get("rows") or []
     L = [f"Per-layer check: each MoE layer's own forward (router, expert-parallel exchange, experts) on "
          f"{s.get('tokens_per_layer', '?')} seeded hidden states against the dense MLP of the source, the router "
-         f"and each expert ({s.get('expert_tokens', '?')} tokens) against what upcycling builds; pass: max abs "
+         "and each expert (on the tokens routed to it; an idle one on "
+         f"{s.get('expert_tokens', '?')} tokens) against what upcycling builds; pass: max abs "
          f"difference <= rtol {_fmt(s.get('rtol'))} x max abs reference ({s.get('dtype', '?')}); {s.get('ranks', '?')} "
          "ranks, "
          f"{_fmt(s.get('seconds'))} s: **{'PASS' if s.get('passed') else 'FAIL'}**", ""]
@@ -220,7 +221,8 @@ def _step0_layers(s: dict) -> list[str]:
                 [[r.get("layer"), ",".join(str(x) for x in r.get("ranks", [])), r.get("tokens"),
                   _num(r.get("max_abs_diff")), _num(r.get("max_abs_dense")),
                   (_num(r.get("max_abs_diff")) / r["max_abs_dense"]) if _num(r.get("max_abs_diff")) is not None
-                  and _num(r.get("max_abs_dense")) else None, _num(r.get("router_max_abs_diff")), r.get("experts"),
+                  and _num(r.get("max_abs_dense")) else None, _num(r.get("router_max_abs_diff")),
+                  f"{r.get('experts')}" + (f" ({len(r['idle_experts'])} idle)" if r.get("idle_experts") else ""),
                   f"{_fmt(_num(r.get('expert_max_abs_diff')))} (e{r.get('worst_expert')})",
                   "PASS" if r.get("passed") else "FAIL"] for r in rows])
     bad = s.get("mismatches") or []

@@ -10,10 +10,11 @@ own layers; ``MoELayer.layer_number`` is global):
            expert-parallel exchange, experts, combine) and through the dense MLP read from the source
            (``formats.base.read_dense_mlp``: only that layer's gate / up / down).
   router   the router's logits on x against the router upcycling promised (``core.upcycle.router_weight``).
-  experts  each local expert (``experts.forward``: ``SequentialMLP`` or TE's grouped GEMM) on the first
-           ``EXPERT_TOKENS`` rows of x against the expert ``core.upcycle.expert_weights`` builds from the dense MLP;
-           under expert-tensor parallelism this rank's shard of the intermediate units (a partial sum, as
-           ``formats.keymap.shard`` cuts it), so a wrong shard names its rank.
+  experts  each local expert's output inside that forward (a hook on ``experts``: ``SequentialMLP`` or TE's
+           grouped GEMM), on the tokens dispatched to it and times their routing probabilities, against the expert
+           ``core.upcycle.expert_weights`` builds from the dense MLP (an expert no token reached runs on the first
+           ``EXPERT_TOKENS`` rows of x); under expert-tensor parallelism this rank's shard of the intermediate units
+           (a partial sum, as ``formats.keymap.shard`` cuts it), so a wrong shard names its rank.
 
 The reference runs in fp32 on the module's device with the source weights rounded to the module's dtype. Each
 comparison passes when max |difference| <= ``rtol`` x max |reference| (``STEP0_MLP_RTOL`` by dtype; see there).
@@ -43,7 +44,7 @@ from nemo_upcycle.formats.keymap import POST_ATTN_NORM, shard
 # 2^-9 / 2^-12 relative, a few of them in series.
 STEP0_MLP_RTOL = {torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 4e-3}
 CHECK_TOKENS = 64  # hidden states per layer over all ranks of a stage (rounded up to a multiple of TP x CP)
-EXPERT_TOKENS = 8  # rows each local expert computes: a change of its weights shows on any few generic tokens
+EXPERT_TOKENS = 8  # rows an expert no token reached computes: a change of its weights shows on any few tokens
 
 
 def rtol_for(dtype: torch.dtype) -> float:
@@ -114,11 +115,17 @@ def check_layer(moe, opts: UpcycleOptions, get, seed: int = 0) -> dict:
         return t.to(dt).to(dev).float()
 
     x = local_rows(x_full, config)
-    was = moe.training
+    seen: list = []  # the experts' own inputs and outputs inside the layer's forward
+
+    def keep(module, args, output):
+        seen.append((*args[:3], output[0] if isinstance(output, tuple) else output))
+
+    was, hook = moe.training, moe.experts.register_forward_hook(keep)
     moe.eval()
     try:
         out = moe(x)
     finally:
+        hook.remove()
         moe.train(was)
     out = out[0] if isinstance(out, tuple) else out
     rec = {"layer": layer, "rank": _rank(), "tokens": tokens, "local_tokens": x.shape[0] * x.shape[1],
@@ -129,19 +136,40 @@ def check_layer(moe, opts: UpcycleOptions, get, seed: int = 0) -> dict:
     rec["router_max_abs_diff"], rec["router_max_abs"] = _compare(
         F.linear(xr, moe.router.weight.float()), F.linear(xr, ref(router_weight(config.hidden_size, opts, layer))))
 
-    rows = x_full.reshape(-1, x_full.shape[-1])[:EXPERT_TOKENS]
-    n, local = rows.shape[0], list(moe.local_expert_indices)
+    local = list(moe.local_expert_indices)
+    per_expert = _split_expert_io(*seen[0], len(local)) if seen else [None] * len(local)
+    idle = [j for j, io in enumerate(per_expert) if io is None or io[0].shape[0] == 0]
+    if idle:  # no token was routed to these experts: run them on the first EXPERT_TOKENS check tokens
+        rows = x_full.reshape(-1, x_full.shape[-1])[:EXPERT_TOKENS]
+        n = rows.shape[0]
+        counts = torch.tensor([n if j in idle else 0 for j in range(len(local))])
+        probs = torch.ones(n * len(idle), dtype=torch.float32, device=dev)
+        inputs = rows.repeat(len(idle), 1)
+        got, _ = moe.experts(inputs, counts, probs)
+        for j, r, p_, o in zip(idle, inputs.split(n), probs.split(n), got.split(n)):
+            per_expert[j] = (r, p_, o)
     etp, etp_rank = ps.get_expert_tensor_parallel_world_size(), ps.get_expert_tensor_parallel_rank()
-    outs, _ = moe.experts(rows.repeat(len(local), 1), torch.full((len(local),), n, dtype=torch.long),
-                          torch.ones(len(local) * n, dtype=torch.float32, device=dev))
     experts = {}
-    for e, got in zip(local, outs.split(n)):
+    for j, (e, (rows, probs, got)) in enumerate(zip(local, per_expert)):
         w = expert_weights(*raw, opts, layer, e)  # what upcycling builds for expert e, then this rank's ETP shard
         g, u, d = (ref(shard(t.to(dt), etp_rank, etp, dim)) for t, dim in ((w.gate, 0), (w.up, 0), (w.down, 1)))
-        experts[e] = _compare(got, dense_mlp(rows.float(), g, u, d))
+        probs = probs.float().unsqueeze(-1)
+        if config.moe_apply_probs_on_input:  # Megatron scales the expert's input, not its output, by the probability
+            want = dense_mlp(rows.float() * probs, g, u, d)
+        else:
+            want = probs * dense_mlp(rows.float(), g, u, d)
+        experts[e] = (*_compare(got, want), rows.shape[0], j in idle)  # (diff, max |ref|, rows, idle)
     rec["experts"] = experts
     rec["seconds"] = time.perf_counter() - t0
     return rec
+
+
+def _split_expert_io(hidden, tokens_per_expert, probs, output, n: int) -> list:
+    """(input rows, probabilities, output rows) per local expert from one ``experts.forward`` call."""
+    counts = [int(c) for c in (tokens_per_expert.tolist() if torch.is_tensor(tokens_per_expert) else tokens_per_expert)]
+    if len(counts) != n or sum(counts) != hidden.shape[0]:
+        return [None] * n
+    return list(zip(hidden.split(counts), probs.reshape(-1).split(counts), output[: hidden.shape[0]].split(counts)))
 
 
 def _rank() -> int:
@@ -192,7 +220,8 @@ def summarize(records: list[dict], opts: UpcycleOptions) -> dict:
     for r in sorted(records, key=lambda r: (r["layer"], r["rank"])):
         row = rows.setdefault(r["layer"], {"layer": r["layer"], "ranks": [], "tokens": 0, "max_abs_diff": 0.0,
                                            "max_abs_dense": 0.0, "router_max_abs_diff": 0.0, "router_max_abs": 0.0,
-                                           "experts": set(), "expert_max_abs_diff": 0.0, "worst_expert": None,
+                                           "experts": set(), "idle_experts": set(), "expert_max_abs_diff": 0.0,
+                                           "worst_expert": None,
                                            "output_ok": True, "router_ok": True, "experts_ok": True})
         row["ranks"].append(r["rank"])
         row["tokens"] = r["tokens"]  # the layer's check tokens, over the ranks that split them
@@ -206,8 +235,10 @@ def summarize(records: list[dict], opts: UpcycleOptions) -> dict:
             row["router_ok"] = False
             mismatches.append({"what": "router", "layer": r["layer"], "expert": None, "rank": r["rank"],
                                "max_abs_diff": r["router_max_abs_diff"], "tol": rtol * r["router_max_abs"]})
-        for e, (diff, ref) in sorted(r["experts"].items()):
+        for e, (diff, ref, *more) in sorted(r["experts"].items()):
             row["experts"].add(int(e))
+            if more[1:2] == [True]:
+                row["idle_experts"].add(int(e))
             if not diff <= row["expert_max_abs_diff"]:
                 row["expert_max_abs_diff"], row["worst_expert"] = diff, int(e)
             if bad(diff, ref):
@@ -216,7 +247,7 @@ def summarize(records: list[dict], opts: UpcycleOptions) -> dict:
                                    "max_abs_diff": diff, "tol": rtol * ref})
     table = []
     for row in rows.values():
-        row["experts"] = len(row["experts"])
+        row["experts"], row["idle_experts"] = len(row["experts"]), sorted(row["idle_experts"])
         row["tol"] = rtol * row["max_abs_dense"]
         row["passed"] = row["output_ok"] and row["router_ok"] and row["experts_ok"]
         table.append(row)
