@@ -74,6 +74,27 @@ def test_summary_names_layer_expert_and_rank():
     assert not router["passed"] and router["mismatches"][0]["what"] == "router"
 
 
+@pytest.mark.parametrize("kw, gemms", [({}, 1), ({"granularity": 2, "scaling": "none"}, 2), ({"granularity": 2}, 4),
+                                       ({"noise_std": 0.01}, 4), ({"drop_ratio": 0.5}, 4)])
+def test_expert_references_equal_one_expert_at_a_time(monkeypatch, kw, gemms):
+    """Experts that are views of the dense MLP share one reference GEMM per distinct view; built ones go one by one.
+    Either way each expert's reference is ``dense_mlp`` of the expert ``core.upcycle.expert_weights`` builds."""
+    from nemo_upcycle.core.upcycle import expert_weights
+
+    g = torch.Generator().manual_seed(0)
+    raw = (torch.randn(12, 8, generator=g), torch.randn(12, 8, generator=g), torch.randn(8, 12, generator=g))
+    opts = UpcycleOptions(**{"num_moe_experts": 4, "moe_router_topk": 2, "scaling": "exact", **kw})
+    inputs = [torch.randn(n, 8, generator=g) for n in (3, 0, 5, 2)]
+    calls = []
+    stock = step0.dense_mlp
+    monkeypatch.setattr(step0, "dense_mlp", lambda x, *w: calls.append(x.shape[0]) or stock(x, *w))
+    got = step0.expert_references(raw, opts, 1, [0, 1, 2, 3], inputs, lambda w: list(w))
+    assert len(calls) == gemms
+    for e, (x, y) in enumerate(zip(inputs, got)):
+        w = expert_weights(*raw, opts, 1, e)
+        assert torch.allclose(y, stock(x, *w), rtol=1e-6, atol=1e-6), e
+
+
 def test_not_function_preserving_says_why():
     exact, why = step0.construction_note(UpcycleOptions(4, 2, noise_std=0.01))
     assert not exact and "noise" in why

@@ -149,19 +149,45 @@ def check_layer(moe, opts: UpcycleOptions, get, seed: int = 0) -> dict:
         for j, r, p_, o in zip(idle, inputs.split(n), probs.split(n), got.split(n)):
             per_expert[j] = (r, p_, o)
     etp, etp_rank = ps.get_expert_tensor_parallel_world_size(), ps.get_expert_tensor_parallel_rank()
-    experts = {}
-    for j, (e, (rows, probs, got)) in enumerate(zip(local, per_expert)):
-        w = expert_weights(*raw, opts, layer, e)  # what upcycling builds for expert e, then this rank's ETP shard
-        g, u, d = (ref(shard(t.to(dt), etp_rank, etp, dim)) for t, dim in ((w.gate, 0), (w.up, 0), (w.down, 1)))
-        probs = probs.float().unsqueeze(-1)
+    scales, inputs = [], []  # per expert: what multiplies its reference output, its input rows
+    for rows, probs, _ in per_expert:
+        scale = probs.float().unsqueeze(-1)
         if config.moe_apply_probs_on_input:  # Megatron scales the expert's input, not its output, by the probability
-            want = dense_mlp(rows.float() * probs, g, u, d)
-        else:
-            want = probs * dense_mlp(rows.float(), g, u, d)
-        experts[e] = (*_compare(got, want), rows.shape[0], j in idle)  # (diff, max |ref|, rows, idle)
+            rows, scale = rows.float() * scale, torch.ones_like(scale)
+        scales.append(scale)
+        inputs.append(rows.float())
+
+    def shard_ref(w) -> list[torch.Tensor]:  # this rank's expert-tensor shard of an expert, as the module holds it
+        return [ref(shard(t.to(dt), etp_rank, etp, dim)) for t, dim in ((w.gate, 0), (w.up, 0), (w.down, 1))]
+
+    wants = expert_references(raw, opts, layer, local, inputs, shard_ref)
+    experts = {}
+    for j, (e, want, scale) in enumerate(zip(local, wants, scales)):
+        got = per_expert[j][2]
+        experts[e] = (*_compare(got, scale * want), got.shape[0], j in idle)  # diff, max |ref|, rows, idle
     rec["experts"] = experts
     rec["seconds"] = time.perf_counter() - t0
     return rec
+
+
+def expert_references(raw, opts: UpcycleOptions, layer: int, experts: list[int], inputs: list, weights) -> list:
+    """``dense_mlp`` of each expert (``core.upcycle.expert_weights``, then ``weights(w)``: this rank's shard, as the
+    module holds it) on its input rows. Experts whose weights are views of the dense tensors (plain copies, unscaled
+    granular shards) share one GEMM per distinct view; built ones (scaled, noise, Drop-Upcycling) go one at a time."""
+    out: list = [None] * len(experts)
+    shared: dict = {}
+    for j, e in enumerate(experts):
+        w = expert_weights(*raw, opts, layer, e)
+        if all(t.untyped_storage().data_ptr() == r.untyped_storage().data_ptr() for t, r in zip(w, raw)):
+            key = tuple((t.data_ptr(), tuple(t.shape), t.stride()) for t in w)
+            shared.setdefault(key, (w, []))[1].append(j)
+        else:
+            out[j] = dense_mlp(inputs[j], *weights(w))
+    for w, js in shared.values():
+        ys = dense_mlp(torch.cat([inputs[j] for j in js]), *weights(w)).split([inputs[j].shape[0] for j in js])
+        for j, y in zip(js, ys):
+            out[j] = y
+    return out
 
 
 def _split_expert_io(hidden, tokens_per_expert, probs, output, n: int) -> list:
