@@ -1,15 +1,19 @@
 """What a training run does around NeMo's fit loop: the step-0 check, the before / after evaluation, the HF export.
 
-``UpcycleLifecycle`` is a Lightning callback (rank 0 does the work; the checks need the whole model in one
-process, i.e. TP = PP = EP = 1 -- other layouts skip them with a note and keep ``mode=verify`` for step 0):
+``UpcycleLifecycle`` is a Lightning callback:
 
-  on_train_start, step 0   the freshly upcycled Megatron MoE and transformers' dense model run the same
-                           validation windows: max / mean |logit difference|, top-1 agreement, and both
-                           validation losses -> ``step0.json`` (the step-0 verification of the report).
+  on_train_start, step 0   the step-0 check -> ``step0.json`` (the step-0 verification of the report), PASS/FAIL:
+                           ``layers``: on every rank, each MoE layer it holds (its own forward, with the expert-parallel
+                           exchange) against the dense MLP of the source, the router and every expert against what
+                           upcycling builds, gathered to rank 0 (``engine.step0``; any layout, online upcycling);
+                           where the whole model is in one process also the freshly upcycled Megatron MoE against
+                           transformers' dense model on validation windows: max / mean |logit difference|, top-1
+                           agreement, both validation losses (``logits_passed``; split runs say why not).
   on_train_start, resumed  ``metrics.jsonl`` records past the resumed step (written by the killed run after
                            its last checkpoint) are dropped, so the file reads as one uninterrupted run; the
                            batch counter is aligned with the step (validation on the same steps as unresumed).
-  on_train_end             the MoE's loss on the same windows after training -> ``final_eval.json``; the MoE
+  on_train_end (rank 0, the whole model in one process: TP = PP = EP = 1; other layouts note why not)
+                           the MoE's loss on the same windows after training -> ``final_eval.json``; the MoE
                            exported as an HF Mixtral directory (``hf_mixtral/``) with reference logits, which
                            ``nemo-upcycle verify DENSE hf_mixtral`` checks. An ``hf_mixtral/`` that nemo-upcycle
                            did not write is never replaced: the export is skipped with a note (train.py refuses
