@@ -212,7 +212,7 @@ def _step0_layers(s: dict) -> list[str]:
          "and each expert (on the tokens routed to it; an idle one on "
          f"{s.get('expert_tokens', '?')} tokens) against what upcycling builds; pass: max abs "
          f"difference <= rtol {_fmt(s.get('rtol'))} x max abs reference ({s.get('dtype', '?')}); {s.get('ranks', '?')} "
-         "ranks, "
+         f"rank{'' if s.get('ranks') == 1 else 's'}, "
          f"{_fmt(s.get('seconds'))} s: **{'PASS' if s.get('passed') else 'FAIL'}**", ""]
     if not s.get("equivalent_by_construction", True):
         L += [f"Not function-preserving by construction: {s.get('reason')}", ""]

@@ -38,10 +38,10 @@ from nemo_upcycle.formats.keymap import POST_ATTN_NORM, shard
 # max |MoE - reference| / max |reference| (per layer output, router logits, expert output) at which the MoE still
 # computes what upcycling promised. fp32: the two sides differ by rounding only -- the k routing weights sum to 1 up to
 # an ulp, and each GEMM sums F (or D) products in its own order (another row count, another kernel blocking), about
-# sqrt(F) x 2^-24 relative: 2.3e-6 at F = 1536 (SmolLM2), 7e-6 at 14336 (Llama 3 8B) as a worst case; measured 3e-7
-# (tiny recipe) and 6e-7 (SmolLM2-sized layers). A change of one expert's weights by 1e-4 relative is caught
-# (tests/test_step0_layouts.py). bf16 / fp16 (GPU runs; not measured here): each rounding of an activation costs up to
-# 2^-9 / 2^-12 relative, a few of them in series.
+# sqrt(F) x 2^-24 relative: 2.3e-6 at F = 1536 (SmolLM2), 7e-6 at 14336 (Llama 3 8B) as a worst case; measured up to
+# 4.3e-7 (tiny recipe, every layout) and 6.8e-7 (SmolLM2-sized layers). One expert's weights changed by 1e-4
+# relative is caught (tests/test_step0_layouts.py). bf16 / fp16 (GPU runs; not measured here): each rounding of an
+# activation costs up to 2^-9 / 2^-12 relative, a few of them in series.
 STEP0_MLP_RTOL = {torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 4e-3}
 CHECK_TOKENS = 64  # hidden states per layer over all ranks of a stage (rounded up to a multiple of TP x CP)
 EXPERT_TOKENS = 8  # rows an expert no token reached computes: a change of its weights shows on any few tokens
@@ -296,7 +296,8 @@ def format_summary(s: dict) -> str:
     if not s["rows"]:
         return "step-0 layer check: no MoE layer"
     worst = max(s["rows"], key=lambda r: r["max_abs_diff"] / (r["max_abs_dense"] or 1.0))
-    line = (f"step-0 layer check ({len(s['rows'])} MoE layers on {s['ranks']} ranks, {s['seconds']:.2f} s): worst "
+    ranks = f"{s['ranks']} rank" + ("s" if s["ranks"] != 1 else "")
+    line = (f"step-0 layer check ({len(s['rows'])} MoE layers on {ranks}, {s['seconds']:.2f} s): worst "
             f"layer {worst['layer']} max |dMLP| {worst['max_abs_diff']:.2e} (max |MLP| {worst['max_abs_dense']:.2e}, "
             f"rtol {s['rtol']:g}): {'PASS' if s['passed'] else 'FAIL'}")
     if s["mismatches"]:
