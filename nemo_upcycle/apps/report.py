@@ -195,10 +195,43 @@ def _kv(d: dict) -> list[str]:
 def _step0(step0: Optional[dict]) -> list[str]:
     if not step0:
         return ["Not given (no step0.json / verify.json)."]
-    lines = _kv({k: v for k, v in step0.items() if k != "passed"})
+    layers = step0.get("layers") if isinstance(step0.get("layers"), dict) else None
+    lines = _kv({k: v for k, v in step0.items() if k not in ("passed", "layers")})
     if "passed" in step0:
         lines = [f"**{'PASS' if step0['passed'] else 'FAIL'}**", ""] + lines
-    return lines
+    return lines + ([""] + _step0_layers(layers) if layers else [])
+
+
+def _step0_layers(s: dict) -> list[str]:
+    """The per-layer table of the step-0 check (``engine.step0``): every MoE layer on the ranks that hold it."""
+    if s.get("skipped"):
+        return [f"Per-layer check: skipped ({s['skipped']})."]
+    rows = s.get("rows") or []
+    L = [f"Per-layer check: each MoE layer's own forward (router, expert-parallel exchange, experts) on "
+         f"{s.get('tokens_per_layer', '?')} seeded hidden states against the dense MLP of the source, the router "
+         "and each expert (on the tokens routed to it; an idle one on "
+         f"{s.get('expert_tokens', '?')} tokens) against what upcycling builds; pass: max abs "
+         f"difference <= rtol {_fmt(s.get('rtol'))} x max abs reference ({s.get('dtype', '?')}); {s.get('ranks', '?')} "
+         f"rank{'' if s.get('ranks') == 1 else 's'}, "
+         f"{_fmt(s.get('seconds'))} s: **{'PASS' if s.get('passed') else 'FAIL'}**", ""]
+    if not s.get("equivalent_by_construction", True):
+        L += [f"Not function-preserving by construction: {s.get('reason')}", ""]
+    L += _table(["layer", "ranks", "tokens", "max abs diff", "max abs dense", "rel", "router diff", "experts",
+                 "worst expert diff", "result"],
+                [[r.get("layer"), ",".join(str(x) for x in r.get("ranks", [])), r.get("tokens"),
+                  _num(r.get("max_abs_diff")), _num(r.get("max_abs_dense")),
+                  (_num(r.get("max_abs_diff")) / r["max_abs_dense"]) if _num(r.get("max_abs_diff")) is not None
+                  and _num(r.get("max_abs_dense")) else None, _num(r.get("router_max_abs_diff")),
+                  f"{r.get('experts')}" + (f" ({len(r['idle_experts'])} idle)" if r.get("idle_experts") else ""),
+                  f"{_fmt(_num(r.get('expert_max_abs_diff')))} (e{r.get('worst_expert')})",
+                  "PASS" if r.get("passed") else "FAIL"] for r in rows])
+    bad = s.get("mismatches") or []
+    if bad:
+        L += ["", "Mismatches (beyond the tolerance):", ""]
+        L += _table(["what", "layer", "expert", "rank", "max abs diff", "tolerance"],
+                    [[m.get("what"), m.get("layer"), m.get("expert"), m.get("rank"), _num(m.get("max_abs_diff")),
+                      _num(m.get("tol"))] for m in bad])
+    return L
 
 
 def _median_skip_first(xs: list) -> Optional[float]:

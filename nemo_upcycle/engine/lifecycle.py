@@ -1,15 +1,19 @@
 """What a training run does around NeMo's fit loop: the step-0 check, the before / after evaluation, the HF export.
 
-``UpcycleLifecycle`` is a Lightning callback (rank 0 does the work; the checks need the whole model in one
-process, i.e. TP = PP = EP = 1 -- other layouts skip them with a note and keep ``mode=verify`` for step 0):
+``UpcycleLifecycle`` is a Lightning callback:
 
-  on_train_start, step 0   the freshly upcycled Megatron MoE and transformers' dense model run the same
-                           validation windows: max / mean |logit difference|, top-1 agreement, and both
-                           validation losses -> ``step0.json`` (the step-0 verification of the report).
+  on_train_start, step 0   the step-0 check -> ``step0.json`` (the step-0 verification of the report), PASS/FAIL:
+                           ``layers``: on every rank, each MoE layer it holds (its own forward, with the expert-parallel
+                           exchange) against the dense MLP of the source, the router and every expert against what
+                           upcycling builds, gathered to rank 0 (``engine.step0``; any layout, online upcycling);
+                           where the whole model is in one process also the freshly upcycled Megatron MoE against
+                           transformers' dense model on validation windows: max / mean |logit difference|, top-1
+                           agreement, both validation losses (``logits_passed``; split runs say why not).
   on_train_start, resumed  ``metrics.jsonl`` records past the resumed step (written by the killed run after
                            its last checkpoint) are dropped, so the file reads as one uninterrupted run; the
                            batch counter is aligned with the step (validation on the same steps as unresumed).
-  on_train_end             the MoE's loss on the same windows after training -> ``final_eval.json``; the MoE
+  on_train_end (rank 0, the whole model in one process: TP = PP = EP = 1; other layouts note why not)
+                           the MoE's loss on the same windows after training -> ``final_eval.json``; the MoE
                            exported as an HF Mixtral directory (``hf_mixtral/``) with reference logits, which
                            ``nemo-upcycle verify DENSE hf_mixtral`` checks. An ``hf_mixtral/`` that nemo-upcycle
                            did not write is never replaced: the export is skipped with a note (train.py refuses
@@ -23,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -145,24 +150,58 @@ class UpcycleLifecycle(pl.Callback):
                 n = truncate_metrics(self.out_dir / self.metrics_file, step)
                 log.info("resumed at step %d%s", step, f"; dropped {n} metrics records past it" if n else "")
             return
-        if not is_rank0() or self.check_ids is None:
+        layers = self._layer_check(trainer, pl_module)  # every rank: the MoE layers' forwards are collectives
+        if not is_rank0():
             return
         rec: dict = {"step": 0}
-        if not self._one_rank():
-            rec["skipped"] = "the model is split over ranks; run mode=verify for the step-0 check"
+        logits_skipped = None
+        if self.check_ids is None:
+            logits_skipped = "no validation windows (trainer.eval_windows=0)"
+        elif not self._one_rank():
+            logits_skipped = ("the model is split over ranks: the whole-model logits check needs one process "
+                              "(mode=verify runs it offline); the per-layer check covers every layout")
         elif not self.dense_source or (Path(self.dense_source).is_dir()
                                        and not (Path(self.dense_source) / "config.json").is_file()):
-            rec["skipped"] = "the dense source is not an HF directory or GGUF; run mode=verify on an HF copy"
+            logits_skipped = "the dense source is not an HF directory or GGUF; run mode=verify on an HF copy"
         else:
             moe = self._logits(pl_module)
             rec.update(compare_logits(moe, self._dense_logits(), self.check_ids))
             rec["atol"] = self.step0_atol
-            rec["passed"] = rec["max_abs_logit_diff"] <= self.step0_atol
+            rec["logits_passed"] = rec["max_abs_logit_diff"] <= self.step0_atol
             rec["dense_ppl"], rec["moe_ppl"] = math.exp(rec["dense_loss"]), math.exp(rec["moe_loss"])
             print(f"step-0 check: max |dlogit| {rec['max_abs_logit_diff']:.2e}, top-1 agreement "
                   f"{rec['top1_agreement']:.4f}, validation loss dense {rec['dense_loss']:.4f} / MoE "
-                  f"{rec['moe_loss']:.4f}: {'PASS' if rec['passed'] else 'FAIL'}", flush=True)
+                  f"{rec['moe_loss']:.4f}: {'PASS' if rec['logits_passed'] else 'FAIL'}", flush=True)
+        verdicts = [v for v in (rec.get("logits_passed"), layers.get("passed") if "rows" in layers else None)
+                    if v is not None]
+        if verdicts:
+            rec["passed"] = all(verdicts)
+            if logits_skipped:
+                rec["logits_skipped"] = logits_skipped
+        else:
+            rec["skipped"] = logits_skipped if "skipped" not in layers else f"{logits_skipped}; {layers['skipped']}"
+        rec["layers"] = layers
         atomic_write_json(self.out_dir / "step0.json", rec)
+
+    def _layer_check(self, trainer, pl_module) -> dict:
+        """The per-layer check (``engine.step0``) on every rank; its summary on rank 0 (``{}`` elsewhere)."""
+        from nemo_upcycle.engine import step0
+
+        config = getattr(pl_module, "config", None)
+        if not getattr(config, "num_moe_experts", None):
+            return {"skipped": "no MoE layers (a dense run)"}
+        if not getattr(pl_module, "upcycle_from", None) or not self.dense_source:
+            return {"skipped": "the model was not upcycled online from a dense source"}
+        opts = config.upcycle_options()
+        roots = [pl_module] + ([trainer.model] if getattr(trainer, "model", None) is not None else [])
+        t0 = time.perf_counter()
+        records = step0.gather(step0.run_checks(roots, opts, self.dense_source))
+        if records is None:
+            return {}
+        summary = step0.summarize(records, opts)
+        summary["wall_seconds"] = round(time.perf_counter() - t0, 3)
+        print(step0.format_summary(summary), flush=True)
+        return summary
 
     def on_train_end(self, trainer, pl_module):
         if not is_rank0():
