@@ -55,7 +55,8 @@ def check_parallel_layout(config, tp: int, ep: int, etp: int = 1, pp: int = 1) -
     instead of an error deep inside Megatron's model construction."""
     dims = ModelDims.from_config(config, vocab_size=config.vocab_size or 1)  # the vocab is in no layout rule
     check_layout(dims, ParallelLayout(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                                      expert_model_parallel_size=ep, expert_tensor_parallel_size=etp))
+                                      expert_model_parallel_size=ep, expert_tensor_parallel_size=etp,
+                                      sequence_parallel=bool(getattr(config, "sequence_parallel", False))))
 
 
 def rank_layout(module) -> RankLayout:
