@@ -9,10 +9,12 @@ check, metrics file or export: they are other tests' subjects), validation and c
 plan are done one after the other in this process (importing NeMo is slow); the world (the torchrun processes) is
 the same for all of them. Run keys:
     name, overrides (Hydra overrides, e.g. ``parallel.tensor_model_parallel_size=2``), steps,
-    dump (every rank writes its parameters before step 1 under global names: ``<name>.rank<r>.pt``),
+    dump (a list of "start" / "end": every rank writes its parameters before step 1 / after the last step under
+    global names, ``<name>.<when>.rank<r>.pt``),
     grads (the same for the gradients of step 1, ``<name>.grads.rank<r>.pt``; clipped when ``optim.clip_grad`` is),
     wrong_shard ({"rank": r, "param": <local name>}: rank r fills that parameter with the shard of tensor-, expert-
-    and expert-tensor-parallel rank 0 instead of its own, after the upcycling: the negative control).
+    and expert-tensor-parallel rank 0 instead of its own, after the upcycling: the negative control),
+    stock_expert_grads (true: without ``spec.reduce_expert_grads_over_expert_groups``, as megatron-core 0.15.3 is).
 Rank 0 writes ``{name: {"losses": [...], "grad_norms": [...], "seconds": s}}`` after each run.
 
 Distributed-checkpoint workers re-import ``__main__``: keep the guard below.
@@ -108,15 +110,19 @@ def recorder(run: dict, out_dir: Path, source: str):
             self.losses, self.grad_norms = [], []
 
         def save(self, what: str, tensors: dict) -> None:
-            torch.save({"tensors": tensors, **rank_info()}, out_dir / f"{run['name']}.{what}rank"
-                       f"{torch.distributed.get_rank()}.pt")
+            torch.save({"tensors": tensors, **rank_info()},
+                       out_dir / f"{run['name']}.{what}.rank{torch.distributed.get_rank()}.pt")
 
         def on_train_start(self, trainer, pl_module):
             wrong = run.get("wrong_shard")
             if wrong and torch.distributed.get_rank() == wrong["rank"]:
                 fill_wrong_shard(trainer, pl_module.config, source, wrong["param"])
-            if run.get("dump"):
-                self.save("", global_named(trainer))
+            if "start" in run.get("dump", ()):
+                self.save("start", global_named(trainer))
+
+        def on_train_end(self, trainer, pl_module):
+            if "end" in run.get("dump", ()):
+                self.save("end", global_named(trainer))
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             m = trainer.callback_metrics
@@ -124,7 +130,7 @@ def recorder(run: dict, out_dir: Path, source: str):
             if "grad_norm" in m:
                 self.grad_norms.append(float(m["grad_norm"]))
             if run.get("grads") and len(self.losses) == 1:
-                self.save("grads.", global_named(trainer, "main_grad"))
+                self.save("grads", global_named(trainer, "main_grad"))
 
     return Recorder()
 
@@ -142,10 +148,14 @@ def train(index: int, run: dict, work: Path) -> dict:
 
     from nemo_upcycle.config.compose import compose
     from nemo_upcycle.data.sources import make_tiny_llama
+    from nemo_upcycle.engine import config
     from nemo_upcycle.engine.build import build
     from nemo_upcycle.engine.partial import train_partial
 
     t0 = time.time()
+    stock = config.reduce_expert_grads_over_expert_groups
+    if run.get("stock_expert_grads"):
+        config.reduce_expert_grads_over_expert_groups = lambda model, cfg: 0
     world = int(os.environ.get("WORLD_SIZE", 1))
     r = compose(RECIPE, [*BASE, f"parallel.devices={world}", f"trainer.max_steps={run['steps']}",
                          *run.get("overrides", [])])
@@ -159,11 +169,40 @@ def train(index: int, run: dict, work: Path) -> dict:
     rec = recorder(run, work, str(source))
     trainer.callbacks.append(rec)
     trainer.strategy.store = fresh_store(index)
-    fn()
+    try:
+        fn()
+    finally:
+        config.reduce_expert_grads_over_expert_groups = stock
     destroy_num_microbatches_calculator()  # leave the process as a fresh one (the next run's layout differs)
     parallel_state.destroy_model_parallel()
     torch.distributed.destroy_process_group()
     return {"losses": rec.losses, "grad_norms": rec.grad_norms, "seconds": round(time.time() - t0, 1)}
+
+
+def uneven_collectives(rank: int, port: int, out: str) -> None:
+    """tests/test_layouts.py's check of ``engine.cpu``'s uneven gather / reduce-scatter (torch.multiprocessing worker):
+    rank r contributes 3 + 2r rows of value r + 1 (uneven, as tokens routed per rank)."""
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    group = torch.distributed.group.WORLD
+    sizes = [3, 5]
+    mine = torch.full((sizes[rank], 2), float(rank + 1))
+    result = {}
+    try:
+        torch.distributed.all_gather(list(torch.empty(8, 2).split(sizes)), mine, group=group)
+    except RuntimeError as e:  # control: what megatron-core's uneven gather does on gloo
+        result["stock_error"] = str(e)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the uneven case must not reach the stock function")
+
+    from nemo_upcycle.engine import cpu
+
+    gathered = cpu._even_gather_along_first_dim(refuse)(mine, group, output_split_sizes=sizes)
+    full = torch.arange(16, dtype=torch.float32).reshape(8, 2) * (rank + 1)  # each rank's contribution
+    scattered = cpu._even_reduce_scatter_along_first_dim(refuse)(full, group, input_split_sizes=sizes)
+    result.update(gathered=gathered.tolist(), scattered=scattered.tolist())
+    torch.save(result, f"{out}.{rank}")
+    torch.distributed.destroy_process_group()
 
 
 def main() -> None:

@@ -231,6 +231,44 @@ def _move_to_cpu_as_on_gpu(tensor, as_numpy=False, record_stream=False):
     return tensor
 
 
+def _padded_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+    return torch.cat([t, t.new_zeros(rows - t.shape[0], *t.shape[1:])]) if rows > t.shape[0] else t
+
+
+def _even_gather_along_first_dim(stock):
+    """tensor_parallel/mappings.py:149 all-gathers uneven row counts (``output_split_sizes``: the tokens each
+    expert-tensor-parallel rank routed, TP + SP x EP) with ``torch.distributed.all_gather`` of a list; gloo needs equal
+    sizes ("ProcessGroupGloo::allgather: invalid tensor size"), NCCL does not. Pad to the largest, gather, cut."""
+
+    @functools.wraps(stock)
+    def _gather_along_first_dim(input_, group, output_split_sizes=None, use_global_buffer=False):
+        if output_split_sizes is None or group.size() == 1:
+            return stock(input_, group, output_split_sizes, use_global_buffer)
+        sizes, most = list(output_split_sizes), max(output_split_sizes)
+        out = input_.new_empty((group.size() * most, *input_.shape[1:]))
+        torch.distributed.all_gather_into_tensor(out, _padded_rows(input_.contiguous(), most), group=group)
+        return torch.cat([c[:n] for c, n in zip(out.split(most), sizes)])
+
+    return _gather_along_first_dim
+
+
+def _even_reduce_scatter_along_first_dim(stock):
+    """tensor_parallel/mappings.py:192, the backward of the gather above: ``torch.distributed.reduce_scatter`` of uneven
+    splits, which gloo refuses as well. Pad every split to the largest, reduce-scatter, cut this rank's rows."""
+
+    @functools.wraps(stock)
+    def _reduce_scatter_along_first_dim(input_, group, input_split_sizes=None, use_global_buffer=False):
+        if input_split_sizes is None or group.size() == 1:
+            return stock(input_, group, input_split_sizes, use_global_buffer)
+        sizes, most = list(input_split_sizes), max(input_split_sizes)
+        padded = torch.cat([_padded_rows(c, most) for c in input_.split(sizes)])
+        out = input_.new_empty((most, *input_.shape[1:]))
+        torch.distributed.reduce_scatter_tensor(out, padded.contiguous(), group=group)
+        return out[: sizes[group.rank()]]
+
+    return _reduce_scatter_along_first_dim
+
+
 def _clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decoupled_grad=False):
     """optimizer/clip_grads.py:167 asserts 'torch.cuda.FloatTensor' grads; the same in-place scaling for CPU grads."""
     from megatron.core.utils import to_local_if_dtensor
@@ -341,6 +379,10 @@ def enable_cpu_support() -> bool:
         moe_utils.te_general_gemm = None
     _replace(MC + "transformer.moe.token_dispatcher", "maybe_move_tensor_to_cpu", _move_to_cpu_as_on_gpu)
     _replace(MC + "optimizer.optimizer", "clip_grad_by_total_norm_fp32", _clip_grad_by_total_norm_fp32)
+    mappings = importlib.import_module(MC + "tensor_parallel.mappings")  # after _SCOPED: wraps the scoped versions
+    mappings._gather_along_first_dim = _even_gather_along_first_dim(mappings._gather_along_first_dim)
+    mappings._reduce_scatter_along_first_dim = _even_reduce_scatter_along_first_dim(
+        mappings._reduce_scatter_along_first_dim)
     _replace(MC + "tensor_parallel.random", "CudaRNGStatesTracker", _cpu_rng_tracker_class())
     timers = importlib.import_module(MC + "timers").Timers
     timers._get_elapsed_time_all_ranks = _skip_empty_timer_gather(timers._get_elapsed_time_all_ranks)
