@@ -145,6 +145,7 @@ def fresh_store(index: int):
 def train(index: int, run: dict, work: Path) -> dict:
     from megatron.core import parallel_state
     from megatron.core.num_microbatches_calculator import destroy_num_microbatches_calculator
+    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
 
     from nemo_upcycle.config.compose import compose
     from nemo_upcycle.data.sources import make_tiny_llama
@@ -173,7 +174,9 @@ def train(index: int, run: dict, work: Path) -> dict:
         fn()
     finally:
         config.reduce_expert_grads_over_expert_groups = stock
-    destroy_num_microbatches_calculator()  # leave the process as a fresh one (the next run's layout differs)
+    # leave the process as a fresh one: the next run's layout and layer count differ
+    destroy_num_microbatches_calculator()
+    get_moe_layer_wise_logging_tracker().clear()  # per-layer aux-loss buffers sized for this run's layers
     parallel_state.destroy_model_parallel()
     torch.distributed.destroy_process_group()
     return {"losses": rec.losses, "grad_norms": rec.grad_norms, "seconds": round(time.time() - t0, 1)}
@@ -197,9 +200,10 @@ def uneven_collectives(rank: int, port: int, out: str) -> None:
 
     from nemo_upcycle.engine import cpu
 
-    gathered = cpu._even_gather_along_first_dim(refuse)(mine, group, output_split_sizes=sizes)
+    gather, reduce_scatter = cpu._even_collectives(refuse, refuse)
+    gathered = gather(mine, group, output_split_sizes=sizes)
     full = torch.arange(16, dtype=torch.float32).reshape(8, 2) * (rank + 1)  # each rank's contribution
-    scattered = cpu._even_reduce_scatter_along_first_dim(refuse)(full, group, input_split_sizes=sizes)
+    scattered = reduce_scatter(full, group, input_split_sizes=sizes)
     result.update(gathered=gathered.tolist(), scattered=scattered.tolist())
     torch.save(result, f"{out}.{rank}")
     torch.distributed.destroy_process_group()

@@ -5,7 +5,8 @@
 fields (prefixed ``upcycle_``); ``from_dense(hf_config)`` sizes one like any dense HF Llama. Defaults differ from
 Megatron's where Megatron's would mislead an upcycling run: ``moe_aux_loss_coeff`` is 1e-2 (Megatron's 0 is no load
 balancing at all; 1e-2 is Switch Transformer's, Fedus et al., arXiv 2101.03961), the dispatcher is alltoall (NeMo's
-Mixtral default), and ``moe_ffn_hidden_size`` follows from the granularity.
+Mixtral default), and ``moe_ffn_hidden_size`` follows from the granularity. A padded vocabulary (``vocab_size`` above
+``unpadded_vocab_size``) has its padding logits masked, so padding never changes the model.
 """
 
 from __future__ import annotations

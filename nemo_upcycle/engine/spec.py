@@ -6,6 +6,9 @@
 ``auto`` picks ``te`` where Transformer Engine imports and CUDA is present, else ``local``. The choice is
 logged once and can be forced by the config field ``spec_backend`` or ``NEMO_UPCYCLE_SPEC=te|local``.
 Mixed dense / MoE stacks (``moe_layer_freq``) use Megatron's decoder-block spec, which reads the pattern.
+Also the layer-level fixes the specs need: sequence parallelism with the local spec's torch norms
+(``SequenceParallelTorchNorm``), and the expert gradients of expert tensor parallelism without expert parallelism
+reduced over the expert groups (``reduce_expert_grads_over_expert_groups``, called by ``engine.config``).
 """
 
 from __future__ import annotations
