@@ -6,7 +6,8 @@ Drop-Upcycling, so that every expert differs and a misplaced one is seen. Four t
 layouts one after the other: 1 rank (the references: 4 and 32 layers), 2 ranks (DP2, EP2, ETP2 with TP1, TP2+SP,
 TP2+SP with ETP1, PP2, PP2 x VP2 and the controls), 4 ranks (TP2+SP x EP2, PP2 x EP2 and a control), 8 ranks
 (PP4 x VP8 x EP2 with 32 layers: the 8x8B recipe's layout shape at toy size). For each layout:
-- the losses of 4 steps equal one rank's within 1e-5 relative (fp32; measured <= 2e-7: reduction order);
+- the losses of 4 steps equal one rank's within 1e-5 relative (fp32; measured: bit-identical for every layout but
+  PP4 x VP8 x EP2, 2.1e-7: reduction order);
 - online upcycling filled every rank's shards: each rank's parameters before step 1, under global names (PP / VP layer
   offsets, EP expert indices), joined over TP / ETP by the key table's splits (qkv, proj, fc1 halves, fc2, vocab),
   replicas checked equal, are bit-identical to the 1-rank model's (the vocabulary padding rows aside: zero).
@@ -32,7 +33,7 @@ from test_engine_cpu import torchrun
 
 SCRIPT = Path(__file__).with_name("dist_layouts.py")
 STEPS = 4
-LOSS_RTOL = 1e-5  # the bound asked for (fp32); measured <= 2e-7
+LOSS_RTOL = 1e-5  # the bound asked for (fp32); measured 0 or 2.1e-7; the controls differ by >= 1.4e-3
 VOCAB = 99  # the tiny recipe's vocabulary: odd on purpose
 COMMON = ["upcycle=drop_upcycle"]  # every expert different (plain copies would hide a misplaced expert)
 L4 = ["model.num_layers=4"]
