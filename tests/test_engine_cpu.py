@@ -110,12 +110,13 @@ def test_enable_is_a_no_op_with_cuda(monkeypatch):
 # ---------------------------------------------------------------------------------------------- slow
 
 
-def torchrun(nproc: int, plan: list[dict], work: Path, timeout: float = 900) -> dict:
-    """Run the plan under torchrun; return rank 0's JSON results (the log tail in the message on failure)."""
+def torchrun(nproc: int, plan: list[dict], work: Path, timeout: float = 900, script: Path = SCRIPT) -> dict:
+    """Run the plan under torchrun (``script``: a harness taking --plan and --out); return rank 0's JSON results
+    (the log tail in the message on failure)."""
     (work / "plan.json").write_text(json.dumps(plan))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(SCRIPT), "--plan", str(work / "plan.json"), "--out", str(work / "results.json")]
+           str(script), "--plan", str(work / "plan.json"), "--out", str(work / "results.json")]
     with open(work / "log.txt", "w") as log:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)

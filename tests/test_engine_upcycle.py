@@ -133,9 +133,9 @@ def test_bad_dense_source_and_layout(megatron_world, tiny_llama):
         check_parallel_layout(good, tp=1, ep=4)
     with pytest.raises(UpcycleError, match="tensor_model_parallel_size=4 does not divide num_attention_heads=6"):
         check_parallel_layout(good, tp=4, ep=1)
-    with pytest.raises(UpcycleError, match="need sequence_parallel=true"):  # MoE + TP: Megatron needs SP
+    with pytest.raises(UpcycleError, match="need sequence_parallel=true"):  # MoE with TP needs SP (megatron-core)
         check_parallel_layout(good, tp=2, ep=3)
-    good.sequence_parallel = True
+    good.sequence_parallel = True  # the config the strategy hands over (MegatronStrategy(sequence_parallel=True))
     check_parallel_layout(good, tp=2, ep=3)
     with pytest.raises(UpcycleError, match="does not divide ffn_hidden_size"):
         UpcycledLlamaConfig.from_dense(src.config, upcycle_granularity=3)

@@ -5,7 +5,8 @@
 fields (prefixed ``upcycle_``); ``from_dense(hf_config)`` sizes one like any dense HF Llama. Defaults differ from
 Megatron's where Megatron's would mislead an upcycling run: ``moe_aux_loss_coeff`` is 1e-2 (Megatron's 0 is no load
 balancing at all; 1e-2 is Switch Transformer's, Fedus et al., arXiv 2101.03961), the dispatcher is alltoall (NeMo's
-Mixtral default), and ``moe_ffn_hidden_size`` follows from the granularity.
+Mixtral default), and ``moe_ffn_hidden_size`` follows from the granularity. A padded vocabulary (``vocab_size`` above
+``unpadded_vocab_size``) has its padding logits masked, so padding never changes the model.
 """
 
 from __future__ import annotations
@@ -16,9 +17,29 @@ from typing import Callable, List, Optional, Union
 from nemo.collections.llm.gpt.model.llama import Llama3Config, Llama31Config
 
 from nemo_upcycle.core.options import UpcycleOptions
-from nemo_upcycle.engine.spec import moe_layer_spec, te_importable
+from nemo_upcycle.engine.spec import moe_layer_spec, reduce_expert_grads_over_expert_groups, te_importable
 from nemo_upcycle.errors import UpcycleError
 from nemo_upcycle.formats.keymap import FIELDS, hf_values
+
+
+def padding_logits_masked(vocab: int, padded: int):
+    """A forward hook for the output layer (a ``ColumnParallelLinear``): the logits of ids >= ``vocab`` become -inf,
+    in place, on the tensor-parallel rank that holds them. Megatron's vocab-parallel cross entropy would otherwise
+    count the padding's zero logits in the softmax (megatron/core/tensor_parallel/cross_entropy.py); masked, they
+    take no probability and get no gradient, so the padding rows stay zero and the loss is the unpadded model's."""
+    from megatron.core import parallel_state as ps
+
+    per_rank = padded // ps.get_tensor_model_parallel_world_size()
+    local_start = vocab - ps.get_tensor_model_parallel_rank() * per_rank  # first padded column of this rank's slice
+
+    def hook(module, args, output):
+        logits = output[0]
+        start = vocab if logits.shape[-1] == padded else local_start  # gathered (inference) or this rank's slice
+        if start < logits.shape[-1]:
+            logits[..., max(start, 0):] = float("-inf")
+        return output
+
+    return hook
 
 
 @dataclass
@@ -50,6 +71,10 @@ class MoEUpcycleFields:
     # which layer spec: "auto" (TE + grouped GEMM where TE imports and CUDA is there), "te" or "local"
     spec_backend: str = "auto"
     transformer_layer_spec: Union[object, Callable] = moe_layer_spec
+    # the vocabulary before padding when ``vocab_size`` is padded (NeMo pads to make_vocab_size_divisible_by x TP:
+    # ``engine.partial`` does it for the recipes): the logits of the padding rows are -inf, so the padded model is
+    # the unpadded one at any TP (loss, gradients, export); None: ``vocab_size`` is all real tokens
+    unpadded_vocab_size: Optional[int] = None
 
     def __post_init__(self):
         G = self.upcycle_granularity
@@ -66,6 +91,16 @@ class MoEUpcycleFields:
         if self.apply_rope_fusion and not te_importable():
             self.apply_rope_fusion = False  # the fused RoPE kernel lives in Transformer Engine (ValueError without it)
         super().__post_init__()
+
+    def configure_model(self, tokenizer=None, pre_process=None, post_process=None, vp_stage=None):
+        """NeMo's model; expert gradients reduced over the expert groups (``spec``); the logits of the vocabulary
+        padding masked (``unpadded_vocab_size``)."""
+        model = super().configure_model(tokenizer, pre_process, post_process, vp_stage)
+        reduce_expert_grads_over_expert_groups(model, self)
+        V = self.unpadded_vocab_size
+        if V is not None and V < self.vocab_size and getattr(model, "output_layer", None) is not None:
+            model.output_layer.register_forward_hook(padding_logits_masked(V, self.vocab_size))
+        return model
 
     def upcycle_options(self) -> UpcycleOptions:
         """The core's options; validated against the dense sizes."""

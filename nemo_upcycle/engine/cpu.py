@@ -7,12 +7,14 @@ tracker. ``enable_cpu_support()`` bypasses exactly those sites, only without CUD
 that a ``TorchFunctionMode`` moves the torch calls written in their own body to the CPU (what they call into is not
 touched; torch's factories are never replaced). *Replaced* ones (the RNG tracker and its seeding, gradient clipping,
 the all-to-all split sizes, a missing TE symbol, NeMo's loaded-tensor device fix, a rank-0-only empty all-gather that
-desynchronizes gloo) are swapped for CPU versions, each helper naming its site.
+desynchronizes gloo, uneven all-gathers / reduce-scatters that gloo refuses) are swapped for CPU versions, each helper
+naming its site.
 
 Use, in this order: ``enable_cpu_support()`` before building the trainer; ``**cpu_config_overrides()`` in every
 model config; ``nl.MegatronStrategy(..., **cpu_strategy_kwargs())`` (no async checkpoint save: it synchronizes
-CUDA); ``nl.Trainer(accelerator="cpu", ...)``. Tested: DP and EP (alltoall and allgather dispatchers) over gloo and
-distributed-checkpoint save / load; not tested: TP, SP, CP, PP, the distributed optimizer, grouped GEMM, TE, fp8.
+CUDA); ``nl.Trainer(accelerator="cpu", ...)``. Tested over gloo against one rank (tests/test_layouts.py): DP, EP,
+ETP, TP + SP, PP, PP x VP and their products up to PP4 x VP8 x EP2 on 8 ranks; distributed-checkpoint save / load.
+Not here: CP (needs TE attention), the distributed optimizer, grouped GEMM, TE, fp8.
 Mixed precision (bf16-mixed, 16-mixed): ``engine/cpu_mixed.py``, applied by ``enable_cpu_support``.
 """
 
@@ -66,7 +68,6 @@ class _CudaToCpu(TorchFunctionMode):
 
 class _NoStream:
     """Stands in for ``torch.cuda.Stream`` and ``Event``: CPU work is already ordered, so every method is a no-op."""
-
     def __init__(self, *args, **kwargs):
         pass
 
@@ -90,9 +91,7 @@ def _guarded(name, original):
 
     @functools.wraps(original)
     def cuda_function(*args, **kwargs):
-        if _redirected(sys._getframe(1).f_code):
-            return standin(*args, **kwargs)
-        return original(*args, **kwargs)
+        return (standin if _redirected(sys._getframe(1).f_code) else original)(*args, **kwargs)
 
     return cuda_function
 
@@ -121,8 +120,7 @@ def _resolve(module: str, qualname: str):
 
 
 def _with_nested(code) -> list:
-    """A code object and those of the functions defined inside it (closures such as p2p's
-    ``create_tensor_recv_prev``)."""
+    """A code object and those of the functions defined inside it (closures: p2p's ``create_tensor_recv_prev``)."""
     out = [code]
     for const in code.co_consts:
         if inspect.iscode(const):
@@ -228,9 +226,37 @@ _SCOPED = [
 def _move_to_cpu_as_on_gpu(tensor, as_numpy=False, record_stream=False):
     """transformer/moe/moe_utils.py:883 converts only CUDA tensors to numpy; the all-to-all split sizes must
     be numpy (lists) on CPU too, as torch.distributed.all_to_all_single wants."""
-    if torch.is_tensor(tensor) and as_numpy:
-        return tensor.numpy()
-    return tensor
+    return tensor.numpy() if torch.is_tensor(tensor) and as_numpy else tensor
+
+
+def _even_collectives(gather, reduce_scatter):
+    """tensor_parallel/mappings.py:149 all-gathers uneven row counts (``output_split_sizes``: the tokens each
+    expert-tensor-parallel rank routed, TP + SP x EP) as a list, and :192 (its backward) reduce-scatters uneven splits;
+    gloo needs equal sizes ("ProcessGroupGloo::allgather: invalid tensor size"), NCCL does not. Pad every split to the
+    largest, use the equal-size collective, cut. Without split sizes: the stock (scoped) functions."""
+    def pad(t, rows):
+        return torch.cat([t, t.new_zeros(rows - t.shape[0], *t.shape[1:])]) if rows > t.shape[0] else t
+
+    @functools.wraps(gather)
+    def _gather_along_first_dim(input_, group, output_split_sizes=None, use_global_buffer=False):
+        if output_split_sizes is None or group.size() == 1:
+            return gather(input_, group, output_split_sizes, use_global_buffer)
+        most = max(output_split_sizes)
+        out = input_.new_empty((group.size() * most, *input_.shape[1:]))
+        torch.distributed.all_gather_into_tensor(out, pad(input_.contiguous(), most), group=group)
+        return torch.cat([c[:n] for c, n in zip(out.split(most), output_split_sizes)])
+
+    @functools.wraps(reduce_scatter)
+    def _reduce_scatter_along_first_dim(input_, group, input_split_sizes=None, use_global_buffer=False):
+        if input_split_sizes is None or group.size() == 1:
+            return reduce_scatter(input_, group, input_split_sizes, use_global_buffer)
+        most = max(input_split_sizes)
+        out = input_.new_empty((most, *input_.shape[1:]))
+        padded = torch.cat([pad(c, most) for c in input_.split(list(input_split_sizes))])
+        torch.distributed.reduce_scatter_tensor(out, padded, group=group)
+        return out[: input_split_sizes[group.rank()]]
+
+    return _gather_along_first_dim, _reduce_scatter_along_first_dim
 
 
 def _clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decoupled_grad=False):
@@ -254,9 +280,7 @@ def _skip_empty_timer_gather(stock):
 
     @functools.wraps(stock)
     def _get_elapsed_time_all_ranks(self, names, reset, barrier):
-        if not names:
-            return torch.zeros(torch.distributed.get_world_size(), 0)
-        return stock(self, names, reset, barrier)
+        return stock(self, names, reset, barrier) if names else torch.zeros(torch.distributed.get_world_size(), 0)
 
     return _get_elapsed_time_all_ranks
 
@@ -343,6 +367,9 @@ def enable_cpu_support() -> bool:
         moe_utils.te_general_gemm = None
     _replace(MC + "transformer.moe.token_dispatcher", "maybe_move_tensor_to_cpu", _move_to_cpu_as_on_gpu)
     _replace(MC + "optimizer.optimizer", "clip_grad_by_total_norm_fp32", _clip_grad_by_total_norm_fp32)
+    mappings = importlib.import_module(MC + "tensor_parallel.mappings")  # after _SCOPED: wraps the scoped versions
+    mappings._gather_along_first_dim, mappings._reduce_scatter_along_first_dim = _even_collectives(
+        mappings._gather_along_first_dim, mappings._reduce_scatter_along_first_dim)
     _replace(MC + "tensor_parallel.random", "CudaRNGStatesTracker", _cpu_rng_tracker_class())
     timers = importlib.import_module(MC + "timers").Timers
     timers._get_elapsed_time_all_ranks = _skip_empty_timer_gather(timers._get_elapsed_time_all_ranks)

@@ -40,6 +40,7 @@ def model_config(r: RunConfig) -> run.Config:
     scale_factor = sizes["scale_factor"]
     kw = {k: v for k, v in sizes.items() if not FIELDS[k].rope}
     kw["seq_length"] = r.data.seq_length
+    kw.update(vocab_padding(r))
     kw.update(bf16=bf16, params_dtype=torch.bfloat16 if bf16 else torch.float32,
               num_moe_experts=moe.num_moe_experts, moe_router_topk=moe.moe_router_topk,
               moe_expert_capacity_factor=moe.moe_expert_capacity_factor,
@@ -66,6 +67,17 @@ def model_config(r: RunConfig) -> run.Config:
         cls = UpcycledLlama31Config
         kw.update(scale_factor=scale_factor)
     return run.Config(cls, **kw)
+
+
+def vocab_padding(r: RunConfig) -> dict:
+    """The vocabulary padded as NeMo pads a tokenizer's (``make_vocab_size_divisible_by`` x TP, nemo/lightning/base.py
+    ``get_vocab_size``; the planner's ``ModelDims.padded_vocab``), the real size kept for the logits mask."""
+    from nemo_upcycle.config.translate import model_dims
+
+    dims = model_dims(r)
+    return dict(vocab_size=dims.padded_vocab(r.parallel.tensor_model_parallel_size),
+                make_vocab_size_divisible_by=dims.make_vocab_size_divisible_by,
+                unpadded_vocab_size=r.model.vocab_size)
 
 
 def data_module(r: RunConfig, tokenizer_dir: Optional[str]) -> run.Config:

@@ -6,6 +6,9 @@
 ``auto`` picks ``te`` where Transformer Engine imports and CUDA is present, else ``local``. The choice is
 logged once and can be forced by the config field ``spec_backend`` or ``NEMO_UPCYCLE_SPEC=te|local``.
 Mixed dense / MoE stacks (``moe_layer_freq``) use Megatron's decoder-block spec, which reads the pattern.
+Also the layer-level fixes the specs need: sequence parallelism with the local spec's torch norms
+(``SequenceParallelTorchNorm``), and the expert gradients of expert tensor parallelism without expert parallelism
+reduced over the expert groups (``reduce_expert_grads_over_expert_groups``, called by ``engine.config``).
 """
 
 from __future__ import annotations
@@ -105,6 +108,28 @@ def _swap_norms(spec, seen=None):
         for f in fields(spec):
             setattr(spec, f.name, _swap_norms(getattr(spec, f.name), seen))
     return spec
+
+
+def reduce_expert_grads_over_expert_groups(model, config) -> int:
+    """Mark every routed-expert parameter of a built model for the expert-data-parallel gradient reduction (and the
+    expert optimizer, whose grad norm is summed over the expert tensor x expert x pipeline group) when the experts are
+    laid out differently from the dense part. megatron-core 0.15.3 marks them (``allreduce=False``) only when EP > 1
+    (megatron/core/tensor_parallel/layers.py:878/1189, transformer/moe/experts.py:232): at ETP2 with TP1 and EP1 the
+    ETP shards went to the dense buffers and were summed over the dense data-parallel group, which holds the other ETP
+    ranks -- each rank's shard got the sum of all shards' gradients. The predicate ``EP > 1 or ETP != TP`` is
+    upstream's fix (NVIDIA/Megatron-LM pull request 5916). Returns the number of parameters marked."""
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    etp = config.expert_tensor_parallel_size or config.tensor_model_parallel_size
+    if config.expert_model_parallel_size > 1 or etp == config.tensor_model_parallel_size:
+        return 0  # stock megatron-core marks them already (EP > 1), or the dense groups are the expert groups
+    n = 0
+    for module in model.modules():
+        if isinstance(module, MoELayer):
+            for p in module.experts.parameters():
+                p.allreduce = False
+                n += 1
+    return n
 
 
 def moe_layer_spec(config, vp_stage=None):
