@@ -112,8 +112,10 @@ def build(args, experts: int, backend: str):
 
     bf16 = args.precision == "bf16-mixed"
     model_parallel_cuda_manual_seed(0)
-    moe = dict(num_moe_experts=experts, moe_router_topk=2, moe_token_dispatcher_type="alltoall",
-               moe_aux_loss_coeff=1e-2, moe_router_load_balancing_type="aux_loss") if experts else dict(num_moe_experts=None)
+    moe = dict(num_moe_experts=None)
+    if experts:
+        moe = dict(num_moe_experts=experts, moe_router_topk=2, moe_token_dispatcher_type="alltoall",
+                   moe_aux_loss_coeff=1e-2, moe_router_load_balancing_type="aux_loss")
     cfg = UpcycledLlamaConfig.from_dense({**HF, "num_hidden_layers": args.layers, "max_position_embeddings": args.seq},
                                          params_dtype=torch.bfloat16 if bf16 else torch.float32, bf16=bf16,
                                          seq_length=args.seq, expert_backend=backend, **moe, **cpu_config_overrides())
@@ -185,7 +187,6 @@ class Run:
         rec = {"forward": t1 - t0 - hooks, "backward": t2 - t1, "optimizer": t3 - t2, "hooks": hooks}
         for s in ("router", "dispatch", "experts", "mlp"):
             rec[f"{s} fwd"], rec[f"{s} bwd"] = c.fwd.get(s, 0.0), c.bwd.get(s, 0.0)
-        rec["router fwd"] -= hooks if self.stats else 0.0  # the hook runs inside the router's forward call
         self.records.append(rec)
 
     def median(self, key: str) -> float:
@@ -213,22 +214,30 @@ def main() -> None:
         port = s.getsockname()[1]
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     ps.initialize_model_parallel()
-    runs = [Run(args, "dense", 0, "sequential")]
-    for backend in (("sequential", "batched") if args.experts == "both" else (args.experts,)):
-        runs.append(Run(args, f"E8 top-2, {backend}", 8, backend))
-    for r in runs:
-        r.step()  # warm-up
-        r.records.clear()
-    for i in range(args.steps):
-        for r in (runs if i % 2 == 0 else runs[::-1]):
-            r.step()
+    print(f"{args.layers} layers, {args.mbs}x{args.seq} tokens, precision {args.precision}, "
+          f"threads {torch.get_num_threads()}, median of {args.steps} steps (seconds)")
+    dense = Run(args, "dense", 0, "sequential")
+    dense.step()  # warm-up
+    backends = ("sequential", "batched") if args.experts == "both" else (args.experts,)
+    for backend in backends:  # one MoE at a time (30 E8 layers in fp32 with Adam: ~10 GB), alternating with dense
+        moe = Run(args, f"E8 top-2, {backend}", 8, backend)
+        moe.step()
+        dense.records.clear()
+        for i in range(args.steps):
+            for r in ((dense, moe) if i % 2 == 0 else (moe, dense)):
+                r.step()
+        table([dense, moe])
+        del moe
+    ps.destroy_model_parallel()
+    dist.destroy_process_group()
 
+
+def table(runs: list) -> None:
     dense = runs[0]
     keys = ["forward", "backward", "router fwd", "router bwd", "dispatch fwd", "dispatch bwd", "experts fwd",
             "experts bwd", "mlp fwd", "mlp bwd", "optimizer", "hooks"]
-    print(f"{args.layers} layers, {args.mbs}x{args.seq} tokens, precision {args.precision}, "
-          f"threads {torch.get_num_threads()}, median of {args.steps} steps (seconds)")
     w = max(len(r.name) for r in runs) + 2
+    print()
     print(f"{'':16}" + "".join(f"{r.name:>{w}}" for r in runs))
     for k in keys:
         print(f"{k:16}" + "".join(f"{r.median(k):{w}.3f}" for r in runs))
@@ -239,8 +248,6 @@ def main() -> None:
     print(f"{'rate vs dense':16}" + "".join(f"{rate[r.name] / rate[dense.name]:{w}.2f}" for r in runs))
     whole = {r.name: r.flops / (fb[r.name] + r.median("optimizer") + r.median("hooks")) for r in runs}
     print(f"{'whole step rate':16}" + "".join(f"{whole[r.name] / whole[dense.name]:{w}.2f}" for r in runs))
-    ps.destroy_model_parallel()
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
