@@ -222,7 +222,8 @@ def in_fp32(roots: Iterable[torch.nn.Module]):
     way: exactly what trains, without the rounding of bf16 activations (the ``STEP0_MLP_RTOL`` of fp32 applies)."""
     saved, low = {}, None
     for root in roots:
-        for t in list(root.parameters()) + list(root.buffers()):
+        # unbound: NeMo's MegatronParallel has an attribute ``buffers`` (a list) that hides the method
+        for t in [*torch.nn.Module.parameters(root), *torch.nn.Module.buffers(root)]:
             if t.dtype in (torch.bfloat16, torch.float16) and id(t) not in saved:
                 saved[id(t)] = (t, t.data)
                 low = t.dtype
