@@ -172,3 +172,20 @@ def test_report_and_plots(runs):
         data = (a / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
         assert f"({png})" in text
+
+
+def test_timings_and_report_time_section(runs):
+    """timings.json: start-up phases in order and one entry per checkpoint save (NeMo's checkpoints on disk are the
+    reference: every step that has a checkpoint directory was timed); report.md shows them."""
+    a = runs["a"]
+    t = json.loads((a / "timings.json").read_text())
+    phases = [t[k] for k in ("launch", "build", "to_train_start", "train_start")]
+    assert all(x >= 0 for x in phases) and t["startup"] == pytest.approx(sum(phases), abs=0.01)
+    assert 0 < t["steps"] < t["to_train_end"]
+    saved = sorted({int(p.name.split("step=")[1].split("-")[0]) for p in (a / "run" / "checkpoints").iterdir()
+                    if "step=" in p.name})
+    timed = sorted({s["step"] for s in t["saves"]})
+    assert saved and timed == saved and all(s["seconds"] > 0 for s in t["saves"])
+    text = (a / "report.md").read_text()
+    assert "## Time" in text and f"checkpoint save at step {timed[0]}" in text
+    assert "Precision: **32-true**" in text or "Precision: **32**" in text

@@ -97,8 +97,9 @@ def precision_line(run: dict, reason: Optional[str] = None) -> str:
 
 
 TIME_ROWS = (("startup", "start-up: process start -> first training step"),
-             ("setup", "  imports, recipe, trainer (-> fit start)"),
-             ("to_train_start", "  model built and upcycled online, optimizer (-> train start)"),
+             ("launch", "  imports, recipe and data, trainer, process group"),
+             ("build", "  model built and upcycled online, optimizer"),
+             ("to_train_start", "  data loaders"),
              ("train_start", "  step-0 check, peak probe (-> first step)"),
              ("steps", "training steps"))
 

@@ -3,9 +3,11 @@
 ``PhaseTimer`` (a Lightning callback, rank 0 writes) records, in seconds:
   startup        from the process's start (the OS's record of it, so imports count) to the first training step:
                  imports, the recipe build, NeMo's setup with the online upcycling, the step-0 check
-  setup          from the process's start to Lightning's ``on_fit_start`` (imports, recipe, trainer, strategy)
-  to_train_start ``on_fit_start`` -> ``on_train_start``: the model built and filled (online upcycling), the
-                 optimizer, a resumed checkpoint's load
+  launch         from the process's start to Lightning's ``setup`` hook: imports, the recipe and its data, the
+                 trainer and the process group
+  build          ``setup`` -> ``on_fit_start``: the model built and filled (online upcycling), the optimizer, a
+                 resumed checkpoint's load
+  to_train_start ``on_fit_start`` -> ``on_train_start``: the data loaders
   train_start    ``on_train_start`` hooks -> the first step: the step-0 check and the metrics' peak probe
   saves          one entry per checkpoint save: step, seconds (``trainer.save_checkpoint``: the sharded state dict
                  built and written; synchronous on CPU, NeMo's async save needs CUDA)
@@ -55,13 +57,17 @@ class PhaseTimer(pl.Callback):
             return
         t, start = self.t, self.t["process_start"]
         rec = {"saves": self.saves, "steps": round(self.steps_seconds, 3)}
-        for name, a, b in (("setup", "process_start", "fit_start"), ("to_train_start", "fit_start", "train_start"),
+        for name, a, b in (("launch", "process_start", "setup"), ("build", "setup", "fit_start"),
+                           ("to_train_start", "fit_start", "train_start"),
                            ("train_start", "train_start", "first_step"), ("startup", "process_start", "first_step")):
             if a in t and b in t:
                 rec[name] = round(t[b] - t[a], 3)
         if "train_end" in t:
             rec["to_train_end"] = round(t["train_end"] - start, 3)
         atomic_write_json(self.path, rec)
+
+    def setup(self, trainer, pl_module, stage):
+        self.t.setdefault("setup", time.time())
 
     def on_fit_start(self, trainer, pl_module):
         self.t.setdefault("fit_start", time.time())
