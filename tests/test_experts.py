@@ -171,3 +171,4 @@ def test_bf16_fused_weight_gradients_are_bit_identical(megatron_world):
     assert any(got["seq"][k].abs().sum() > 0 for k in got["seq"])
     k = next(iter(got["seq"]))  # control: the comparison sees a changed gradient
     assert not torch.equal(got["seq"][k], got["bat"][k] * (1 + 2 ** -7))
+
