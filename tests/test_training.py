@@ -179,7 +179,7 @@ def test_timings_and_report_time_section(runs):
     reference: every step that has a checkpoint directory was timed); report.md shows them."""
     a = runs["a"]
     t = json.loads((a / "timings.json").read_text())
-    phases = [t[k] for k in ("launch", "build", "to_train_start", "train_start")]
+    phases = [t[k] for k in ("recipe", "trainer", "upcycle", "optimizer", "data", "step0")]
     assert all(x >= 0 for x in phases) and t["startup"] == pytest.approx(sum(phases), abs=0.01)
     assert 0 < t["steps"] < t["to_train_end"]
     saved = sorted({int(p.name.split("step=")[1].split("-")[0]) for p in (a / "run" / "checkpoints").iterdir()
