@@ -139,9 +139,10 @@ def test_resolve(monkeypatch):
         resolve("auto")
 
 
-def test_bf16_fused_weight_gradients_are_bit_identical(megatron_world):
-    """bf16-mixed (``gradient_accumulation_fusion``): each expert's weight gradient is added into its fp32 main_grad
-    from that expert's own rows by the function the linear layers call, so it equals SequentialMLP's bit for bit."""
+def test_bf16_fused_weight_gradients_in_fp32(megatron_world):
+    """bf16-mixed (``gradient_accumulation_fusion``): each expert's weight gradient is computed from the bf16 tensors
+    in fp32 and added into its fp32 main_grad, as the linear layers' fused accumulation does: equal to SequentialMLP's
+    within fp32 rounding (products of bf16 numbers are exact in fp32; only the order of the sums differs)."""
     from nemo_upcycle.engine.config import UpcycledLlamaConfig
     from nemo_upcycle.engine.cpu import cpu_config_overrides
 
@@ -167,8 +168,8 @@ def test_bf16_fused_weight_gradients_are_bit_identical(megatron_world):
         got[name] = {n: p.main_grad.clone() for n, p in experts.named_parameters()}
         assert all(p.grad_added_to_main_grad for p in experts.parameters())
     assert got["seq"].keys() == got["bat"].keys()
-    assert all(torch.equal(got["seq"][k], got["bat"][k]) for k in got["seq"])
+    assert max(_rel(got["bat"][k], got["seq"][k]) for k in got["seq"]) < 1e-6
     assert any(got["seq"][k].abs().sum() > 0 for k in got["seq"])
-    k = next(iter(got["seq"]))  # control: the comparison sees a changed gradient
-    assert not torch.equal(got["seq"][k], got["bat"][k] * (1 + 2 ** -7))
+    k = next(iter(got["seq"]))  # control: a gradient rounded through bf16 (no fp32 accumulation) is outside it
+    assert _rel(got["seq"][k].bfloat16().float(), got["seq"][k]) > 1e-6
 

@@ -8,9 +8,9 @@ sharded checkpoint and hooks, so the filler, the step-0 check and the export see
 computes every local expert in one ``torch.bmm`` per projection over the tokens padded to the busiest expert's
 count; the weights enter the product without a copy (``stacked``: the experts' weights are re-homed at build time as
 views of one [E, out, in] tensor). Numerically it is ``SequentialMLP``'s math (fc1, GLU, x routing probability, fc2)
-with the sums of another GEMM kernel: equal to it within fp32 rounding; each expert's weight gradient is computed on
-its own rows as the linear layer does, and under ``gradient_accumulation_fusion`` (bf16-mixed) added into
-``main_grad`` in fp32 by the same function: bit-identical there (tests/test_experts.py).
+with the sums of another GEMM kernel: equal to it within fp32 rounding, also the weight gradients, which under
+``gradient_accumulation_fusion`` (bf16-mixed) are computed in fp32 and added into ``main_grad`` as the linear layers'
+fused accumulation does (tests/test_experts.py).
 
 It falls back to ``SequentialMLP.forward`` where that does more than local products: expert-tensor parallelism
 inside the expert linears (EP = 1 with ETP > 1), biases, fp8, non-GLU or clamped activations, and loads so uneven
@@ -53,39 +53,39 @@ def stacked(weights: list) -> torch.Tensor:
 
 
 class _ExpertsLinear(torch.autograd.Function):
-    """y[e] = x[e] W[e]^T for every local expert e at once. Forward and input gradient are batched GEMMs over the
-    padded rows; each expert's weight gradient is computed on its own rows only (``counts``), as Megatron's linear
-    layer computes it (megatron/core/tensor_parallel/layers.py, ``LinearWithGradAccumulationAndAsyncCommunication``):
-    ``grad_output^T input``, or -- with ``gradient_accumulation_fusion`` and a ``main_grad`` -- added into
-    ``main_grad`` by the same ``fused_weight_gradient_mlp_cuda`` function the linear layers call (on CPU the fp32
-    stand-in of ``engine.cpu_mixed``), returning the placeholder gradient that tells DDP it is already added."""
+    """y[e] = x[e] W[e]^T for every local expert e at once: forward, input gradient and weight gradient are batched
+    GEMMs over the padded rows. The weight gradient follows Megatron's linear layer
+    (megatron/core/tensor_parallel/layers.py, ``LinearWithGradAccumulationAndAsyncCommunication``): ``grad_output^T
+    input``, or -- with ``gradient_accumulation_fusion`` and a ``main_grad`` -- computed in fp32 and added into
+    ``main_grad`` (what the fused kernel, on CPU ``engine.cpu_mixed``'s stand-in, does), returning the placeholder
+    gradient that tells DDP it is already added."""
 
     @staticmethod
-    def forward(ctx, x, counts, fuse, *weights):
+    def forward(ctx, x, fuse, *weights):
         ctx.save_for_backward(x, *weights)
-        ctx.counts, ctx.fuse = counts, fuse
+        ctx.fuse = fuse
         return torch.bmm(x, stacked(list(weights)).transpose(1, 2))
 
     @staticmethod
     def backward(ctx, g):
-        from megatron.core.tensor_parallel import layers
-
         x, *weights = ctx.saved_tensors
         gx = torch.bmm(g, stacked(weights))
+        fused = ctx.fuse and all(hasattr(w, "main_grad") for w in weights)
+        # every expert's weight gradient in one batched GEMM over the padded rows (zero rows add nothing); under
+        # gradient accumulation fusion computed in fp32 from the bf16 tensors (exact products, fp32 sums) and added
+        # into main_grad, as the stand-in of the fused kernel does per linear layer
+        gw = torch.bmm(g.transpose(1, 2).float(), x.float()) if fused else torch.bmm(g.transpose(1, 2), x)
         grads = []
         for i, w in enumerate(weights):
-            gi, xi = g[i, :ctx.counts[i]], x[i, :ctx.counts[i]]
-            if ctx.fuse and hasattr(w, "main_grad"):
-                accum = layers.fused_weight_gradient_mlp_cuda
-                add = accum.wgrad_gemm_accum_fp32 if w.main_grad.dtype == torch.float32 else accum.wgrad_gemm_accum_fp16
-                add(xi, gi, w.main_grad)
-                placeholder = hasattr(w, "grad_added_to_main_grad")
-                if placeholder:
-                    w.grad_added_to_main_grad = True
-                grads.append(torch.empty(w.main_grad.shape, dtype=x.dtype, device=x.device) if placeholder else None)
-            else:
-                grads.append(gi.t().matmul(xi))
-        return (gx, None, None, *grads)
+            if not fused:
+                grads.append(gw[i])
+                continue
+            w.main_grad.add_(gw[i].to(w.main_grad.dtype))
+            placeholder = hasattr(w, "grad_added_to_main_grad")
+            if placeholder:
+                w.grad_added_to_main_grad = True
+            grads.append(torch.empty(w.main_grad.shape, dtype=x.dtype, device=x.device) if placeholder else None)
+        return (gx, None, *grads)
 
 
 def rehome(params: list) -> None:
@@ -130,11 +130,11 @@ class BatchedMLP(SequentialMLP):
             x = hidden.new_zeros(E * n, D).index_copy(0, rows, hidden.reshape(total, D)).view(E, n, D)
             p = probs.new_zeros(E * n).index_copy(0, rows, probs.reshape(total)).view(E, n)
         fuse = self.config.gradient_accumulation_fusion
-        h = _ExpertsLinear.apply(x, counts, fuse, *(m.linear_fc1.weight for m in self.local_experts))
+        h = _ExpertsLinear.apply(x, fuse, *(m.linear_fc1.weight for m in self.local_experts))
         gate, linear = torch.chunk(h, 2, dim=-1)
         a = self.config.activation_func(gate) * linear
         a = (a * p.unsqueeze(-1)).to(a.dtype)  # MLP.forward: x per-token scale, back to the activation's dtype
-        out = _ExpertsLinear.apply(a, counts, fuse, *(m.linear_fc2.weight for m in self.local_experts))
+        out = _ExpertsLinear.apply(a, fuse, *(m.linear_fc2.weight for m in self.local_experts))
         out = out.reshape(E * n, D)
         return (out if rows is None else out.index_select(0, rows)), None
 
