@@ -133,6 +133,9 @@ def _add_eval(sub) -> None:
     p.add_argument("--stride", type=int, default=256, help="perplexity stride in tokens")
     p.add_argument("--max-tokens", type=int, default=8192, help="perplexity: at most this many tokens of --text")
     p.add_argument("--no-samples", action="store_true", help="skip the greedy samples")
+    p.add_argument("--tokenizer", default=None, metavar="DIR",
+                   help="a tokenizer directory for every model (default: each model's own)")
+    p.add_argument("--names", default=None, help="comma list of column names, one per model (default: from paths)")
     p.add_argument("--out", type=Path, default=None, help="output directory (default outputs/eval_<time>)")
 
 
@@ -273,7 +276,8 @@ def run_eval(a: argparse.Namespace) -> int:
     tasks = [] if a.tasks.strip().lower() in ("", "none") else [t.strip() for t in a.tasks.split(",") if t.strip()]
     req = EvalRequest(models=a.models, tasks=tasks, include_paths=a.include_path, limit=a.limit,
                       batch_size=a.batch_size, text=a.text, window=a.window, stride=a.stride,
-                      max_tokens=a.max_tokens, prompts=() if a.no_samples else PROMPTS)
+                      max_tokens=a.max_tokens, prompts=() if a.no_samples else PROMPTS, tokenizer=a.tokenizer,
+                      names=a.names.split(",") if a.names else None)
     out = a.out or Path("outputs") / f"eval_{time.strftime('%Y-%m-%d_%H-%M-%S')}"
     check_request(req)
     check_out(out)

@@ -49,6 +49,7 @@ class EvalRequest:
     prompts: Sequence[str] = PROMPTS
     new_tokens: int = NEW_TOKENS
     names: Optional[Sequence[str]] = None  # column names (default: from the paths)
+    tokenizer: Optional[str] = None  # one tokenizer directory for every model (default: each model's own)
     resolved: list = field(default_factory=list)
 
 
@@ -80,7 +81,9 @@ def check_request(r: EvalRequest) -> EvalRequest:
     if not r.tasks and r.text is None and not r.prompts:
         raise UpcycleError("nothing to evaluate: pass --tasks, --text or leave the samples on.")
     if r.names is not None and len(r.names) != len(r.models):
-        raise UpcycleError(f"{len(r.names)} names for {len(r.models)} models.")
+        raise UpcycleError(f"--names gives {len(r.names)} names for {len(r.models)} models; give one per model.")
+    if r.tokenizer is not None and not Path(r.tokenizer).is_dir():
+        raise UpcycleError(f"--tokenizer {r.tokenizer} is not a directory; pass an HF tokenizer directory.")
     r.resolved = [resolve_model(m) for m in r.models]
     check_fits(r.resolved)
     return r
@@ -118,9 +121,9 @@ def evaluate(r: EvalRequest, out: Optional[Path] = None, progress: bool = True) 
         print(f"[{i + 1}/{len(names)}] {name}: {m.kind}, {m.parameters:,} parameters", flush=True)
         t0 = time.perf_counter()
         rec = {"name": name, "path": m.label, "kind": m.kind, "parameters": m.parameters,
-               "model_args": m.model_args()}
+               "model_args": m.model_args(r.tokenizer)}
         with tempfile.TemporaryDirectory(prefix="nemo-upcycle-eval-tok-") as tok_dir:
-            lm = harness.load_lm(m, r.batch_size, m.write_tokenizer(Path(tok_dir)))
+            lm = harness.load_lm(m, r.batch_size, r.tokenizer or m.write_tokenizer(Path(tok_dir)))
             if r.tasks:
                 rec.update(harness.summary(harness.evaluate_lm(lm, tm, r.tasks, r.limit)))
             from nemo_upcycle.evals.text import perplexity, samples
