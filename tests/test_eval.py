@@ -98,6 +98,49 @@ def test_table_equals_lm_eval_itself_and_a_wrong_model_differs(tiny_pair, tmp_pa
     assert mine["task_hashes"] == ref["task_hashes"] == other["task_hashes"]  # same documents, prompts, targets
     # negative control: the other random model scores differently on the same items
     assert any(other["metrics"][t][k][0] != theirs[t][k] for t in SMOKE_TASKS for k in ("acc", "acc_norm"))
+    _report_and_compare_show_it(ours, tmp_path)
+
+
+def _report_and_compare_show_it(record: dict, tmp_path: Path) -> None:
+    """report.md and comparison.md carry the same numbers as eval.json (a run's eval/ and a compare of two runs)."""
+    from nemo_upcycle.apps import compare_out
+    from nemo_upcycle.apps.compare import read_run
+    from nemo_upcycle.apps.report import write_report
+
+    rec = {**record, "models": [{**record["models"][0], "name": "dense"}, {**record["models"][1], "name": "moe"}]}
+    run = tmp_path / "run"
+    (run / "eval").mkdir(parents=True)
+    (run / "eval" / "eval.json").write_text(json.dumps(rec))
+    report = write_report(run).read_text()
+    want = rec["models"][1]["metrics"]["shakespeare_cloze"]["acc"]
+    assert "## Downstream (lm-eval, end of training)" in report and "| task | metric | dense | moe | moe − dense |" \
+        in report and f"{want[0]:.4f} ± {want[1]:.4f}" in report
+    row = {"name": "copy", "what": "", "overrides": [], "status": "done", **read_run(run)}
+    md = compare_out.markdown({"recipe": "r", "budget": {"steps": 1, "tokens_per_step": 1, "tokens": 1, "flops": 1.0,
+                                                         "flops_per_token": 1.0},
+                               "seeds": {"seed": 1, "data": 1, "upcycle": 1},
+                               "variants": [row, {"name": "dense", "what": "", "overrides": [], "status": "done"}]})
+    assert "| variant | shakespeare_next_line/acc | shakespeare_next_line/acc_norm |" in md
+    dense_acc = rec["models"][0]["metrics"]["shakespeare_next_line"]["acc"][0]
+    moe_acc = rec["models"][1]["metrics"]["shakespeare_next_line"]["acc"][0]
+    assert f"| dense source (step 0) | {dense_acc:.4f} |" in md and f"| `copy` | {moe_acc:.4f} |" in md
+    assert "| `dense` | – | – | – | – |" in md  # dense runs have no export
+
+
+def test_end_of_training_eval_is_skipped_without_an_export(tmp_path, capsys):
+    from nemo_upcycle.apps.end_eval import check_eval_tasks, run_end_eval
+    from nemo_upcycle.config.compose import compose
+
+    run = compose("smollm2_135m_upcycle")
+    assert list(run.logging.eval_tasks) == list(SMOKE_TASKS)
+    check_eval_tasks(run)  # the shipped tasks: accepted without importing lm-eval
+    assert run_end_eval(run, tmp_path, tmp_path / "dense", str(tmp_path)) is None
+    assert "skipped: no HF export" in capsys.readouterr().out
+    assert run_end_eval(compose("smollm2_135m_upcycle", ["logging.eval_tasks=[]"]), tmp_path, tmp_path, None) is None
+    from nemo_upcycle.errors import UpcycleError
+
+    with pytest.raises(UpcycleError, match="logging.eval_limit"):
+        compose("smollm2_135m_upcycle", ["logging.eval_limit=0"])
 
 
 # ---- perplexity and samples ---------------------------------------------------------------------------------------
@@ -169,7 +212,10 @@ def test_a_model_that_does_not_fit_is_refused_with_the_estimate():
     check_fits([EvalModel("small", "HF llama", "/x", None, parameters=135_000_000)], available=24 * 2**30)
 
 
+@pytest.mark.slow  # lm-eval indexes its ~15k built-in tasks (~15 s on a quiet machine)
 def test_a_task_without_data_on_disk_or_unknown_names_include_path():
+    from nemo_upcycle.apps.end_eval import check_eval_tasks
+    from nemo_upcycle.config.compose import compose
     from nemo_upcycle.errors import UpcycleError
     from nemo_upcycle.evals import harness
 
@@ -181,3 +227,6 @@ def test_a_task_without_data_on_disk_or_unknown_names_include_path():
         with pytest.raises(UpcycleError) as e:
             harness.check_tasks(tm, [task])
         assert all(w in str(e.value) for w in words) and "\n" not in str(e.value)
+    with pytest.raises(UpcycleError) as e:  # logging.eval_tasks: refused before training, one line
+        check_eval_tasks(compose("smollm2_135m_upcycle", ["logging.eval_tasks=[no_such_task]"]))
+    assert str(e.value).startswith("logging.eval_tasks: task(s) no_such_task unknown")

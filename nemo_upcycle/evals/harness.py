@@ -11,6 +11,7 @@ Task hashes are lm-eval's (``loggers.evaluation_tracker``: sha256 over the sampl
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from importlib.metadata import version
@@ -37,11 +38,16 @@ def lm_eval_version() -> str:
 def task_manager(tasks: Sequence[str], include_paths: Sequence[str] = ()):
     """lm-eval's task index over the shipped tasks and ``include_paths``; with its ~15k built-in tasks too (~15 s to
     index) only when some task is in neither."""
+    paths = (str(TASKS_DIR), *map(str, include_paths))
+    tm = _index(paths, False)
+    return tm if all(t in tm.all_tasks for t in tasks) else _index(paths, True)
+
+
+@functools.lru_cache(maxsize=4)
+def _index(paths: tuple, defaults: bool):
     from lm_eval.tasks import TaskManager
 
-    paths = [str(TASKS_DIR), *map(str, include_paths)]
-    tm = TaskManager(include_path=paths, include_defaults=False)
-    return tm if all(t in tm.all_tasks for t in tasks) else TaskManager(include_path=paths)
+    return TaskManager(include_path=list(paths), include_defaults=defaults)
 
 
 def check_tasks(tm, tasks: Sequence[str]) -> None:
