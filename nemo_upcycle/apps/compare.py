@@ -232,7 +232,8 @@ def _run_all(config_name: str, overrides: list, base, chosen: list, per_variant:
     for v in chosen:  # settle every variant's command first: a stale run directory stops before any training
         s = result["budget"]["dense_flops_steps"] if v.equal_flops else n_steps
         args = _variant_args(v, E, k, s, max(1, n_steps // 3), common, overrides, per_variant.get(v.name, []),
-                             keep_checkpoints, export=bool(base.logging.eval_tasks) and not v.dense)
+                             keep_checkpoints, export=bool(base.logging.eval_tasks) and not v.dense
+                             and base.data.kind != "mock")
         _check_stale(out / v.name, args)
         check_not_running(out / v.name)
         plans.append((v, s, args))
