@@ -175,8 +175,8 @@ def _refused(capsys, argv, words):
     assert len(err) == 1 and err[0].startswith("error: ") and all(w in err[0] for w in words), err
 
 
-def test_bad_input_is_refused_in_one_line(tiny_pair, tmp_path, capsys):
-    a = str(tiny_pair[0])
+def test_bad_input_is_refused_in_one_line(tmp_path, capsys):
+    a = str(make_llama(tmp_path / "m"))  # refusals come before any model is loaded
     _refused(capsys, ["eval", str(tmp_path / "nope")], ["does not exist"])
     (tmp_path / "x.txt").write_text("hi")
     _refused(capsys, ["eval", str(tmp_path / "x.txt")], ["not a .gguf"])
@@ -187,14 +187,17 @@ def test_bad_input_is_refused_in_one_line(tiny_pair, tmp_path, capsys):
     _refused(capsys, ["eval", a, "--stride", "600", "--window", "512"], ["--stride 600"])
     _refused(capsys, ["eval", a, "--include-path", str(tmp_path / "none")], ["--include-path"])
     _refused(capsys, ["eval", a, "--limit", "0"], ["--limit 0"])
-    _refused(capsys, ["eval", a, "--text", str(tmp_path / "none.txt")], ["does not exist"])
+    _refused(capsys, ["eval", a, "--text", str(tmp_path / "none.txt")], ["--text", "does not exist"])
+    (tmp_path / "empty.txt").write_text("")
+    _refused(capsys, ["eval", a, "--text", str(tmp_path / "empty.txt")], ["--text", "is empty"])
+    _refused(capsys, ["eval", a, "--names", "x,y"], ["--names", "2 names for 1 models"])
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "mine.txt").write_text("keep")
     _refused(capsys, ["eval", a, "--out", str(foreign)], ["--out", "did not write"])
     assert (foreign / "mine.txt").read_text() == "keep"
     # accepted neighbours: a run directory with its export, stride == window, an empty --out
-    shutil.copytree(tiny_pair[0], run / "hf_mixtral")
+    shutil.copytree(a, run / "hf_mixtral")
     m = resolve_model(str(run))
     assert m.pretrained == str((run / "hf_mixtral").resolve()) and m.kind.startswith("run export")
     from nemo_upcycle.evals.run import EvalRequest, check_out, check_request

@@ -18,7 +18,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional, Sequence
 
-from nemo_upcycle.data.text import check_path
 from nemo_upcycle.errors import UpcycleError
 from nemo_upcycle.evals import render
 from nemo_upcycle.evals.models import EXPORT_DIR, EvalModel, check_fits, resolve_model
@@ -74,10 +73,9 @@ def check_request(r: EvalRequest) -> EvalRequest:
     for d in r.include_paths:
         if not Path(d).is_dir():
             raise UpcycleError(f"--include-path {d} is not a directory; pass a folder holding lm-eval task YAML files.")
-    if r.text is not None:
-        check_path(Path(r.text))
-        if Path(r.text).stat().st_size == 0:
-            raise UpcycleError(f"--text {r.text} is empty; pass a held-out text file.")
+    if r.text is not None and (not Path(r.text).is_file() or Path(r.text).stat().st_size == 0):
+        what = "is empty" if Path(r.text).is_file() else "does not exist or is not a file"
+        raise UpcycleError(f"--text {r.text} {what}; pass a held-out text file for the perplexity.")
     if not r.tasks and r.text is None and not r.prompts:
         raise UpcycleError("nothing to evaluate: pass --tasks, --text or leave the samples on.")
     if r.names is not None and len(r.names) != len(r.models):
