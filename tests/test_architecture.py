@@ -12,7 +12,7 @@ from pathlib import Path
 
 PKG = Path(__file__).resolve().parent.parent / "nemo_upcycle"
 # bottom -> top; a module may import its own layer and the layers below it
-LAYERS = ("errors", "system", "core", "formats", "offline", "planning", "data", "config", "engine", "apps")
+LAYERS = ("errors", "system", "core", "formats", "offline", "planning", "data", "evals", "config", "engine", "apps")
 HEAVY = ("nemo", "megatron", "nemo_run", "lightning", "pytorch_lightning", "fiddle", "transformer_engine")
 
 

@@ -9,6 +9,10 @@
   nemo-upcycle recipes                    # conf/<name>.yaml = engine/recipes/<name>.py: mode, GPUs, description
   nemo-upcycle compare --config-name=NAME [--variants a,b] [--tokens N | --steps N] [--out DIR] [key=value ...]
       dense continuation against each upcycling method (``apps.compare``); --list-variants prints them.
+  nemo-upcycle eval MODEL [MODEL ...] [--tasks T1,T2] [--include-path DIR] [--limit N] [--batch-size B]
+                    [--text FILE] [--out DIR]
+      lm-evaluation-harness (its HF backend), perplexity and greedy samples per model, side by side (``evals``):
+      MODEL is an HF directory, a .gguf file or a training run directory (its hf_mixtral/ export).
 
 Exit codes: 0 success, 1 verification failed, 2 bad input (one line on stderr naming the fix, usage errors
 included), 130 / 143 interrupted by SIGINT / SIGTERM (a convert's temporary output is removed).
@@ -30,6 +34,7 @@ warnings.filterwarnings("ignore", message="The pynvml package is deprecated", ca
 from nemo_upcycle.config.compose import compose, describe, recipe_names
 from nemo_upcycle.core.options import CHOICES, UpcycleOptions
 from nemo_upcycle.errors import UpcycleError
+from nemo_upcycle.evals.text import PROMPTS
 from nemo_upcycle.formats.base import is_nemo_checkpoint
 from nemo_upcycle.offline.convert import convert
 from nemo_upcycle.offline.verify import (
@@ -109,6 +114,31 @@ def _add_compare(sub) -> None:
     p.add_argument("--list-variants", action="store_true", help="print the variants and exit")
 
 
+def _add_eval(sub) -> None:
+    from nemo_upcycle.evals.shipped import SMOKE_TASKS
+
+    p = sub.add_parser("eval", help="lm-eval tasks, perplexity and greedy samples for each model, side by side; "
+                                    "writes eval.md / eval.json")
+    p.add_argument("models", nargs="+", metavar="MODEL",
+                   help="HF model directory (Llama, Mixtral, Qwen2-MoE, ...), .gguf file, or training run directory")
+    p.add_argument("--tasks", default=",".join(SMOKE_TASKS),
+                   help=f"comma list of lm-eval tasks (default: the shipped smoke tasks {','.join(SMOKE_TASKS)}; "
+                        "'none': no tasks)")
+    p.add_argument("--include-path", action="append", default=[], metavar="DIR",
+                   help="a folder of lm-eval task YAML files (repeatable), e.g. your local MMLU copy")
+    p.add_argument("--limit", type=int, default=None, help="at most N documents per task")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--text", default=None, metavar="FILE", help="held-out text file for perplexity")
+    p.add_argument("--window", type=int, default=512, help="perplexity window in tokens")
+    p.add_argument("--stride", type=int, default=256, help="perplexity stride in tokens")
+    p.add_argument("--max-tokens", type=int, default=8192, help="perplexity: at most this many tokens of --text")
+    p.add_argument("--no-samples", action="store_true", help="skip the greedy samples")
+    p.add_argument("--tokenizer", default=None, metavar="DIR",
+                   help="a tokenizer directory for every model (default: each model's own)")
+    p.add_argument("--names", default=None, help="comma list of column names, one per model (default: from paths)")
+    p.add_argument("--out", type=Path, default=None, help="output directory (default outputs/eval_<time>)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="nemo-upcycle", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -116,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_verify(sub)
     _add_recipes(sub)
     _add_compare(sub)
+    _add_eval(sub)
     return parser
 
 
@@ -237,6 +268,31 @@ def run_compare(a: argparse.Namespace) -> int:
     return 0
 
 
+def run_eval(a: argparse.Namespace) -> int:
+    import time
+
+    from nemo_upcycle.evals.run import EvalRequest, check_out, check_request, evaluate
+
+    tasks = [] if a.tasks.strip().lower() in ("", "none") else [t.strip() for t in a.tasks.split(",") if t.strip()]
+    req = EvalRequest(models=a.models, tasks=tasks, include_paths=a.include_path, limit=a.limit,
+                      batch_size=a.batch_size, text=a.text, window=a.window, stride=a.stride,
+                      max_tokens=a.max_tokens, prompts=() if a.no_samples else PROMPTS, tokenizer=a.tokenizer,
+                      names=a.names.split(",") if a.names else None)
+    out = a.out or Path("outputs") / f"eval_{time.strftime('%Y-%m-%d_%H-%M-%S')}"
+    check_request(req)
+    check_out(out)
+    record = evaluate(req, out)
+    from nemo_upcycle.evals.render import downstream_rows
+
+    if record["tasks"]:
+        print("\n".join(downstream_rows(record)))
+    for m in record["models"]:
+        if m.get("perplexity"):
+            print(f"perplexity {m['name']}: {m['perplexity']['ppl']:.3f} ({m['perplexity']['tokens']:,} tokens)")
+    print(f"wrote {out / 'eval.md'} and {out / 'eval.json'}")
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -246,7 +302,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return {"convert": run_convert, "verify": run_verify, "recipes": run_recipes,
-                "compare": run_compare}[args.command](args)
+                "compare": run_compare, "eval": run_eval}[args.command](args)
     except UpcycleError as e:
         print(f"error: {e.render(OPTION_FLAGS, ' ')}", file=sys.stderr)
         return e.exit_code

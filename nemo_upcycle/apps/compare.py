@@ -10,8 +10,9 @@ every run sees the same batches and the MoEs start from the same router draws. T
 each weight scaling (He et al., arXiv 2410.07524), Drop-Upcycling (Nakamura et al., arXiv 2502.19261) and a zero
 router; against the dense model trained for the same tokens and for the MoE's training FLOPs.
 
-Read from each run: ``step0.json``, ``final_eval.json``, ``metrics.jsonl``. Written to OUT after every variant, by
-``compare_out`` (which also says what compare may remove): ``comparison.json``, ``comparison.md``, ``comparison.png``.
+Read from each run: ``step0.json``, ``final_eval.json``, ``metrics.jsonl``, ``eval/eval.json`` (``compare_eval``).
+Written to OUT after every variant, by ``compare_out`` (which also says what compare may remove):
+``comparison.json``, ``comparison.md``, ``comparison.png``.
 A variant that fails is a row with its one-line reason; a finished one with the same settings is skipped, so the same
 command continues an interrupted comparison. Training processes die with compare (``run_dir.die_with_parent``).
 """
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from nemo_upcycle.apps import run_dir as run_dirs
+from nemo_upcycle.apps.compare_eval import read_downstream
 from nemo_upcycle.apps.compare_out import (
     MARKER,
     REFERENCE,
@@ -145,7 +147,8 @@ def read_run(run_dir: Path) -> dict:
             "final_step": final.get("step"), "tokens_per_s": max(rates) if rates else None,
             "load_cv": _finite(last.get("load_cv")), "load_max_over_mean": _finite(last.get("load_max_over_mean")),
             "flops_per_token_logged": flops,
-            "val_curve": [[r["tokens"], r["val_loss"]] for r in m["val"] if _finite(r.get("val_loss")) is not None]}
+            "val_curve": [[r["tokens"], r["val_loss"]] for r in m["val"] if _finite(r.get("val_loss")) is not None],
+            "downstream": read_downstream(run_dir)}
 
 
 def failure_reason(log_text: str, returncode: Optional[int]) -> str:
@@ -229,7 +232,8 @@ def _run_all(config_name: str, overrides: list, base, chosen: list, per_variant:
     for v in chosen:  # settle every variant's command first: a stale run directory stops before any training
         s = result["budget"]["dense_flops_steps"] if v.equal_flops else n_steps
         args = _variant_args(v, E, k, s, max(1, n_steps // 3), common, overrides, per_variant.get(v.name, []),
-                             keep_checkpoints)
+                             keep_checkpoints, export=bool(base.logging.eval_tasks) and not v.dense
+                             and base.data.kind != "mock")
         _check_stale(out / v.name, args)
         check_not_running(out / v.name)
         plans.append((v, s, args))
@@ -260,13 +264,14 @@ def _shared_source(base, out: Path) -> Optional[str]:
 
 
 def _variant_args(v: Variant, E: int, k: int, steps: int, val_every: int, common: list, overrides: list,
-                  extra: list, keep_checkpoints: bool = False) -> list[str]:
+                  extra: list, keep_checkpoints: bool = False, export: bool = False) -> list[str]:
     """train.py's Hydra overrides for one variant, in precedence order (the last wins): compare's defaults (validation
     at the same token counts in every variant; no checkpoints -- a SmolLM2 E8 one is ~8 GB and ~30 s at every
-    validation --, HF export or per-run report), the user's overrides, the variant's, its --set ones, the budget."""
+    validation --, HF export unless ``export`` (for logging.eval_tasks: ``compare_eval``) or per-run report), the
+    user's overrides, the variant's, its --set ones, the budget."""
     defaults = [f"trainer.val_check_interval={val_every}",
                 f"trainer.checkpoint_every_n_steps={steps if keep_checkpoints else 0}",
-                "logging.export_hf=false", "logging.report=false"]
+                f"logging.export_hf={'true' if export else 'false'}", "logging.report=false"]
     return ["mode=train", *common, *defaults, *overrides, *variant_overrides(v, E, k), *extra,
             f"trainer.max_steps={steps}"]
 

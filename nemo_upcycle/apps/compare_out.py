@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Sequence
 
 from nemo_upcycle.apps import run_dir as run_dirs
+from nemo_upcycle.apps.compare_eval import downstream_markdown
 from nemo_upcycle.errors import UpcycleError
 from nemo_upcycle.system import files
 
@@ -84,7 +85,7 @@ def markdown(result: dict) -> str:
             fmt(r.get("final_ppl") if r.get("loss_equal_flops") is not None else None, "{:.2f}"),
             fmt(r.get("tokens_per_s"), "{:.1f}"), fmt(r.get("load_cv"), "{:.3f}"),
             fmt(r.get("load_max_over_mean"), "{:.2f}"), row_note(r)]) + " |")
-    lines += ["", "Variants:", ""]
+    lines += ["", *downstream_markdown(result), "Variants:", ""]
     lines += [f"- `{r['name']}`: {r['what']} (`{' '.join(r['overrides'])}`)" for r in result["variants"]]
     lines += ["", "![validation loss](comparison.png)", "",
               "Plot: the validation loop (the first `trainer.limit_val_batches` validation batches, the same for "

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from nemo_upcycle.apps.end_eval import check_eval_tasks
 from nemo_upcycle.apps.precheck import check_data, check_launcher, check_memory, check_source
 from nemo_upcycle.apps.run_dir import check_run_dir, claim
 from nemo_upcycle.config.schema import RunConfig
@@ -105,6 +106,7 @@ def preflight(run: RunConfig, config_name: str) -> None:
         check_source(run)
         check_data(run)
         check_memory(run)
+        check_eval_tasks(run)
 
 
 def dispatch(run: RunConfig, config_name: str, out_dir: Path, prechecked: bool = False) -> int:

@@ -280,8 +280,7 @@ def build_markdown(run_dir: Path, m: dict, step0: Optional[dict], summary: dict,
 
 def write_report(run_dir, *, metrics_path=None, step0: Optional[dict] = None, summary: Optional[dict] = None) -> Path:
     """Write ``report.md`` and the PNGs into ``run_dir``; return the report path."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir := Path(run_dir)).mkdir(parents=True, exist_ok=True)
     m = read_metrics(Path(metrics_path) if metrics_path else run_dir / "metrics.jsonl")
     run = m["run"][-1] if m["run"] else {}
     tps = _num(run.get("tokens_per_step"))
@@ -291,9 +290,10 @@ def write_report(run_dir, *, metrics_path=None, step0: Optional[dict] = None, su
              "expert load": plot_expert_load(m, run_dir / "expert_load.png"),
              "router": plot_router(m, run_dir / "router.png", run.get("num_experts")),
              "throughput": plot_throughput(m, run_dir / "throughput.png")}
-    out = run_dir / "report.md"
+    from nemo_upcycle.apps.end_eval import eval_section  # the lm-eval table of logging.eval_tasks (RUN/eval/)
     timings = _load_json(run_dir / TIMINGS_FILE)
-    atomic_write_text(out, build_markdown(run_dir, m, step0, summary or {}, plots, timings))
+    atomic_write_text(out := run_dir / "report.md", build_markdown(run_dir, m, step0, summary or {}, plots, timings)
+                      + eval_section(run_dir))
     return out
 
 

@@ -9,7 +9,8 @@
      dense weights when training starts (online upcycling) unless a checkpoint is resumed; callbacks
      ``MetricsLogger`` (metrics.jsonl, TensorBoard, progress bar) and ``UpcycleLifecycle`` (step0.json,
      final_eval.json, hf_mixtral/);
-  4. rank 0 writes ``report.md`` with its plots.
+  4. rank 0 runs ``logging.eval_tasks`` on the dense source and the export (``end_eval``: eval/) and writes
+     ``report.md`` with its plots.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Optional
 
 import torch
 
+from nemo_upcycle.apps.end_eval import run_end_eval
 from nemo_upcycle.apps.run_dir import resume_checkpoint, write_run_identity
 from nemo_upcycle.config.schema import RunConfig
 from nemo_upcycle.data.sources import resolve_source, tokenizer_dir
@@ -53,6 +55,8 @@ def train(run: RunConfig, out_dir: Path) -> int:
     if is_rank0():
         write_run_identity(run, out_dir)  # only now: a refused run leaves none
     start()
+    if is_rank0():
+        run_end_eval(run, out_dir, source, tok)
     if is_rank0() and run.logging.report:
         write_run_report(run, out_dir)
     return 0

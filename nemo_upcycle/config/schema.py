@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Optional
 
+from nemo_upcycle.evals.shipped import SMOKE_TASKS
+
 
 @dataclass
 class ModelSchema:
@@ -120,6 +122,10 @@ class LoggingSchema:
     metrics_file: str = "metrics.jsonl"
     report: bool = True
     export_hf: bool = True  # the final MoE as an HF Mixtral directory (hf_mixtral/, 1-rank runs)
+    # lm-eval tasks run on the export and the dense source at the end of training (eval/, report.md); [] for none.
+    # Default: the shipped smoke tasks (evals/shipped.py; ~25 items each, well under a minute on the E8 default)
+    eval_tasks: List[str] = field(default_factory=lambda: list(SMOKE_TASKS))
+    eval_limit: Optional[int] = None  # at most N documents per task
 
 
 @dataclass

@@ -59,6 +59,7 @@ RANGES = {  # every numeric key: its interval ("[a, b)": a <= x < b; inf: unboun
     "optim.adam_beta1": "[0, 1)", "optim.adam_beta2": "[0, 1)", "optim.clip_grad": ">=0",
     "trainer.max_steps": ">=1", "trainer.val_check_interval": ">=1", "trainer.limit_val_batches": ">=0",
     "trainer.log_every_n_steps": ">=1", "trainer.checkpoint_every_n_steps": ">=0", "trainer.eval_windows": ">=0",
+    "logging.eval_limit": ">=1",
 }
 
 

