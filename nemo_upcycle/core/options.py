@@ -21,6 +21,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
 
+from nemo_upcycle.core.shared import shared_note, validate_shared
 from nemo_upcycle.errors import FieldError
 
 ROUTER_INITS = ("normal", "zeros", "virtual_group")
@@ -55,6 +56,9 @@ class UpcycleOptions:
     moe_token_drop_policy: str = "probs"
     moe_pad_expert_input_to_capacity: bool = False
     moe_aux_loss_coeff: float = 1e-2
+    # Shared experts (core.shared): S slots of the routed expert size, Megatron's moe_shared_expert_gate.
+    shared_experts: int = 0
+    moe_shared_expert_gate: bool = False
     extra: dict = field(default_factory=dict)
 
     # ---- derived -------------------------------------------------------------------------------
@@ -132,6 +136,7 @@ class UpcycleOptions:
                              moe_aux_loss_coeff=self.moe_aux_loss_coeff)
         if num_layers is not None:
             resolve_moe_layers(self.moe_layers, num_layers)
+        validate_shared(self)
         return self
 
     def to_record(self) -> dict:
@@ -205,6 +210,11 @@ def step0_report(opts: UpcycleOptions) -> tuple[bool, str]:
     (SwiGLU acts per intermediate unit), so MoE(x) = s / G * dense(x): exact when the factor s = G sits on
     the linear down projection.
     """
+    exact, why = _routed_step0(opts)
+    return exact, why + (shared_note(opts) if exact else "")
+
+
+def _routed_step0(opts: UpcycleOptions) -> tuple[bool, str]:
     k, G = opts.moe_router_topk, opts.granularity
     if opts.noise_std > 0:
         return False, f"expert noise (std {opts.noise_std}) perturbs every expert away from the dense MLP."
