@@ -48,6 +48,9 @@ class MoESchema:
     moe_router_pre_softmax: bool = False
     moe_router_score_function: str = "softmax"
     moe_layer_freq: int = 1
+    # shared expert (Megatron SharedExpertMLP): S x the routed expert size, started from the dense MLP (core.shared)
+    moe_shared_expert_intermediate_size: Optional[int] = None
+    moe_shared_expert_gate: bool = False  # Megatron's sigmoid gate on the shared expert (zero at step 0: 1/2)
 
 
 @dataclass

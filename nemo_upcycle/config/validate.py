@@ -46,6 +46,7 @@ RANGES = {  # every numeric key: its interval ("[a, b)": a <= x < b; inf: unboun
     "model.rope_scaling_factor": ">0",
     "moe.num_moe_experts": ">=1", "moe.moe_router_topk": ">=1", "moe.moe_expert_capacity_factor": ">0",
     "moe.moe_aux_loss_coeff": ">=0", "moe.moe_z_loss_coeff": ">=0", "moe.moe_layer_freq": ">=1",
+    "moe.moe_shared_expert_intermediate_size": ">=1",
     "upcycle.granularity": ">=1", "upcycle.router_std": ">=0", "upcycle.noise_std": ">=0",
     "upcycle.drop_ratio": "[0, 1]", "upcycle.seed": SEED,
     "parallel.tensor_model_parallel_size": ">=1", "parallel.pipeline_model_parallel_size": ">=1",

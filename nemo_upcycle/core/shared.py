@@ -69,9 +69,9 @@ def shared_from_size(size: Optional[int], ffn_hidden_size: int, granularity: int
         return 0
     Fe = ffn_hidden_size // granularity
     if isinstance(size, bool) or not isinstance(size, int) or size < 0 or size % Fe:
-        raise FieldError(f"{{moe_shared_expert_intermediate_size=}} is not a multiple of the routed expert size "
-                         f"{Fe} (dense FFN {ffn_hidden_size} / granularity {granularity}); choose S x {Fe}.",
-                         moe_shared_expert_intermediate_size=size)
+        raise FieldError(f"{{shared_experts=}} (the shared expert's size) is not a multiple of the routed expert "
+                         f"size {Fe} (dense FFN {ffn_hidden_size} / granularity {granularity}); choose S x {Fe}.",
+                         shared_experts=size)
     return size // Fe
 
 

@@ -17,6 +17,7 @@ from typing import Callable, List, Optional, Union
 from nemo.collections.llm.gpt.model.llama import Llama3Config, Llama31Config
 
 from nemo_upcycle.core.options import UpcycleOptions
+from nemo_upcycle.core.shared import shared_from_size
 from nemo_upcycle.engine.spec import moe_layer_spec, reduce_expert_grads_over_expert_groups, te_importable
 from nemo_upcycle.errors import UpcycleError
 from nemo_upcycle.formats.keymap import FIELDS, hf_values
@@ -60,6 +61,7 @@ class MoEUpcycleFields:
     moe_token_dispatcher_type: str = "alltoall"
     moe_grouped_gemm: bool = False
     moe_layer_freq: Union[int, List[int]] = 1
+    moe_shared_expert_gate: bool = False  # Megatron's sigmoid shared-expert gate (engine.spec sets it in the spec)
     # upcycling (nemo_upcycle.core.UpcycleOptions)
     upcycle_granularity: int = 1
     upcycle_scaling: str = "exact"
@@ -118,6 +120,9 @@ class MoEUpcycleFields:
             moe_token_drop_policy=self.moe_token_drop_policy,
             moe_pad_expert_input_to_capacity=self.moe_pad_expert_input_to_capacity,
             moe_aux_loss_coeff=self.moe_aux_loss_coeff if isinstance(self.moe_aux_loss_coeff, float) else 0.0,
+            shared_experts=shared_from_size(self.moe_shared_expert_intermediate_size, self.ffn_hidden_size,
+                                            self.upcycle_granularity),
+            moe_shared_expert_gate=self.moe_shared_expert_gate,
         ).validate(ffn_hidden_size=self.ffn_hidden_size, num_layers=n)
 
 

@@ -301,6 +301,7 @@ class KeyMap:
 
 KEYMAP = KeyMap(DENSE_ROWS + MIXTRAL_ROWS)
 QWEN2_MOE_KEYMAP = KeyMap(DENSE_ROWS + QKV_BIAS_ROWS + QWEN2_MOE_ROWS)  # the same Megatron names, HF Qwen2-MoE's
+FILL_KEYMAP = KeyMap(DENSE_ROWS + QKV_BIAS_ROWS + MIXTRAL_ROWS + SHARED_ROWS)  # every Megatron name the filler meets
 
 
 # ---------------------------------------------------------------------------------------------- config fields
