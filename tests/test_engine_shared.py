@@ -82,3 +82,40 @@ def test_filler_shared_shards_reassemble(tiny_llama):
     assert torch.equal(torch.cat(fc2, 1), one.tensor("decoder.layers.1.mlp.shared_experts.linear_fc2.weight"))
     gate = [f.tensor("decoder.layers.1.mlp.shared_experts.gate_weight") for f in tp]
     assert all(torch.equal(g, torch.zeros(1, 36)) for g in gate)  # replicated, zero: sigmoid = 1/2
+
+
+EXPORTS = [dict(moe_shared_expert_intermediate_size=44), dict(moe_shared_expert_intermediate_size=88,
+                                                               moe_shared_expert_gate=True),
+           dict(moe_layer_freq=[1, 0, 1]), dict(moe_layer_freq=2, moe_shared_expert_intermediate_size=44)]
+
+
+@pytest.mark.parametrize("moe", EXPORTS, ids=["S1", "S2-gate", "mixed", "every2-S1"])
+def test_trained_export_as_qwen2_moe(megatron_world, tiny_llama, token_ids, tmp_path, moe):
+    """Trained (2 Adam steps, so the shared expert and its gate moved), exported by ``export_hf_mixtral`` in the format
+    auto picks (Qwen2-MoE), loaded by transformers' ``Qwen2MoeForCausalLM``: NeMo's logits within 1e-5. Negative
+    control: the same export read with the shared expert's gate forced back to zero."""
+    from nemo_upcycle.engine.model import megatron_forward_logits
+    from nemo_upcycle.offline.verify import load_moe, verify
+    from test_export import export, trained_moe
+
+    src, cfg, module = trained_moe(tiny_llama, **moe)
+    out = export(module, cfg, src, tmp_path / "moe", token_ids)
+    c = __import__("json").loads((out / "config.json").read_text())
+    assert c["model_type"] == "qwen2_moe"
+    ref = megatron_forward_logits(module, token_ids)[..., :99]
+    hf = load_moe(out).eval()
+    with torch.no_grad():
+        assert (hf(token_ids).logits - ref).abs().max().item() < 1e-5
+        assert (ref - load_llama(tiny_llama)(token_ids).logits).abs().max().item() > 1e-2  # training moved it
+    assert verify(tiny_llama, out).passed(1e-5)
+    if moe.get("moe_shared_expert_gate"):
+        with torch.no_grad():
+            for layer in hf.model.layers:
+                layer.mlp.shared_expert_gate.weight.zero_()
+            assert (hf(token_ids).logits - ref).abs().max().item() > 1e-3
+    elif moe.get("moe_shared_expert_intermediate_size"):
+        with torch.no_grad():  # the doubled down projection halved again: Megatron's ungated expert at 1/2
+            for layer in hf.model.layers:
+                if hasattr(layer.mlp, "shared_expert"):
+                    layer.mlp.shared_expert.down_proj.weight.mul_(0.5)
+            assert (hf(token_ids).logits - ref).abs().max().item() > 1e-3

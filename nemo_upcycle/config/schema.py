@@ -121,7 +121,8 @@ class LoggingSchema:
     tensorboard: bool = True
     metrics_file: str = "metrics.jsonl"
     report: bool = True
-    export_hf: bool = True  # the final MoE as an HF Mixtral directory (hf_mixtral/, 1-rank runs)
+    export_hf: bool = True  # the final MoE as an HF MoE directory (hf_mixtral/, 1-rank runs)
+    export_format: str = "auto"  # auto (Mixtral when it holds the model, else Qwen2-MoE) | mixtral | qwen2_moe
 
 
 @dataclass

@@ -14,6 +14,7 @@ from typing import Any
 from nemo_upcycle.config.schema import MODES, RunConfig
 from nemo_upcycle.config.translate import OPTION_KEYS, model_dims, parallel_layout, training_setup, upcycle_options
 from nemo_upcycle.errors import FieldError, UpcycleError
+from nemo_upcycle.formats.hf_moe import FORMAT_CHOICES
 from nemo_upcycle.planning.flops import GPUS
 from nemo_upcycle.planning.layout import RECOMPUTE
 from nemo_upcycle.planning.layout import check_layout as check_model_layout
@@ -143,6 +144,7 @@ def validate(cfg) -> RunConfig:
             ("aux_loss", "seq_aux_loss", "global_aux_loss", "sinkhorn", "none"))
     _one_of("moe.moe_token_dispatcher_type", moe.moe_token_dispatcher_type, ("allgather", "alltoall", "flex"))
     _one_of("parallel.gpu", par.gpu, tuple(GPUS))
+    _one_of("logging.export_format", run.logging.export_format, FORMAT_CHOICES)
     if moe.num_moe_experts is None and run.mode == "verify":  # dense continuation: nothing to upcycle
         raise UpcycleError("mode=verify checks an upcycled MoE against the dense model; moe=dense has no experts.")
     try:

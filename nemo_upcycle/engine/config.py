@@ -62,6 +62,7 @@ class MoEUpcycleFields:
     moe_grouped_gemm: bool = False
     moe_layer_freq: Union[int, List[int]] = 1
     moe_shared_expert_gate: bool = False  # Megatron's sigmoid shared-expert gate (engine.spec sets it in the spec)
+    export_format: str = "auto"  # the HF export: auto | mixtral | qwen2_moe (formats.hf_moe; logging.export_format)
     # upcycling (nemo_upcycle.core.UpcycleOptions)
     upcycle_granularity: int = 1
     upcycle_scaling: str = "exact"

@@ -53,7 +53,8 @@ def model_config(r: RunConfig) -> run.Config:
               moe_router_score_function=moe.moe_router_score_function,
               moe_layer_freq=moe.moe_layer_freq,
               moe_shared_expert_intermediate_size=moe.moe_shared_expert_intermediate_size,
-              moe_shared_expert_gate=moe.moe_shared_expert_gate, upcycle_granularity=up.granularity,
+              moe_shared_expert_gate=moe.moe_shared_expert_gate, export_format=r.logging.export_format,
+              upcycle_granularity=up.granularity,
               upcycle_scaling=up.scaling,
               upcycle_router_init=up.router_init, upcycle_router_std=up.router_std, upcycle_noise_std=up.noise_std,
               upcycle_drop_ratio=up.drop_ratio, upcycle_seed=up.seed)

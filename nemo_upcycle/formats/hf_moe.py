@@ -16,7 +16,7 @@ from nemo_upcycle.core.options import UpcycleOptions, resolve_moe_layers
 from nemo_upcycle.core.shared import shared_count
 from nemo_upcycle.errors import UpcycleError
 from nemo_upcycle.formats import mixtral, qwen2_moe
-from nemo_upcycle.formats.keymap import has_qkv_bias
+from nemo_upcycle.formats.keymap import KEYMAP, QWEN2_MOE_KEYMAP, KeyMap, has_qkv_bias
 
 FORMAT_CHOICES = ("auto", "mixtral", "qwen2_moe")
 
@@ -33,14 +33,15 @@ class HFMoEFormat:
     num_output_tensors: Callable
     output_bytes: Callable
     source_keys: Callable
+    keymap: KeyMap  # Megatron <-> this format's HF names (the export reads the model through it)
 
 
 FORMATS = {
     "mixtral": HFMoEFormat("mixtral", "mixtral", "MixtralForCausalLM", mixtral.mixtral_config, mixtral.layout,
-                           mixtral.num_output_tensors, mixtral.output_bytes, mixtral.source_keys),
+                           mixtral.num_output_tensors, mixtral.output_bytes, mixtral.source_keys, KEYMAP),
     "qwen2_moe": HFMoEFormat("qwen2_moe", qwen2_moe.MODEL_TYPE, "Qwen2MoeForCausalLM", qwen2_moe.qwen2_moe_config,
                              qwen2_moe.layout, qwen2_moe.num_output_tensors, qwen2_moe.output_bytes,
-                             qwen2_moe.source_keys),
+                             qwen2_moe.source_keys, QWEN2_MOE_KEYMAP),
 }
 BY_MODEL_TYPE = {f.model_type: f for f in FORMATS.values()}
 
