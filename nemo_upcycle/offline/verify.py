@@ -92,16 +92,17 @@ def check_inputs(dense_path: Path, moe_path: Path) -> tuple[DenseSource, dict]:
 
 
 def load_dense(path: str | Path):
-    from transformers import LlamaForCausalLM
+    """The dense model with transformers' own class for its family (``LlamaForCausalLM``, ``Qwen2ForCausalLM``)."""
+    from transformers import AutoModelForCausalLM
 
     p = Path(path)
     if not p.exists():
         raise UpcycleError(f"{p} does not exist; pass the dense HF Llama directory or .gguf file.")
     if p.is_file() and p.suffix.lower() == ".gguf":
-        return LlamaForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=torch.float32)
+        return AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=torch.float32)
     if not (p / "config.json").is_file():
         raise UpcycleError(f"{p} has no config.json; pass the dense HF Llama directory or .gguf file.")
-    return LlamaForCausalLM.from_pretrained(str(p), dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(str(p), dtype=torch.float32)
 
 
 def load_moe(path: str | Path):
