@@ -185,8 +185,8 @@ class GGUFLlamaSource(DenseSource):
 
     def get(self, key: str) -> torch.Tensor:
         w = self._raw(key)
-        if key.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight")) and self.config["model_type"] == "llama":
-            # llama.cpp permutes q / k for Llama only (convert_hf_to_gguf.py LlamaModel; its Qwen2Model does not)
+        permuted = self.config["model_type"] == "llama"  # llama.cpp's LlamaModel permutes q / k; its Qwen2Model not
+        if permuted and key.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight")):
             c = self.config
             heads = (c["num_attention_heads"] if ".q_proj." in key
                      else c.get("num_key_value_heads") or c["num_attention_heads"])
