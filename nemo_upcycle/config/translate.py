@@ -78,7 +78,8 @@ def upcycle_options(run: RunConfig) -> UpcycleOptions:
 def hf_llama_config(run: RunConfig) -> dict:
     """The dense model as an HF Llama config dict (for the meta-device build and the key layout, which RoPE scaling
     does not change: it is left out)."""
-    return {"model_type": "llama", **hf_config(model_values(run.model, rope=False))}
+    family = "qwen2" if run.model.add_qkv_bias else "llama"  # Qwen2: q/k/v biases (keymap.has_qkv_bias)
+    return {"model_type": family, **hf_config(model_values(run.model, rope=False))}
 
 
 def flops_for_run(run) -> float:

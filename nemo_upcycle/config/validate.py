@@ -11,6 +11,7 @@ import dataclasses
 import math
 from typing import Any
 
+from nemo_upcycle.config.auto_model import FAMILIES, fill_model
 from nemo_upcycle.config.schema import MODES, RunConfig
 from nemo_upcycle.config.translate import OPTION_KEYS, model_dims, parallel_layout, training_setup, upcycle_options
 from nemo_upcycle.errors import FieldError, UpcycleError
@@ -127,6 +128,7 @@ def validate(cfg) -> RunConfig:
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
+    fill_model(cfg)  # model=auto: the sizes from the source's own config, before interpolations resolve
     try:
         run: RunConfig = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as e:
@@ -135,7 +137,7 @@ def validate(cfg) -> RunConfig:
     _one_of("mode", run.mode, MODES)
     check_numbers(run)
     m, moe, par = run.model, run.moe, run.parallel
-    _one_of("model.family", m.family, ("llama3", "llama3_1", "llama3_2", "smollm2", "tiny"))
+    _one_of("model.family", m.family, FAMILIES)
     _one_of("parallel.accelerator", par.accelerator, ("gpu", "cpu"))
     _one_of("trainer.precision", run.trainer.precision, ("32", "bf16-mixed", "16-mixed"))
     _one_of("trainer.recompute", run.trainer.recompute, RECOMPUTE)

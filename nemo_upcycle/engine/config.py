@@ -20,7 +20,7 @@ from nemo_upcycle.core.options import UpcycleOptions
 from nemo_upcycle.core.shared import shared_from_size
 from nemo_upcycle.engine.spec import moe_layer_spec, reduce_expert_grads_over_expert_groups, te_importable
 from nemo_upcycle.errors import UpcycleError
-from nemo_upcycle.formats.keymap import FIELDS, hf_values
+from nemo_upcycle.formats.keymap import FIELDS, has_qkv_bias, hf_values
 
 
 def padding_logits_masked(vocab: int, padded: int):
@@ -138,6 +138,8 @@ class UpcycledLlamaConfig(MoEUpcycleFields, Llama3Config):
         values = hf_values(hf)
         sizes = {k: v for k, v in values.items() if not FIELDS[k].rope}
         sizes["seq_length"] = min(sizes["seq_length"], 8192)
+        if has_qkv_bias(hf):  # Qwen2 / Qwen2.5: q/k/v biases (Megatron add_qkv_bias, as NeMo's Qwen2Config)
+            sizes["add_qkv_bias"] = True
         rope = hf.get("rope_scaling") or {}
         kind = rope.get("rope_type", rope.get("type"))
         target = cls

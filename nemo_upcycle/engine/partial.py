@@ -40,6 +40,8 @@ def model_config(r: RunConfig) -> run.Config:
     scale_factor = sizes["scale_factor"]
     kw = {k: v for k, v in sizes.items() if not FIELDS[k].rope}
     kw["seq_length"] = r.data.seq_length
+    if m.add_qkv_bias:  # Qwen2 / Qwen2.5 (NeMo's Qwen2Config sets the same)
+        kw["add_qkv_bias"] = True
     kw.update(vocab_padding(r))
     kw.update(bf16=bf16, params_dtype=torch.bfloat16 if bf16 else torch.float32,
               num_moe_experts=moe.num_moe_experts, moe_router_topk=moe.moe_router_topk,
