@@ -37,8 +37,8 @@ def test_qwen2_source_with_shared_experts_trains_and_exports(tmp_path, capsys):
     p = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=1500)
     assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
     identity = json.loads((run / "run_identity.json").read_text())
-    assert identity["model"]["family"] == "qwen2" and identity["model"]["add_qkv_bias"] is True
-    assert identity["moe"]["moe_shared_expert_intermediate_size"] == 44
+    assert identity["model.family"] == "qwen2" and identity["model.add_qkv_bias"] is True
+    assert identity["moe.moe_shared_expert_intermediate_size"] == 44 and identity["moe.moe_shared_expert_gate"]
     step0 = json.loads((run / "step0.json").read_text())
     assert step0["passed"] and step0["max_abs_logit_diff"] < 1e-5, step0
     assert "shared expert" in json.dumps(step0)

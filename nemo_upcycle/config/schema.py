@@ -52,6 +52,13 @@ class MoESchema:
     # shared expert (Megatron SharedExpertMLP): S x the routed expert size, started from the dense MLP (core.shared)
     moe_shared_expert_intermediate_size: Optional[int] = None
     moe_shared_expert_gate: bool = False  # Megatron's sigmoid gate on the shared expert (zero at step 0: 1/2)
+    # routing knobs (core/router_knobs.py): aux-loss-free balancing (sigmoid only), top-k scaling, group-limited
+    moe_router_enable_expert_bias: bool = False
+    moe_router_bias_update_rate: float = 1e-3
+    moe_router_topk_scaling_factor: Optional[float] = None
+    moe_router_num_groups: Optional[int] = None
+    moe_router_group_topk: Optional[int] = None
+    moe_router_dtype: Optional[str] = None  # fp32 | fp64: routing precision
 
 
 @dataclass

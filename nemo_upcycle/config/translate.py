@@ -59,7 +59,9 @@ OPTION_KEYS = {"num_moe_experts": "moe.num_moe_experts", "moe_router_topk": "moe
                "moe_pad_expert_input_to_capacity": "moe.moe_pad_expert_input_to_capacity",
                "moe_aux_loss_coeff": "moe.moe_aux_loss_coeff",
                "shared_experts": "moe.moe_shared_expert_intermediate_size",
-               "moe_shared_expert_gate": "moe.moe_shared_expert_gate"}
+               "moe_shared_expert_gate": "moe.moe_shared_expert_gate",
+               **{k: f"moe.{k}" for k in ("moe_router_enable_expert_bias", "moe_router_topk_scaling_factor",
+                                          "moe_router_num_groups", "moe_router_group_topk", "moe_router_dtype")}}
 
 
 def key_value(run: RunConfig, key: str):

@@ -48,7 +48,8 @@ RANGES = {  # every numeric key: its interval ("[a, b)": a <= x < b; inf: unboun
     "model.rope_scaling_factor": ">0",
     "moe.num_moe_experts": ">=1", "moe.moe_router_topk": ">=1", "moe.moe_expert_capacity_factor": ">0",
     "moe.moe_aux_loss_coeff": ">=0", "moe.moe_z_loss_coeff": ">=0", "moe.moe_layer_freq": ">=1",
-    "moe.moe_shared_expert_intermediate_size": ">=1",
+    "moe.moe_shared_expert_intermediate_size": ">=1", "moe.moe_router_bias_update_rate": ">=0",
+    "moe.moe_router_topk_scaling_factor": ">0", "moe.moe_router_num_groups": ">=1", "moe.moe_router_group_topk": ">=1",
     "upcycle.granularity": ">=1", "upcycle.router_std": ">=0", "upcycle.noise_std": ">=0",
     "upcycle.drop_ratio": "[0, 1]", "upcycle.seed": SEED,
     "parallel.tensor_model_parallel_size": ">=1", "parallel.pipeline_model_parallel_size": ">=1",
@@ -123,6 +124,20 @@ def check_relations(run: "RunConfig") -> None:
                            f"data.seq_length to at most {m.seq_length}.")
 
 
+HF_ROUTING_KNOBS = ("moe_router_enable_expert_bias", "moe_router_topk_scaling_factor", "moe_router_num_groups")
+
+
+def check_hf_routing(run: RunConfig) -> None:
+    """Knobs no HF MoE format expresses (``engine.export_files.check_config_exportable`` refuses them at export) are
+    refused up front when the run ends in an HF export (``logging.export_hf``) or converts to HF (mode=verify)."""
+    moe = run.moe
+    on = [k for k in HF_ROUTING_KNOBS if getattr(moe, k) not in (None, False)]
+    if on and (run.logging.export_hf or run.mode == "verify"):
+        where = "mode=verify converts" if run.mode == "verify" else "logging.export_hf=true exports"
+        raise UpcycleError(f"moe.{on[0]} is set and {where} to HF, whose MoE formats cannot express it; set "
+                           "logging.export_hf=false (mode=train), or drop the knob.")
+
+
 def validate(cfg) -> RunConfig:
     """DictConfig -> RunConfig, refusing in one line (naming the key) what the types cannot express."""
     from omegaconf import OmegaConf
@@ -152,6 +167,7 @@ def validate(cfg) -> RunConfig:
     try:
         if moe.num_moe_experts is not None:
             upcycle_options(run).validate(ffn_hidden_size=m.ffn_hidden_size, num_layers=m.num_layers)
+            check_hf_routing(run)
         check_relations(run)
         check_model_layout(model_dims(run), parallel_layout(run))
     except FieldError as e:

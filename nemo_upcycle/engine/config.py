@@ -124,6 +124,10 @@ class MoEUpcycleFields:
             shared_experts=shared_from_size(self.moe_shared_expert_intermediate_size, self.ffn_hidden_size,
                                             self.upcycle_granularity),
             moe_shared_expert_gate=self.moe_shared_expert_gate,
+            moe_router_enable_expert_bias=self.moe_router_enable_expert_bias,
+            moe_router_topk_scaling_factor=self.moe_router_topk_scaling_factor,
+            moe_router_num_groups=self.moe_router_num_groups, moe_router_group_topk=self.moe_router_group_topk,
+            moe_router_dtype=self.moe_router_dtype,
         ).validate(ffn_hidden_size=self.ffn_hidden_size, num_layers=n)
 
 
