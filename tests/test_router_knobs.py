@@ -108,3 +108,34 @@ def test_recipe_refusals_and_neighbours(override):
         compose(TINY, [override])
     assert words in str(e.value) and "\n" not in str(e.value), str(e.value)
     compose(TINY, fix)  # the neighbour validates
+
+
+def test_report_router_section_shows_knobs_and_expert_bias(tmp_path):
+    """The report's router section names the routing knobs of the run record and plots / tabulates the expert bias
+    over time; without the bias (negative control) neither appears."""
+    import json
+
+    from nemo_upcycle.apps.report import write_report
+
+    def records(bias: bool) -> list[dict]:
+        run = {"kind": "run", "step": 0, "tokens_per_step": 128, "num_experts": 4, "topk": 2,
+               "router": {"moe_router_score_function": "sigmoid", "moe_router_enable_expert_bias": bias}}
+        out = [run]
+        for s in range(1, 6):
+            rec = {"kind": "train", "step": s, "tokens": 128 * s, "loss": 5.0 - 0.1 * s, "router_entropy": 1.2,
+                   "aux_loss": 1.0}
+            if bias:
+                rec.update(expert_bias_spread=1e-3 * s, expert_bias_max_abs=6e-4 * s)
+            out.append(rec)
+        return out
+
+    for bias in (True, False):
+        d = tmp_path / str(bias)
+        d.mkdir()
+        (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records(bias)))
+        md = write_report(d, metrics_path=d / "metrics.jsonl").read_text()
+        router = md.split("## Router", 1)[1].split("\n## ", 1)[0]
+        assert ("`moe_router_enable_expert_bias=True`" in router) == bias, router
+        assert "`moe_router_score_function=sigmoid`" in router
+        assert ("| expert bias spread (layer mean) | 0.001 | 0.005 |" in router) == bias, router
+        assert (d / "router.png").is_file()
