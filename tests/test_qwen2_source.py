@@ -144,3 +144,16 @@ def test_model_auto_reads_the_source(qwen2, tmp_path):
                                                         "original_max_position_embeddings": 32})
     with pytest.raises(UpcycleError, match="rope_scaling type 'yarn'"):
         compose("tiny_llama_upcycle", ["model=auto", f"model.source={yarn}"])
+
+
+def test_recipe_without_biases_for_a_qwen2_source_refused_up_front(qwen2):
+    """The precheck (before NeMo) names the q/k/v bias mismatch; model=auto, its neighbour, is accepted."""
+    from nemo_upcycle.apps.precheck import check_source
+    from nemo_upcycle.config.compose import compose
+
+    overrides = [f"model.source={qwen2}", "model.rotary_base=1000000.0", "model.layernorm_epsilon=1e-6",
+                 "model.share_embeddings_and_output_weights=true"]
+    with pytest.raises(UpcycleError, match="has q/k/v biases but the recipe says model.add_qkv_bias=False; use "
+                                           "model=auto"):
+        check_source(compose("tiny_llama_upcycle", overrides))
+    assert check_source(compose("tiny_llama_upcycle", ["model=auto", f"model.source={qwen2}"]))["model_type"] == "qwen2"

@@ -74,7 +74,7 @@ def test_knobs_not_exact_say_why_and_are_not(kw, words):
     (dict(moe_router_enable_expert_bias=True), "needs the sigmoid score function"),
     (dict(moe_router_num_groups=2), "needs both"),
     (dict(moe_router_num_groups=3, moe_router_group_topk=1), "must divide num_moe_experts=8"),
-    (dict(moe_router_num_groups=4, moe_router_group_topk=3), "must be between 1 and"),
+    (dict(moe_router_num_groups=4, moe_router_group_topk=3), "must lie in 1..moe_router_num_groups=4"),
     (dict(moe_router_dtype="bf16"), "is not one of fp32, fp64"),
     (dict(moe_router_topk_scaling_factor=-1.0), "must be a number > 0"),
 ])

@@ -43,7 +43,7 @@ def validate_router_knobs(opts) -> None:
             raise FieldError("{moe_router_num_groups=} must divide {num_moe_experts=} into equal groups.",
                              moe_router_num_groups=groups, num_moe_experts=E)
         if not 1 <= gk <= groups or k % gk:
-            raise FieldError("{moe_router_group_topk=} must be between 1 and {moe_router_num_groups=} and divide "
+            raise FieldError("{moe_router_group_topk=} must lie in 1..{moe_router_num_groups=} and divide "
                              "{moe_router_topk=} (each chosen group gives k / group_topk experts).",
                              moe_router_group_topk=gk, moe_router_num_groups=groups, moe_router_topk=k)
     dtype = opts.moe_router_dtype
