@@ -63,3 +63,22 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def make_qwen2(path: Path, seed: int = 0, tied: bool = True, **overrides) -> Path:
+    """Save a random Qwen2ForCausalLM (fp32 safetensors) at TINY's odd sizes, tied embeddings as in the small
+    Qwen2.5 models, Qwen2's rope theta and norm eps, and non-zero q/k/v biases (transformers initialises them to 0)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(**{**TINY, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6, "tie_word_embeddings": tied,
+                         "use_sliding_window": False, "max_window_layers": TINY["num_hidden_layers"], **overrides})
+    model = Qwen2ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 2:
+                p.normal_(0.0, 0.2)
+            elif name.endswith("proj.bias"):
+                p.normal_(0.0, 0.5)
+    model.save_pretrained(path, safe_serialization=True)
+    return path

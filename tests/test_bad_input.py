@@ -332,12 +332,15 @@ def test_tensor_dtypes(capsys, tmp_path, dense_copy, dtype, match):
 # ---- sizes that cannot fit ---------------------------------------------------------------------------------------
 def test_too_many_experts_refused_before_layout(capsys, tmp_path, tiny_llama, monkeypatch):
     """-E 100000000 once ran 160 s building the layout, then the OOM killer struck: refused from the sizes alone."""
-    import nemo_upcycle.offline.convert as conv
+    import dataclasses
+
+    from nemo_upcycle.formats.hf_moe import FORMATS
 
     def no_layout(*a, **k):
         raise AssertionError("layout() was built")
 
-    monkeypatch.setattr(conv, "layout", no_layout)
+    for name, fmt in FORMATS.items():
+        monkeypatch.setitem(FORMATS, name, dataclasses.replace(fmt, layout=no_layout))
     t0 = time.perf_counter()
     code, err = run_cli(capsys, "convert", tiny_llama, tmp_path / "moe", "-E", 100000000, "-k", 2, "--no-progress")
     assert time.perf_counter() - t0 < 10

@@ -129,6 +129,14 @@ BAD_OVERRIDES = {  # Hydra override -> (words of the one error line, the accepte
                                  "model.num_query_groups=3"),
     "moe.moe_token_dispatcher_type=ring": ("moe.moe_token_dispatcher_type='ring' is not one of",
                                            "moe.moe_token_dispatcher_type=allgather"),
+    "moe.moe_shared_expert_gate=true": ("moe.moe_shared_expert_gate needs shared experts",
+                                        "moe=e8_top2_shared"),
+    "moe.moe_shared_expert_intermediate_size=30": (
+        "moe.moe_shared_expert_intermediate_size=30 (the shared expert's size) is not a multiple of the routed expert "
+        "size 44",
+        "moe.moe_shared_expert_intermediate_size=88"),
+    "moe.moe_shared_expert_intermediate_size=0": ("moe.moe_shared_expert_intermediate_size=0 is out of range",
+                                                  "moe.moe_shared_expert_intermediate_size=null"),
 }
 
 

@@ -90,7 +90,10 @@ def test_every_variant_composes_into_its_config(recipe):
             assert r.moe.num_moe_experts is None
             continue
         assert flops_for_run(r) == ref, v.name  # every MoE spends the copy MoE's FLOPs per token
-        if v.granular:
+        if v.shared:
+            assert (r.moe.num_moe_experts, r.moe.moe_router_topk, r.upcycle.granularity) == (2 * E, 2 * k - 2, 2)
+            assert r.moe.moe_shared_expert_intermediate_size == r.model.ffn_hidden_size and r.moe.moe_shared_expert_gate
+        elif v.granular:
             assert (r.moe.num_moe_experts, r.moe.moe_router_topk, r.upcycle.granularity) == (2 * E, 2 * k, 2)
             assert r.upcycle.router_init == "virtual_group" and r.upcycle.scaling == v.name.split("_")[1]
         else:

@@ -212,8 +212,9 @@ def test_refusals(untied, tiny_llama, tmp_path, token_ids):
     refused(r"scale_factor \(Llama 3.1 RoPE\)=None but hf_llama_config says 8.0", hf=llama31)
     as_gguf = {**src.config, "rms_norm_eps": torch.tensor(1e-5).item()}  # a GGUF's float32 eps is accepted
     assert export_hf_mixtral(module, cfg, tmp_path / "ok", hf_llama_config=as_gguf, progress=False).is_dir()
-    _, dense_cfg, dense_first = trained_moe(tiny_llama, steps=0, moe_layer_freq=[0, 1, 1])
-    refused(r"layer 0 is dense \(moe_layer_freq=\[0, 1, 1\]\)", config=dense_cfg, mod=dense_first)
+    _, dense_cfg, dense_first = trained_moe(tiny_llama, steps=0, moe_layer_freq=[0, 1, 1], export_format="mixtral")
+    refused(r"logging.export_format mixtral cannot hold this model: the MoE covers 2 of 3 layers and HF Mixtral has no "
+            r"dense layers; use logging.export_format qwen2_moe", config=dense_cfg, mod=dense_first)
     # unwrap: NeMo-style wrappers (a ModuleList of one LightningModule-like holder of DDP-like .module)
     holder = torch.nn.Module()
     holder.module = torch.nn.Module()

@@ -193,10 +193,11 @@ def test_tiny_llama3_rope_freqs(tmp_path):
         GGUFLlamaSource(f)
 
 
-@pytest.mark.parametrize("kind,match", [("moe", "Mixture-of-Experts"), ("qwen2", "not a dense Llama")])
+@pytest.mark.parametrize("kind,match", [("moe", "Mixture-of-Experts"), ("gemma", "not a dense Llama"),
+                                        ("qwen2", "implies")])  # a Qwen2 without its q/k/v biases: tensors missing
 def test_tiny_non_dense_llama_refused(tmp_path, kind, match):
     f = tmp_path / f"{kind}.gguf"
-    _write_tiny(f, arch="qwen2" if kind == "qwen2" else "llama", experts=8 if kind == "moe" else 0)
+    _write_tiny(f, arch=kind if kind != "moe" else "llama", experts=8 if kind == "moe" else 0)
     with pytest.raises(UpcycleError, match=match):
         open_dense(f)
 

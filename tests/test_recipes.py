@@ -150,9 +150,10 @@ def test_group_option_composes_and_validates(rel):
     every value its YAML sets arrives in the validated config (the file is really read)."""
     group, option = rel.parent.name, rel.stem
     errors = []
+    auto = rel.as_posix() == "model/auto.yaml"  # its sizes, family and name come from the source (config/auto_model.py)
     for base in ("llama3_8x8b_upcycle", "tiny_llama_upcycle"):
         try:
-            r = catalog.compose(base, [f"{group}={option}"])
+            r = catalog.compose(base, [f"{group}={option}", *(["model.source=smollm2"] if auto else [])])
             break
         except UpcycleError as e:
             errors.append(f"{base}: {e}")
@@ -160,6 +161,9 @@ def test_group_option_composes_and_validates(rel):
         pytest.fail(f"{rel} validates in no recipe: {errors}")
     node = dataclasses.asdict(getattr(r, group))
     own = {k: v for k, v in _flat(yaml.safe_load((CONF / rel).read_text())).items() if k != "defaults"}
+    if auto:
+        assert (r.model.family, r.model.name, r.model.num_layers) == ("llama3", "auto:llama3", 30)
+        own = {}
     for key, value in own.items():
         if isinstance(value, str) and "${" in value:
             continue  # an interpolation (${oc.env:...}): resolved, not literal

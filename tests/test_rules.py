@@ -234,8 +234,9 @@ def test_options_built_once_per_edge():
             if isinstance(n, ast.Call) and getattr(n.func, "id", getattr(n.func, "attr", None)) == "UpcycleOptions" \
                     and n.keywords:
                 calls.setdefault(str(p.relative_to(PKG)), []).append(n.lineno)
-    # the CLI (from its flags), the recipes (from their keys), a NeMo model config (from its fields)
-    assert sorted(calls) == ["apps/cli.py", "config/translate.py", "engine/config.py"], calls
+    # the CLI (from its flags), the recipes (from their keys), a NeMo model config (from its fields), an HF Qwen2-MoE
+    # config on disk (from its sizes: granularity, shared experts, dense layers)
+    assert sorted(calls) == ["apps/cli.py", "config/translate.py", "engine/config.py", "formats/moe_dir.py"], calls
     assert all(len(lines) == 1 for lines in calls.values()), calls
 
 

@@ -1,8 +1,9 @@
-"""``nemo-upcycle``: convert a dense Llama into an HF Mixtral MoE, verify it, list the recipes, compare methods.
+"""``nemo-upcycle``: convert a dense Llama into an HF MoE (Mixtral, Qwen2-MoE), verify it, list the recipes, compare.
 
   nemo-upcycle convert SRC OUT --num-experts E --topk K [--granularity G] [--router-init ...]
                        [--scaling exact|megatron] [--pre-softmax] [--drop-ratio R] [--noise-std S]
-                       [--moe-layers all|every:N|i,j,..] [--seed N] [--dtype auto|float32|bfloat16|float16]
+                       [--moe-layers all|every:N|i,j,..] [--shared-experts S [--shared-expert-gate]]
+                       [--format auto|mixtral|qwen2_moe] [--seed N] [--dtype auto|float32|bfloat16|float16]
   nemo-upcycle verify DENSE MOE [--text FILE] [--atol A] [--min-top1 F]
       MOE from convert: transformers' Mixtral against the dense Llama (step 0: the same function, up to --atol);
       a trained export (holds nemo_reference.safetensors): against the logits NeMo recorded at export.
@@ -36,6 +37,7 @@ from nemo_upcycle.core.options import CHOICES, UpcycleOptions
 from nemo_upcycle.errors import UpcycleError
 from nemo_upcycle.evals.text import PROMPTS
 from nemo_upcycle.formats.base import is_nemo_checkpoint
+from nemo_upcycle.formats.hf_moe import FORMAT_CHOICES
 from nemo_upcycle.offline.convert import convert
 from nemo_upcycle.offline.verify import (
     STEP0_ATOL,
@@ -75,6 +77,13 @@ def _add_convert(sub) -> None:
     p.add_argument("--noise-std", type=float, default=0.0, help="Gaussian noise added to every expert weight")
     p.add_argument("--moe-layers", default="all", help="all | every:N | comma list of layer indices")
     p.add_argument("--aux-loss-coeff", type=float, default=1e-2)
+    p.add_argument("--shared-experts", type=int, default=0, metavar="S",
+                   help="a shared expert of S x the routed expert size, from the dense MLP (default 0: none)")
+    p.add_argument("--shared-expert-gate", action="store_true",
+                   help="Megatron's sigmoid gate on the shared expert (zero at step 0: it passes exactly 1/2)")
+    p.add_argument("--format", choices=FORMAT_CHOICES, default="auto",
+                   help="HF output: mixtral, qwen2_moe (shared experts, dense layers, q/k/v biases) or auto: Mixtral "
+                        "when it can hold the model, else Qwen2-MoE")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--dtype", default="auto", help="auto (the source's) | float32 | bfloat16 | float16")
     p.add_argument("--shard-size-mb", type=int, default=2048)
@@ -158,7 +167,8 @@ OPTION_FLAGS = {"num_moe_experts": "--num-experts", "moe_router_topk": "--topk",
                 "seed": "--seed",
                 "moe_router_score_function": "--score-function", "moe_router_pre_softmax": "--pre-softmax",
                 "norm_topk_prob": "--norm-topk-prob", "moe_expert_capacity_factor": "--capacity-factor",
-                "moe_token_drop_policy": "--drop-policy", "moe_aux_loss_coeff": "--aux-loss-coeff"}
+                "moe_token_drop_policy": "--drop-policy", "moe_aux_loss_coeff": "--aux-loss-coeff",
+                "shared_experts": "--shared-experts", "moe_shared_expert_gate": "--shared-expert-gate"}
 
 
 def upcycle_options(a: argparse.Namespace):
@@ -174,10 +184,13 @@ def run_convert(a: argparse.Namespace) -> int:
         from nemo_upcycle.engine import nemo_source  # noqa: F401 -- its reader (NeMo: a slow import, only here)
     opts = upcycle_options(a)
     res = convert(a.src, a.out, opts, dtype=a.dtype, overwrite=a.overwrite,
-                  max_shard_bytes=a.shard_size_mb << 20, progress=not a.no_progress)
+                  max_shard_bytes=a.shard_size_mb << 20, progress=not a.no_progress, fmt=a.format)
     rec = res.config["upcycling"]
-    print(f"wrote {res.out_dir}: {res.num_tensors} tensors, {res.bytes_written / 2**20:.1f} MiB, "
-          f"E={opts.num_moe_experts} top-{opts.moe_router_topk} G={opts.granularity}")
+    shared = f" shared={opts.shared_experts}{'+gate' if opts.moe_shared_expert_gate else ''}" if opts.shared_experts \
+        else ""
+    print(f"wrote {res.out_dir} ({res.config['architectures'][0]}): {res.num_tensors} tensors, "
+          f"{res.bytes_written / 2**20:.1f} MiB, E={opts.num_moe_experts} top-{opts.moe_router_topk} "
+          f"G={opts.granularity}{shared}")
     print(f"step-0 equivalent: {'yes' if rec['step0_equivalent'] else 'no'} ({rec['step0_note']})")
     return 0
 

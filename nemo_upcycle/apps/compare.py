@@ -60,6 +60,7 @@ class Variant:
     overrides: tuple[str, ...] = ()
     granular: bool = False  # E and k multiplied by GRANULARITY (same active / total parameters as copy)
     equal_flops: bool = False  # trained for the reference MoE's FLOPs instead of its tokens
+    shared: bool = False  # E x G experts, top-(k-1) x G, and a shared expert of G expert sizes: the copy's FLOPs
 
     @property
     def dense(self) -> bool:
@@ -84,6 +85,9 @@ VARIANTS = (
             ("upcycle=drop_upcycle",)),
     Variant("router_zeros", "copy upcycling with a zero router (copy: normal router)",
             ("upcycle=copy", "upcycle.router_init=zeros")),
+    Variant("granular_shared", "granular G=2, 2E experts top-2(k-1), plus a shared expert (the dense MLP's size) "
+            "behind Megatron's gate: shared and routed each carry half at step 0",
+            ("upcycle=granular_g2", "upcycle.scaling=exact", "moe.moe_shared_expert_gate=true"), shared=True),
 )
 BY_NAME = {v.name: v for v in VARIANTS}
 
@@ -115,6 +119,9 @@ def variant_overrides(v: Variant, experts: int, topk: int) -> list[str]:
     out = list(v.overrides)
     if v.granular:
         out += [f"moe.num_moe_experts={experts * GRANULARITY}", f"moe.moe_router_topk={topk * GRANULARITY}"]
+    if v.shared:  # k - 1 routed copies' worth plus one shared copy: the same active parameters as copy top-k
+        out += [f"moe.num_moe_experts={experts * GRANULARITY}", f"moe.moe_router_topk={(topk - 1) * GRANULARITY}",
+                "moe.moe_shared_expert_intermediate_size=${model.ffn_hidden_size}"]
     return out
 
 

@@ -47,7 +47,7 @@ def meta_parameter_count(run: RunConfig) -> int:
 def run_plan(run: RunConfig, out_dir: Path) -> str:
     pl = plan(model_dims(run), parallel_layout(run), training_setup(run), gpu=run.parallel.gpu)
     lines = [format_plan(pl)]
-    if run.moe.moe_layer_freq == 1 and run.moe.num_moe_experts:  # a Mixtral needs experts
+    if run.moe.moe_layer_freq == 1 and run.moe.num_moe_experts and not run.moe.moe_shared_expert_intermediate_size:
         n = meta_parameter_count(run)
         same = "equal" if n == pl.counts["total"] else f"DIFFERENT from the plan's {pl.counts['total']:,}"
         lines.append(f"meta     MixtralForCausalLM built on the meta device: {n:,} parameters ({same})")

@@ -26,7 +26,7 @@ from nemo_upcycle.data.prepare import _check_vocab, _load_tokenizer, _tokenizer_
 from nemo_upcycle.data.text import check_corpus_file
 from nemo_upcycle.errors import UpcycleError
 from nemo_upcycle.formats.base import open_dense
-from nemo_upcycle.formats.keymap import SHAPE_FIELDS, hf_values, mismatches, model_values
+from nemo_upcycle.formats.keymap import SHAPE_FIELDS, has_qkv_bias, hf_values, mismatches, model_values
 from nemo_upcycle.planning.plan import (
     GiB,
     ModelDims,
@@ -89,6 +89,10 @@ def check_source(run: RunConfig) -> Optional[dict]:
     for key, ours, theirs in mismatches(model_values(m), hf_values(c), SHAPE_FIELDS)[:1]:
         raise UpcycleError(f"the dense source {p} has {key}={theirs} but the recipe says model.{key}={ours}; "
                            f"choose the model group of that checkpoint, or set model.{key}={theirs}.")
+    if m.add_qkv_bias != has_qkv_bias(c):
+        raise UpcycleError(f"the dense source {p} {'has' if has_qkv_bias(c) else 'has no'} q/k/v biases but the recipe "
+                           f"says model.add_qkv_bias={m.add_qkv_bias}; use model=auto (reads the source's config) or "
+                           f"set model.add_qkv_bias={has_qkv_bias(c)}.")
     if m.vocab_size < c["vocab_size"]:
         raise UpcycleError(f"the dense source {p} has a vocabulary of {c['vocab_size']} but model.vocab_size="
                            f"{m.vocab_size}; set model.vocab_size={c['vocab_size']}.")

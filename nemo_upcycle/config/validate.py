@@ -11,9 +11,11 @@ import dataclasses
 import math
 from typing import Any
 
+from nemo_upcycle.config.auto_model import FAMILIES, fill_model
 from nemo_upcycle.config.schema import MODES, RunConfig
 from nemo_upcycle.config.translate import OPTION_KEYS, model_dims, parallel_layout, training_setup, upcycle_options
 from nemo_upcycle.errors import FieldError, UpcycleError
+from nemo_upcycle.formats.hf_moe import FORMAT_CHOICES
 from nemo_upcycle.planning.flops import GPUS
 from nemo_upcycle.planning.layout import RECOMPUTE
 from nemo_upcycle.planning.layout import check_layout as check_model_layout
@@ -47,6 +49,8 @@ RANGES = {  # every numeric key: its interval ("[a, b)": a <= x < b; inf: unboun
     "model.rope_scaling_factor": ">0",
     "moe.num_moe_experts": ">=1", "moe.moe_router_topk": ">=1", "moe.moe_expert_capacity_factor": ">0",
     "moe.moe_aux_loss_coeff": ">=0", "moe.moe_z_loss_coeff": ">=0", "moe.moe_layer_freq": ">=1",
+    "moe.moe_shared_expert_intermediate_size": ">=1", "moe.moe_router_bias_update_rate": ">=0",
+    "moe.moe_router_topk_scaling_factor": ">0", "moe.moe_router_num_groups": ">=1", "moe.moe_router_group_topk": ">=1",
     "upcycle.granularity": ">=1", "upcycle.router_std": ">=0", "upcycle.noise_std": ">=0",
     "upcycle.drop_ratio": "[0, 1]", "upcycle.seed": SEED,
     "parallel.tensor_model_parallel_size": ">=1", "parallel.pipeline_model_parallel_size": ">=1",
@@ -122,11 +126,26 @@ def check_relations(run: "RunConfig") -> None:
                            f"data.seq_length to at most {m.seq_length}.")
 
 
+HF_ROUTING_KNOBS = ("moe_router_enable_expert_bias", "moe_router_topk_scaling_factor", "moe_router_num_groups")
+
+
+def check_hf_routing(run: RunConfig) -> None:
+    """Knobs no HF MoE format expresses (``engine.export_files.check_config_exportable`` refuses them at export) are
+    refused up front when the run ends in an HF export (``logging.export_hf``) or converts to HF (mode=verify)."""
+    moe = run.moe
+    on = [k for k in HF_ROUTING_KNOBS if getattr(moe, k) not in (None, False)]
+    if on and (run.logging.export_hf or run.mode == "verify"):
+        where = "mode=verify converts" if run.mode == "verify" else "logging.export_hf=true exports"
+        raise UpcycleError(f"moe.{on[0]} is set and {where} to HF, whose MoE formats cannot express it; set "
+                           "logging.export_hf=false (mode=train), or drop the knob.")
+
+
 def validate(cfg) -> RunConfig:
     """DictConfig -> RunConfig, refusing in one line (naming the key) what the types cannot express."""
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
+    fill_model(cfg)  # model=auto: the sizes from the source's own config, before interpolations resolve
     try:
         run: RunConfig = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as e:
@@ -135,7 +154,7 @@ def validate(cfg) -> RunConfig:
     _one_of("mode", run.mode, MODES)
     check_numbers(run)
     m, moe, par = run.model, run.moe, run.parallel
-    _one_of("model.family", m.family, ("llama3", "llama3_1", "llama3_2", "smollm2", "tiny"))
+    _one_of("model.family", m.family, FAMILIES)
     _one_of("parallel.accelerator", par.accelerator, ("gpu", "cpu"))
     _one_of("trainer.precision", run.trainer.precision, PRECISIONS)
     run.trainer.precision, run.trainer.precision_reason = resolve_precision(run.trainer.precision, par.accelerator)
@@ -145,11 +164,13 @@ def validate(cfg) -> RunConfig:
             ("aux_loss", "seq_aux_loss", "global_aux_loss", "sinkhorn", "none"))
     _one_of("moe.moe_token_dispatcher_type", moe.moe_token_dispatcher_type, ("allgather", "alltoall", "flex"))
     _one_of("parallel.gpu", par.gpu, tuple(GPUS))
+    _one_of("logging.export_format", run.logging.export_format, FORMAT_CHOICES)
     if moe.num_moe_experts is None and run.mode == "verify":  # dense continuation: nothing to upcycle
         raise UpcycleError("mode=verify checks an upcycled MoE against the dense model; moe=dense has no experts.")
     try:
         if moe.num_moe_experts is not None:
             upcycle_options(run).validate(ffn_hidden_size=m.ffn_hidden_size, num_layers=m.num_layers)
+            check_hf_routing(run)
         check_relations(run)
         check_model_layout(model_dims(run), parallel_layout(run))
     except FieldError as e:

@@ -21,6 +21,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
 
+from nemo_upcycle.core.router_knobs import knobs_note, knobs_step0, topk_scale, validate_router_knobs
+from nemo_upcycle.core.shared import shared_note, validate_shared
 from nemo_upcycle.errors import FieldError
 
 ROUTER_INITS = ("normal", "zeros", "virtual_group")
@@ -55,6 +57,15 @@ class UpcycleOptions:
     moe_token_drop_policy: str = "probs"
     moe_pad_expert_input_to_capacity: bool = False
     moe_aux_loss_coeff: float = 1e-2
+    # Shared experts (core.shared): S slots of the routed expert size, Megatron's moe_shared_expert_gate.
+    shared_experts: int = 0
+    moe_shared_expert_gate: bool = False
+    # Routing knobs (core.router_knobs), Megatron's names.
+    moe_router_enable_expert_bias: bool = False
+    moe_router_topk_scaling_factor: Optional[float] = None
+    moe_router_num_groups: Optional[int] = None
+    moe_router_group_topk: Optional[int] = None
+    moe_router_dtype: Optional[str] = None
     extra: dict = field(default_factory=dict)
 
     # ---- derived -------------------------------------------------------------------------------
@@ -87,9 +98,10 @@ class UpcycleOptions:
         if self.scaling == "none":
             return 1.0
         plain = not self.moe_router_pre_softmax if self.scaling == "megatron" else self.renormalize
+        fold = 1.0 / topk_scale(self) if self.scaling == "exact" else 1.0  # moe_router_topk_scaling_factor
         if plain:
-            return float(self.granularity)
-        return self.copies * self.granularity * self.granularity / self.moe_router_topk
+            return float(self.granularity) * fold
+        return self.copies * self.granularity * self.granularity / self.moe_router_topk * fold
 
     def validate(self, ffn_hidden_size: Optional[int] = None, num_layers: Optional[int] = None) -> "UpcycleOptions":
         """Raise ``FieldError`` (naming the fields) on an impossible combination; return self for chaining."""
@@ -132,6 +144,8 @@ class UpcycleOptions:
                              moe_aux_loss_coeff=self.moe_aux_loss_coeff)
         if num_layers is not None:
             resolve_moe_layers(self.moe_layers, num_layers)
+        validate_shared(self)
+        validate_router_knobs(self)
         return self
 
     def to_record(self) -> dict:
@@ -205,6 +219,14 @@ def step0_report(opts: UpcycleOptions) -> tuple[bool, str]:
     (SwiGLU acts per intermediate unit), so MoE(x) = s / G * dense(x): exact when the factor s = G sits on
     the linear down projection.
     """
+    exact, why = _routed_step0(opts)
+    knob = knobs_step0(opts) if exact else None
+    if knob:
+        return False, knob
+    return exact, why + (shared_note(opts) + knobs_note(opts) if exact else "")
+
+
+def _routed_step0(opts: UpcycleOptions) -> tuple[bool, str]:
     k, G = opts.moe_router_topk, opts.granularity
     if opts.noise_std > 0:
         return False, f"expert noise (std {opts.noise_std}) perturbs every expert away from the dense MLP."

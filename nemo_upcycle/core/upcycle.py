@@ -22,6 +22,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from nemo_upcycle.core.options import UpcycleOptions
+from nemo_upcycle.core.shared import routed_down_factor
 
 _PURPOSE = {"router": 0, "noise": 1, "drop": 2}
 
@@ -70,6 +71,7 @@ def expert_weights(
     gate, up, down = gate_FD[j * Fe:(j + 1) * Fe], up_FD[j * Fe:(j + 1) * Fe], down_DF[:, j * Fe:(j + 1) * Fe]
 
     sg, su, sd = scaling_exponents(opts, gated)
+    sd *= routed_down_factor(opts, expert)  # shared experts carry part of the shard (core.shared)
     if opts.drop_ratio > 0:
         gate, up, down = _drop_upcycle(gate, up, down, gate_FD, up_FD, down_DF, opts, layer, expert)
     if opts.noise_std > 0:
@@ -151,10 +153,15 @@ class LayerExperts:
         self._dense: tuple = ()
         self._last: tuple[Optional[int], Optional[ExpertWeights]] = (None, None)
 
-    def get(self, layer: int, expert: int) -> ExpertWeights:
+    def dense(self, layer: int) -> tuple:
+        """The dense (gate_FD, up_FD, down_DF) of ``layer`` (read once; the shared expert is made from it)."""
         if layer != self._layer:
             self._dense, self._last = (), (None, None)  # drop the old layer before reading the new one
             self._dense, self._layer = tuple(self.read_mlp(layer)), layer
+        return self._dense
+
+    def get(self, layer: int, expert: int) -> ExpertWeights:
+        self.dense(layer)
         if self._last[0] != expert:
             self._last = (expert, expert_weights(*self._dense, self.opts, layer, expert, gated=self.gated))
         return self._last[1]

@@ -17,9 +17,10 @@ from typing import Callable, List, Optional, Union
 from nemo.collections.llm.gpt.model.llama import Llama3Config, Llama31Config
 
 from nemo_upcycle.core.options import UpcycleOptions
+from nemo_upcycle.core.shared import shared_from_size
 from nemo_upcycle.engine.spec import moe_layer_spec, reduce_expert_grads_over_expert_groups, te_importable
 from nemo_upcycle.errors import UpcycleError
-from nemo_upcycle.formats.keymap import FIELDS, hf_values
+from nemo_upcycle.formats.keymap import FIELDS, has_qkv_bias, hf_values
 
 
 def padding_logits_masked(vocab: int, padded: int):
@@ -60,6 +61,8 @@ class MoEUpcycleFields:
     moe_token_dispatcher_type: str = "alltoall"
     moe_grouped_gemm: bool = False
     moe_layer_freq: Union[int, List[int]] = 1
+    moe_shared_expert_gate: bool = False  # Megatron's sigmoid shared-expert gate (engine.spec sets it in the spec)
+    export_format: str = "auto"  # the HF export: auto | mixtral | qwen2_moe (formats.hf_moe; logging.export_format)
     # upcycling (nemo_upcycle.core.UpcycleOptions)
     upcycle_granularity: int = 1
     upcycle_scaling: str = "exact"
@@ -120,6 +123,13 @@ class MoEUpcycleFields:
             moe_token_drop_policy=self.moe_token_drop_policy,
             moe_pad_expert_input_to_capacity=self.moe_pad_expert_input_to_capacity,
             moe_aux_loss_coeff=self.moe_aux_loss_coeff if isinstance(self.moe_aux_loss_coeff, float) else 0.0,
+            shared_experts=shared_from_size(self.moe_shared_expert_intermediate_size, self.ffn_hidden_size,
+                                            self.upcycle_granularity),
+            moe_shared_expert_gate=self.moe_shared_expert_gate,
+            moe_router_enable_expert_bias=self.moe_router_enable_expert_bias,
+            moe_router_topk_scaling_factor=self.moe_router_topk_scaling_factor,
+            moe_router_num_groups=self.moe_router_num_groups, moe_router_group_topk=self.moe_router_group_topk,
+            moe_router_dtype=self.moe_router_dtype,
         ).validate(ffn_hidden_size=self.ffn_hidden_size, num_layers=n)
 
 
@@ -134,6 +144,8 @@ class UpcycledLlamaConfig(MoEUpcycleFields, Llama3Config):
         values = hf_values(hf)
         sizes = {k: v for k, v in values.items() if not FIELDS[k].rope}
         sizes["seq_length"] = min(sizes["seq_length"], 8192)
+        if has_qkv_bias(hf):  # Qwen2 / Qwen2.5: q/k/v biases (Megatron add_qkv_bias, as NeMo's Qwen2Config)
+            sizes["add_qkv_bias"] = True
         rope = hf.get("rope_scaling") or {}
         kind = rope.get("rope_type", rope.get("type"))
         target = cls

@@ -45,6 +45,7 @@ import torch
 from nemo_upcycle.engine.export_files import (
     check_config_exportable,
     check_reference_ids,
+    export_format,
     upcycle_options,
     write_export,
 )
@@ -196,7 +197,7 @@ def export_hf_mixtral(module, config, out_dir, *, hf_llama_config: dict, tokeniz
     # the proof: the module's own logits, before any weight is written
     reference = None if reference_ids is None else \
         (reference_ids, reference_logits(module, reference_ids, hf["vocab_size"]), megatron_dtype)
-    src = MegatronTensors(module, config, hf["vocab_size"])
+    src = MegatronTensors(module, config, hf["vocab_size"], export_format(config, hf).keymap)
     trained = {**(info or {}), "exported_from": "megatron-core GPTModel",
                "megatron_dtype": str(megatron_dtype).removeprefix("torch."),
                "padded_vocab_size": module.embedding.word_embeddings.weight.shape[0]}

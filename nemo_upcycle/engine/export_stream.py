@@ -33,7 +33,7 @@ from typing import Optional
 
 import torch
 
-from nemo_upcycle.engine.export_files import check_config_exportable, upcycle_options, write_export
+from nemo_upcycle.engine.export_files import check_config_exportable, export_format, upcycle_options, write_export
 from nemo_upcycle.engine.nemo_source import stacked
 from nemo_upcycle.errors import UpcycleError
 from nemo_upcycle.formats.keymap import KEYMAP, KeyMap, Sizes, megatron_values
@@ -252,7 +252,7 @@ def stream_export(ckpt_dir, out_dir, *, config=None, hf_llama_config: Optional[d
     hf = dict(hf_llama_config or NeMoDenseSource._hf_config(config))
     if reference is not None:  # logits over the padded vocabulary are cut to the HF one
         reference = (reference[0], reference[1][..., :hf["vocab_size"]], reference[2])
-    src = CheckpointTensors(ckpt / "weights", config, hf["vocab_size"])
+    src = CheckpointTensors(ckpt / "weights", config, hf["vocab_size"], export_format(config, hf).keymap)
     check_config_exportable(config, hf, src.padded_vocab)
     trained = {**checkpoint_info(ckpt, info), "exported_from": "megatron-core distributed checkpoint (streamed)",
                "megatron_dtype": str(src.dtype).removeprefix("torch."), "padded_vocab_size": src.padded_vocab}

@@ -2,9 +2,9 @@
 
 Pure PyTorch (no Megatron import): given a parameter name from ``module.named_parameters()`` on a rank (local or
 Transformer Engine spec), return that rank's shard. Which HF tensors a parameter holds, how they are joined and
-split is the key table's (``formats.keymap``); the MoE tensors (router, experts) come from ``core``, as for the HF
-conversion. Local expert j on expert-parallel rank r is global expert r * E_local + j; local layer l on a pipeline
-stage is global layer ``layer_offset + l``.
+split is the key table's (``formats.keymap``); the MoE tensors (router, experts, shared expert) come from ``core``,
+as for the HF conversion. Local expert j on expert-parallel rank r is global expert r * E_local + j; local layer l on
+a pipeline stage is global layer ``layer_offset + l``.
 """
 
 from __future__ import annotations
@@ -15,9 +15,10 @@ from typing import Callable, Optional
 import torch
 
 from nemo_upcycle.core.options import UpcycleOptions
+from nemo_upcycle.core.shared import shared_expert_weights, shared_gate_weight
 from nemo_upcycle.core.upcycle import LayerExperts, router_weight
 from nemo_upcycle.formats.base import read_dense_mlp
-from nemo_upcycle.formats.keymap import KEYMAP, HFTensor, KeyMap, Sizes, hf_values
+from nemo_upcycle.formats.keymap import FILL_KEYMAP, HFTensor, KeyMap, Sizes, hf_values
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,8 @@ class MegatronFiller:
     """Produce each rank-local Megatron parameter from a dense source (anything with ``get(hf_key)``)."""
 
     def __init__(self, get: Callable[[str], torch.Tensor], llama: dict, opts: UpcycleOptions, layout: RankLayout,
-                 num_local_experts: int, padded_vocab: Optional[int] = None, keymap: KeyMap = KEYMAP):
+                 num_local_experts: int, padded_vocab: Optional[int] = None,
+                 keymap: KeyMap = FILL_KEYMAP):
         self.get, self.cfg, self.opts, self.par, self.keymap = get, llama, opts, layout, keymap
         self.num_local_experts = num_local_experts
         self.sizes = Sizes.of(hf_values(llama, rope=False), padded_vocab)
@@ -49,6 +51,11 @@ class MegatronFiller:
             return self.get(t.key(layer, expert))
         if t.made_from == "router":
             return router_weight(self.cfg["hidden_size"], self.opts, layer)
+        if t.made_from == "shared_expert_gate":  # Megatron's gate_weight: zero, sigmoid = 1/2 (core.shared)
+            return shared_gate_weight(self.cfg["hidden_size"])
+        if t.made_from.startswith("shared_"):
+            w = shared_expert_weights(*self.experts.dense(layer), self.opts)
+            return getattr(w, t.made_from.removeprefix("shared_"))
         return getattr(self.experts.get(layer, expert), t.made_from)
 
     def tensor(self, name: str) -> Optional[torch.Tensor]:

@@ -43,6 +43,13 @@ from nemo_upcycle.system.launcher import is_rank0
 TRACKER_AUX = ("load_balancing_loss", "seq_load_balancing_loss", "global_load_balancing_loss")
 
 
+# the run record's ``router`` block (the report's router section)
+ROUTER_KNOBS = ("moe_router_score_function", "moe_router_pre_softmax", "moe_router_load_balancing_type",
+                "moe_router_enable_expert_bias", "moe_router_bias_update_rate", "moe_router_topk_scaling_factor",
+                "moe_router_num_groups", "moe_router_group_topk", "moe_router_dtype",
+                "moe_shared_expert_intermediate_size", "moe_shared_expert_gate")
+
+
 def _dist() -> bool:
     return dist.is_available() and dist.is_initialized()
 
@@ -60,6 +67,7 @@ class RouterStats:
         self.num_layers, self.num_experts, self.topk = num_layers, num_experts, topk
         self.acc = torch.zeros(num_layers, num_experts + 2, dtype=torch.float64, device=_device())  # (L, E + 2)
         self.handles: list = []
+        self.routers: list = []  # for the aux-loss-free expert bias (a buffer Megatron updates each step)
         self.replication = 1  # ranks that see the same tokens (TP without sequence parallel)
 
     def attach(self, modules: Iterable[torch.nn.Module]) -> int:
@@ -71,6 +79,7 @@ class RouterStats:
             for m in root.modules():
                 if isinstance(m, TopKRouter) and id(m) not in seen:
                     seen.add(id(m))
+                    self.routers.append(m)
                     self.handles.append(m.register_forward_hook(self._hook, with_kwargs=True))
                     if not m.config.sequence_parallel:
                         self.replication = _tp_size()
@@ -104,7 +113,28 @@ class RouterStats:
         self.acc.zero_()
         if _dist():
             dist.all_reduce(acc)
-        return routing_summary(acc / self.replication, self.topk)
+        out = routing_summary(acc / self.replication, self.topk)
+        bias = self.expert_bias()
+        return {**out, **bias} if out is not None and bias else out
+
+    def expert_bias(self) -> dict:
+        """The aux-loss-free expert bias (``moe_router_enable_expert_bias``) per MoE layer: its spread (max - min)
+        and max |b|, over ranks (collective: every rank calls it when any router has the bias); {} when off."""
+        if not any(getattr(r, "expert_bias", None) is not None for r in self.routers):
+            return {}
+        t = torch.zeros(self.num_layers, 3, dtype=torch.float64, device=_device())  # spread, max |b|, present
+        for r in self.routers:
+            b = getattr(r, "expert_bias", None)
+            if b is not None and r.layer_number is not None:
+                b = b.detach().double()
+                t[r.layer_number - 1] = torch.stack([b.max() - b.min(), b.abs().max(), torch.ones((), dtype=b.dtype,
+                                                                                                      device=b.device)])
+        if _dist():
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)  # replicas agree; pipeline stages hold different layers
+        layers = [i for i in range(self.num_layers) if t[i, 2] > 0]
+        spread = [t[i, 0].item() for i in layers]
+        return {"expert_bias_spread_layers": spread, "expert_bias_spread": sum(spread) / len(spread),
+                "expert_bias_max_abs": max(t[i, 1].item() for i in layers)} if layers else {}
 
 
 def _tp_size() -> int:
@@ -233,7 +263,8 @@ class MetricsLogger(pl.Callback):
                          "topk": getattr(config, "moe_router_topk", None),
                          "capacity_factor": getattr(config, "moe_expert_capacity_factor", None),
                          "aux_loss_coeff": getattr(config, "moe_aux_loss_coeff", None),
-                         "z_loss_coeff": getattr(config, "moe_z_loss_coeff", None)})})
+                         "z_loss_coeff": getattr(config, "moe_z_loss_coeff", None),
+                         "router": {k: getattr(config, k, None) for k in ROUTER_KNOBS}})})
 
     def on_train_end(self, trainer, pl_module):
         if self._steps:

@@ -25,6 +25,7 @@ from nemo_upcycle.engine.cpu import cpu_strategy_kwargs
 from nemo_upcycle.engine.filler import MegatronFiller, RankLayout
 from nemo_upcycle.errors import UpcycleError
 from nemo_upcycle.formats.base import DenseSource, open_dense
+from nemo_upcycle.formats.keymap import has_qkv_bias
 from nemo_upcycle.planning.layout import ModelDims, ParallelLayout, check_layout
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,8 @@ def check_dense_matches(src: DenseSource, config) -> None:
              ("num_attention_heads", config.num_attention_heads, H),
              ("num_query_groups", config.num_query_groups or H, c.get("num_key_value_heads") or H),
              ("kv_channels", config.kv_channels or config.hidden_size // config.num_attention_heads, src.head_dim),
-             ("share_embeddings_and_output_weights", bool(config.share_embeddings_and_output_weights), src.tied)]
+             ("share_embeddings_and_output_weights", bool(config.share_embeddings_and_output_weights), src.tied),
+             ("add_qkv_bias", bool(config.add_qkv_bias), has_qkv_bias(c))]
     for name, ours, theirs in pairs:
         if ours != theirs:
             raise UpcycleError(f"the dense source {src.path} has {name}={theirs} but the MoE config says {ours}; "

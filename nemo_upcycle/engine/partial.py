@@ -41,6 +41,8 @@ def model_config(r: RunConfig) -> run.Config:
     scale_factor = sizes["scale_factor"]
     kw = {k: v for k, v in sizes.items() if not FIELDS[k].rope}
     kw["seq_length"] = r.data.seq_length
+    if m.add_qkv_bias:  # Qwen2 / Qwen2.5 (NeMo's Qwen2Config sets the same)
+        kw["add_qkv_bias"] = True
     kw.update(vocab_padding(r))
     kw.update(bf16=bf16, params_dtype=torch.bfloat16 if bf16 else torch.float32,
               num_moe_experts=moe.num_moe_experts, moe_router_topk=moe.moe_router_topk,
@@ -52,7 +54,16 @@ def model_config(r: RunConfig) -> run.Config:
               moe_token_dispatcher_type=moe.moe_token_dispatcher_type, moe_grouped_gemm=moe.moe_grouped_gemm,
               moe_router_pre_softmax=moe.moe_router_pre_softmax,
               moe_router_score_function=moe.moe_router_score_function,
-              moe_layer_freq=moe.moe_layer_freq, upcycle_granularity=up.granularity, upcycle_scaling=up.scaling,
+              moe_layer_freq=moe.moe_layer_freq,
+              moe_shared_expert_intermediate_size=moe.moe_shared_expert_intermediate_size,
+              moe_shared_expert_gate=moe.moe_shared_expert_gate, export_format=r.logging.export_format,
+              moe_router_enable_expert_bias=moe.moe_router_enable_expert_bias,
+              moe_router_bias_update_rate=moe.moe_router_bias_update_rate,
+              moe_router_topk_scaling_factor=moe.moe_router_topk_scaling_factor,
+              moe_router_num_groups=moe.moe_router_num_groups, moe_router_group_topk=moe.moe_router_group_topk,
+              moe_router_dtype=moe.moe_router_dtype,
+              upcycle_granularity=up.granularity,
+              upcycle_scaling=up.scaling,
               upcycle_router_init=up.router_init, upcycle_router_std=up.router_std, upcycle_noise_std=up.noise_std,
               upcycle_drop_ratio=up.drop_ratio, upcycle_seed=up.seed)
     if r.trainer.recompute != "none":

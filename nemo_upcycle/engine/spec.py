@@ -6,7 +6,8 @@
            computing the local experts in batched products, or ``SequentialMLP`` itself) -- runs on the CPU.
 ``auto`` picks ``te`` where Transformer Engine imports and CUDA is present, else ``local``. The choice is
 logged once and can be forced by the config field ``spec_backend`` or ``NEMO_UPCYCLE_SPEC=te|local``.
-Mixed dense / MoE stacks (``moe_layer_freq``) use Megatron's decoder-block spec, which reads the pattern.
+Mixed dense / MoE stacks (``moe_layer_freq``) use Megatron's decoder-block spec, which reads the pattern; a shared
+expert (``moe_shared_expert_intermediate_size``) gets the config's ``moe_shared_expert_gate`` (Megatron's spec: none).
 Also the layer-level fixes the specs need: sequence parallelism with the local spec's torch norms
 (``SequenceParallelTorchNorm``), and the expert gradients of expert tensor parallelism without expert parallelism
 reduced over the expert groups (``reduce_expert_grads_over_expert_groups``, called by ``engine.config``).
@@ -144,6 +145,7 @@ def moe_layer_spec(config, vp_stage=None):
     kwargs = {"vp_stage": vp_stage} if vp_stage is not None else {}
     spec = get_gpt_decoder_block_spec(config, use_transformer_engine=backend == "te",
                                       normalization=config.normalization, **kwargs)
+    _set_shared_expert_gate(spec, bool(getattr(config, "moe_shared_expert_gate", False)))
     if backend == "te":
         return spec
     from megatron.core.transformer.moe.experts import SequentialMLP
@@ -155,3 +157,28 @@ def moe_layer_spec(config, vp_stage=None):
     if config.sequence_parallel:
         table[WrappedTorchNorm] = SequenceParallelTorchNorm
     return _swap(spec, table)
+
+
+def _set_shared_expert_gate(spec, gate: bool, seen=None) -> int:
+    """Megatron's MoE spec builds ``SharedExpertMLP`` with ``gate=False`` (megatron/core/models/gpt/
+    moe_module_specs.py); set the config's ``moe_shared_expert_gate`` in every such spec. Returns how many."""
+    from dataclasses import fields, is_dataclass
+
+    from megatron.core.transformer.moe.shared_experts import SharedExpertMLP
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    seen = set() if seen is None else seen
+    if isinstance(spec, type) or id(spec) in seen:
+        return 0
+    seen.add(id(spec))
+    n = 0
+    if isinstance(spec, (list, tuple)):
+        return sum(_set_shared_expert_gate(s, gate, seen) for s in spec)
+    if isinstance(spec, ModuleSpec):
+        if spec.module is SharedExpertMLP:
+            spec.params = {**(spec.params or {}), "gate": gate}
+            n += 1
+        n += _set_shared_expert_gate(spec.submodules, gate, seen)
+    elif is_dataclass(spec):
+        n += sum(_set_shared_expert_gate(getattr(spec, f.name), gate, seen) for f in fields(spec))
+    return n

@@ -1,10 +1,11 @@
-"""Dense Llama sources, read lazily one tensor at a time, and the registry of their formats.
+"""Dense Llama / Qwen2 sources, read lazily one tensor at a time, and the registry of their formats.
 
 A source exposes HF Llama names and config whatever is on disk: ``config`` (an HF ``LlamaConfig`` dict), ``keys()``,
 ``shape(key)``, ``dtype(key)``, ``get(key)`` (a CPU tensor; only that one is read) and ``save_tokenizer(out_dir)``.
 ``open_dense(path)`` picks the registered reader (``formats.hf_llama``: an HF directory; ``formats.gguf``: a GGUF
 file; ``engine.nemo_source``: a NeMo 2 checkpoint, registered by the engine) and checks that the source is a dense
-Llama whose tensors agree with its config; ``check()`` also refuses, by name, config values no Llama has (a size
+Llama or Qwen2 / Qwen2.5 (its q/k/v biases included; sliding-window attention refused) whose tensors agree with its
+config; ``check()`` also refuses, by name, config values no Llama has (a size
 that is not a positive integer; a NaN or infinite ``rms_norm_eps`` / ``rope_theta``) and weight dtypes a Llama cannot
 have. ``locate(path)`` says why a path cannot be opened (missing, a broken link, a loop) before anything is read.
 Every problem is a one-line ``UpcycleError``.
@@ -24,8 +25,9 @@ from typing import Callable
 import torch
 
 from nemo_upcycle.errors import UpcycleError
-from nemo_upcycle.formats.keymap import DENSE_MLP, llama_shapes
+from nemo_upcycle.formats.keymap import DENSE_MLP, has_qkv_bias, llama_shapes
 
+DENSE_FAMILIES = ("llama", "qwen2")  # HF model_type of the dense sources (Qwen2: q/k/v biases, keymap.has_qkv_bias)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "generation_config.json")
 MOE_CONFIG_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_intermediate_size", "num_moe_experts")
@@ -136,13 +138,17 @@ class DenseSource(abc.ABC):
             raise UpcycleError(f"{self.path} is already a Mixture-of-Experts ({moe[0]}={c[moe[0]]}); "
                                "upcycling needs a dense Llama checkpoint.")
         mt = c.get("model_type")
-        if mt != "llama":
-            raise UpcycleError(f"{self.path} is model_type {mt!r}, not a dense Llama ('llama'); "
-                               "only Llama-architecture checkpoints can be upcycled.")
+        if mt not in DENSE_FAMILIES:
+            raise UpcycleError(f"{self.path} is model_type {mt!r}, not a dense Llama ('llama') or Qwen2 / Qwen2.5 "
+                               "('qwen2'); only those families can be upcycled.")
         for flag in ("attention_bias", "mlp_bias"):
             if c.get(flag):
-                raise UpcycleError(f"{self.path} sets {flag}=true; "
-                                   "HF Mixtral has no biases, so this Llama variant cannot be upcycled to Mixtral.")
+                raise UpcycleError(f"{self.path} sets {flag}=true; no HF MoE format holds a Llama's o_proj / MLP "
+                                   "biases, so this Llama variant cannot be upcycled.")
+        if mt == "qwen2" and c.get("use_sliding_window"):
+            raise UpcycleError(f"{self.path} turns sliding-window attention on (use_sliding_window=true); Megatron "
+                               "trains full attention here: set use_sliding_window to false in its config.json (the "
+                               "released Qwen2 / Qwen2.5 models ship it off).")
         act = c.get("hidden_act", "silu")
         if act != "silu":
             raise UpcycleError(f"{self.path} uses hidden_act={act!r}; Llama/Mixtral experts are SwiGLU ('silu').")
@@ -152,7 +158,7 @@ class DenseSource(abc.ABC):
             raise UpcycleError(f"{self.path}: config lacks {', '.join(missing)}; is this an HF Llama config.json?")
         check_config_values(c, self.config_where)
         have = set(self.keys())
-        n_expected = 2 + (not self.tied) + 9 * c["num_hidden_layers"]
+        n_expected = 2 + (not self.tied) + (12 if has_qkv_bias(c) else 9) * c["num_hidden_layers"]
         n_have = len([k for k in have if not k.endswith("rotary_emb.inv_freq")])
         if n_have < n_expected:  # before the key table is built: a config claiming 1e9 layers must not build it
             raise UpcycleError(f"{self.path} holds {n_have} tensors but its config ({c['num_hidden_layers']} layers) "

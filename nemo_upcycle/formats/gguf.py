@@ -94,7 +94,8 @@ class GGUFLlamaSource(DenseSource):
         arch = self._meta("general.architecture")
         a = lambda k, d=None: self._meta(f"{arch}.{k}", d)  # noqa: E731
         n_tokens = len(self._fields["tokenizer.ggml.tokens"].data) if "tokenizer.ggml.tokens" in self._fields else None
-        c = {"architectures": ["LlamaForCausalLM"], "model_type": "llama" if arch == "llama" else arch,
+        c = {"architectures": ["Qwen2ForCausalLM" if arch == "qwen2" else "LlamaForCausalLM"],
+             "model_type": "llama" if arch == "llama" else arch,
              "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
              "hidden_size": a("embedding_length"), "intermediate_size": a("feed_forward_length"),
              "num_hidden_layers": a("block_count"), "num_attention_heads": a("attention.head_count"),
@@ -184,7 +185,8 @@ class GGUFLlamaSource(DenseSource):
 
     def get(self, key: str) -> torch.Tensor:
         w = self._raw(key)
-        if key.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight")):
+        permuted = self.config["model_type"] == "llama"  # llama.cpp's LlamaModel permutes q / k; its Qwen2Model not
+        if permuted and key.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight")):
             c = self.config
             heads = (c["num_attention_heads"] if ".q_proj." in key
                      else c.get("num_key_value_heads") or c["num_attention_heads"])

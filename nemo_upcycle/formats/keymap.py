@@ -3,10 +3,12 @@
 Tensors: each ``Row`` pairs Megatron parameter names (the local spec first, then the Transformer Engine / grouped-GEMM
 alternatives of ``megatron/core/models/gpt/gpt_layer_specs.py``) with the HF tensors they hold and a named transform:
 ``copy``, ``vocab`` (pad rows / cut them), ``qkv`` (q, k, v grouped per query group, as NeMo's
-``TransformFns.merge_qkv``), ``glu`` ([gate; up], each half split per tensor-parallel rank). Names have ``{layer}`` /
-``{expert}`` slots. The HF side is HF Llama for the dense model and HF Mixtral (``block_sparse_moe``) for the MoE;
-a MoE tensor says what the upcycling makes it from (``made_from``). Read by the online filler, the HF export, the
-NeMo checkpoint reader, the Mixtral layout and the dense readers' shape check: a new tensor is a new row.
+``TransformFns.merge_qkv``), ``glu`` ([gate; up], each half split per tensor-parallel rank), ``qkv_bias``; the
+transforms themselves are ``formats.transforms``. Names have ``{layer}`` / ``{expert}`` slots. The HF side is HF Llama
+/ Qwen2 for the dense model and HF Mixtral (``block_sparse_moe``) or Qwen2-MoE (``mlp.experts``, ``mlp.shared_expert``)
+for the MoE (``KEYMAP``, ``QWEN2_MOE_KEYMAP``; the filler's ``FILL_KEYMAP`` holds every Megatron name once); a MoE
+tensor says what the upcycling makes it from (``made_from``). Read by the online filler, the HF export, the NeMo
+checkpoint reader, the format layouts and the dense readers' shape check: a new tensor is a new row.
 
 Config: ``CONFIG_FIELDS`` pairs HF ``LlamaConfig`` keys with Megatron / NeMo config fields (also our ``model.*``
 keys, except ``rope_scaling_factor``), with HF's defaults; every config translation reads it.
@@ -22,71 +24,14 @@ from typing import Any, Callable, Optional
 
 import torch
 
-
-# ---------------------------------------------------------------------------------------------- transforms
-def merge_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int, num_groups: int) -> torch.Tensor:
-    """HF q [H*hd, D], k/v [G*hd, D] -> Megatron linear_qkv [(H + 2G)*hd, D], grouped per query group."""
-    hd = q.shape[0] // num_heads
-    per = num_heads // num_groups
-    D = q.shape[1]
-    q = q.view(num_groups, per * hd, D)
-    k = k.view(num_groups, hd, D)
-    v = v.view(num_groups, hd, D)
-    return torch.cat([q, k, v], dim=1).reshape(-1, D)
-
-
-def split_qkv(qkv: torch.Tensor, num_heads: int, num_groups: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Inverse of ``merge_qkv``."""
-    D = qkv.shape[1]
-    per = num_heads // num_groups
-    hd = qkv.shape[0] // (num_heads + 2 * num_groups)
-    g = qkv.view(num_groups, (per + 2) * hd, D)
-    q, k, v = g.split([per * hd, hd, hd], dim=1)
-    return q.reshape(-1, D), k.reshape(-1, D), v.reshape(-1, D)
-
-
-def shard(t: torch.Tensor, rank: int, size: int, dim: int) -> torch.Tensor:
-    """Parallel shard ``rank`` of ``size`` along ``dim``."""
-    if size == 1:
-        return t
-    if t.shape[dim] % size:
-        raise ValueError(f"dimension {dim} of size {t.shape[dim]} does not split into {size} parallel shards")
-    return t.chunk(size, dim=dim)[rank]
-
-
-def glu_fc1(gate: torch.Tensor, up: torch.Tensor, rank: int, size: int) -> torch.Tensor:
-    """Megatron's gated fc1 on one tensor-parallel rank: [gate shard; up shard]."""
-    return torch.cat([shard(gate, rank, size, 0), shard(up, rank, size, 0)], dim=0)
-
-
-@dataclass(frozen=True)
-class Sizes:
-    """What the transforms need: heads and query groups (qkv), the HF and the padded Megatron vocabulary."""
-
-    heads: int
-    groups: int
-    vocab: int
-    padded_vocab: int
-
-    @classmethod
-    def of(cls, values: dict, padded_vocab: Optional[int] = None) -> "Sizes":
-        """From config values under Megatron names (``hf_values``, ``megatron_values``)."""
-        V = values["vocab_size"]
-        return cls(values["num_attention_heads"], values["num_query_groups"], V, padded_vocab or V)
-
-
-def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
-    # padded rows are never looked up; they give zero logits
-    return torch.cat([t, t.new_zeros(rows - t.shape[0], t.shape[1])]) if rows > t.shape[0] else t
-
-
-# name -> (number of HF tensors, HF tensors -> the whole Megatron tensor, the whole Megatron tensor -> HF tensors)
-TRANSFORMS: dict[str, tuple[int, Callable, Callable]] = {
-    "copy": (1, lambda p, s: p[0], lambda t, s: (t,)),
-    "vocab": (1, lambda p, s: _pad_rows(p[0], s.padded_vocab), lambda t, s: (t[: s.vocab],)),
-    "qkv": (3, lambda p, s: merge_qkv(*p, s.heads, s.groups), lambda t, s: split_qkv(t, s.heads, s.groups)),
-    "glu": (2, lambda p, s: torch.cat(p), lambda t, s: tuple(t.chunk(2))),
-}
+from nemo_upcycle.formats.transforms import (  # noqa: F401 -- re-exported: the table's transforms live there
+    TRANSFORMS,
+    Sizes,
+    glu_fc1,
+    merge_qkv,
+    shard,
+    split_qkv,
+)
 
 
 # ---------------------------------------------------------------------------------------------- HF tensors
@@ -128,15 +73,34 @@ W3 = HFTensor(_L + "block_sparse_moe.experts.{expert}.w3.weight", ("Fe", "D"), m
 ATTENTION = (INPUT_NORM, POST_ATTN_NORM, Q_PROJ, K_PROJ, V_PROJ, O_PROJ)  # per layer, shared by the dense and MoE
 DENSE_MLP = (GATE, UP, DOWN)
 MIXTRAL_EXPERT = (W1, W2, W3)  # the order Mixtral files hold them in
+# Qwen2 / Qwen2-MoE (transformers modeling_qwen2.py, modeling_qwen2_moe.py): q/k/v biases (``qkv_bias``); the sparse
+# block ``mlp.gate`` (router), ``mlp.experts.{e}.{gate,up,down}_proj``, ``mlp.shared_expert.*`` (S x Fe = Fs units)
+# and ``mlp.shared_expert_gate`` [1, D]; a layer in ``mlp_only_layers`` keeps the dense ``mlp.*_proj`` above.
+Q_BIAS = HFTensor(_L + "self_attn.q_proj.bias", ("Q",))
+K_BIAS = HFTensor(_L + "self_attn.k_proj.bias", ("KV",))
+V_BIAS = HFTensor(_L + "self_attn.v_proj.bias", ("KV",))
+QKV_BIAS = (Q_BIAS, K_BIAS, V_BIAS)
+QWEN_ROUTER = HFTensor(_L + "mlp.gate.weight", ("E", "D"), made_from="router")
+QWEN_GATE = HFTensor(_L + "mlp.experts.{expert}.gate_proj.weight", ("Fe", "D"), made_from="gate")
+QWEN_UP = HFTensor(_L + "mlp.experts.{expert}.up_proj.weight", ("Fe", "D"), made_from="up")
+QWEN_DOWN = HFTensor(_L + "mlp.experts.{expert}.down_proj.weight", ("D", "Fe"), made_from="down")
+SHARED_GATE = HFTensor(_L + "mlp.shared_expert.gate_proj.weight", ("Fs", "D"), made_from="shared_gate")
+SHARED_UP = HFTensor(_L + "mlp.shared_expert.up_proj.weight", ("Fs", "D"), made_from="shared_up")
+SHARED_DOWN = HFTensor(_L + "mlp.shared_expert.down_proj.weight", ("D", "Fs"), made_from="shared_down")
+SHARED_EXPERT_GATE = HFTensor(_L + "mlp.shared_expert_gate.weight", ("1", "D"), made_from="shared_expert_gate")
+QWEN_EXPERT = (QWEN_GATE, QWEN_UP, QWEN_DOWN)
+QWEN_SHARED = (SHARED_GATE, SHARED_UP, SHARED_DOWN, SHARED_EXPERT_GATE)
 
 
-def tensor_dims(hf: dict, expert_ffn: Optional[int] = None, experts: Optional[int] = None) -> dict[str, int]:
+def tensor_dims(hf: dict, expert_ffn: Optional[int] = None, experts: Optional[int] = None,
+                shared_ffn: int = 0) -> dict[str, int]:
     """The shape symbols of an HF Llama config: V vocab, D hidden, Q = heads x head_dim, KV = kv heads x head_dim,
-    F intermediate, Fe an expert's intermediate, E experts."""
+    F intermediate, Fe an expert's intermediate, E experts, Fs the shared expert's intermediate."""
     v = hf_values(hf, rope=False)
     D, F = v["hidden_size"], v["ffn_hidden_size"]
     return {"V": v["vocab_size"], "D": D, "Q": v["num_attention_heads"] * v["kv_channels"],
-            "KV": v["num_query_groups"] * v["kv_channels"], "F": F, "Fe": expert_ffn or F, "E": experts or 0}
+            "KV": v["num_query_groups"] * v["kv_channels"], "F": F, "Fe": expert_ffn or F, "E": experts or 0,
+            "Fs": shared_ffn, "1": 1}
 
 
 def llama_shapes(hf: dict) -> dict[str, tuple[int, ...]]:
@@ -145,9 +109,16 @@ def llama_shapes(hf: dict) -> dict[str, tuple[int, ...]]:
     out = {t.key(): t.shape_for(dims) for t in (EMBED, NORM, LM_HEAD)}
     if hf.get("tie_word_embeddings", False):
         del out[LM_HEAD.key()]
+    bias = QKV_BIAS if has_qkv_bias(hf) else ()
     for i in range(hf["num_hidden_layers"]):
-        out.update({t.key(i): t.shape_for(dims) for t in ATTENTION + DENSE_MLP})
+        out.update({t.key(i): t.shape_for(dims) for t in ATTENTION + bias + DENSE_MLP})
     return out
+
+
+def has_qkv_bias(hf: dict) -> bool:
+    """Whether a dense HF config's attention has q/k/v biases: every Qwen2 / Qwen2.5 (transformers' Qwen2Attention
+    has them unconditionally); a Llama with ``attention_bias`` (then o_proj has one too, which no MoE format holds)."""
+    return hf.get("model_type") == "qwen2" or bool(hf.get("attention_bias"))
 
 
 # ---------------------------------------------------------------------------------------------- rows
@@ -194,6 +165,23 @@ MIXTRAL_ROWS = (  # local experts, then TE grouped GEMM (TEGroupedMLP: linear_fc
     Row((_X + "local_experts.{expert}.linear_fc1.weight", _X + "linear_fc1.weight{expert}"), (W1, W3), "glu", 0, "etp"),
     Row((_X + "local_experts.{expert}.linear_fc2.weight", _X + "linear_fc2.weight{expert}"), (W2,), dim=1, group="etp"),
 )
+
+QKV_BIAS_ROWS = (Row((_M + "self_attention.linear_qkv.bias",), QKV_BIAS, "qkv_bias", 0),)  # add_qkv_bias
+# Megatron's SharedExpertMLP (moe/shared_experts.py): a tensor-parallel MLP, ``gate_weight`` [1, D] replicated. HF
+# Qwen2-MoE always gates the shared expert: an ungated Megatron shared expert is exported with a zero gate and down x 2
+# (``formats.qwen2_moe.hf_shared_down``).
+SHARED_ROWS = (
+    Row((_M + "mlp.shared_experts.linear_fc1.weight",), (SHARED_GATE, SHARED_UP), "glu", 0),
+    Row((_M + "mlp.shared_experts.linear_fc2.weight",), (SHARED_DOWN,), dim=1),
+    Row((_M + "mlp.shared_experts.gate_weight",), (SHARED_EXPERT_GATE,)),
+)
+QWEN2_MOE_ROWS = (
+    Row((_M + "mlp.router.weight",), (QWEN_ROUTER,)),
+    Row((_X + "local_experts.{expert}.linear_fc1.weight", _X + "linear_fc1.weight{expert}"), (QWEN_GATE, QWEN_UP),
+        "glu", 0, "etp"),
+    Row((_X + "local_experts.{expert}.linear_fc2.weight", _X + "linear_fc2.weight{expert}"), (QWEN_DOWN,), dim=1,
+        group="etp"),
+) + SHARED_ROWS
 
 
 @dataclass(frozen=True)
@@ -254,6 +242,8 @@ class KeyMap:
 
 
 KEYMAP = KeyMap(DENSE_ROWS + MIXTRAL_ROWS)
+QWEN2_MOE_KEYMAP = KeyMap(DENSE_ROWS + QKV_BIAS_ROWS + QWEN2_MOE_ROWS)  # the same Megatron names, HF Qwen2-MoE's
+FILL_KEYMAP = KeyMap(DENSE_ROWS + QKV_BIAS_ROWS + MIXTRAL_ROWS + SHARED_ROWS)  # every Megatron name the filler meets
 
 
 # ---------------------------------------------------------------------------------------------- config fields

@@ -41,18 +41,7 @@ LLAMA_DEFAULTS = {**HF_DEFAULTS, "hidden_act": "silu", "initializer_range": 0.02
 
 def mixtral_config(llama: dict, opts: UpcycleOptions, dtype: torch.dtype, source: Optional[str] = None) -> dict:
     """The Mixtral config.json for an upcycled Llama (a plain dict; transformers builds MixtralConfig from it)."""
-    cfg = {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral"}
-    for k in COPIED_CONFIG:
-        v = llama.get(k, LLAMA_DEFAULTS.get(k))
-        if k == "rope_theta" and "rope_parameters" in llama and "rope_theta" not in llama:  # a 5.x-written source
-            v = llama["rope_parameters"].get("rope_theta", v)
-        if k == "rope_scaling" and v is None and isinstance(llama.get("rope_parameters"), dict):
-            rp = {kk: vv for kk, vv in llama["rope_parameters"].items() if kk != "rope_theta"}
-            v = rp if rp.get("rope_type", "default") != "default" else None
-        if v is not None or k in ("rope_scaling",):
-            cfg[k] = v
-    if cfg.get("num_key_value_heads") is None:
-        cfg["num_key_value_heads"] = cfg["num_attention_heads"]
+    cfg = {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", **copied_config(llama)}
     cfg.update({
         "intermediate_size": llama["intermediate_size"] // opts.granularity,
         "num_local_experts": opts.num_moe_experts,
@@ -64,6 +53,24 @@ def mixtral_config(llama: dict, opts: UpcycleOptions, dtype: torch.dtype, source
         "torch_dtype": str(dtype).removeprefix("torch."),
         "upcycling": {**opts.to_record(), "source": source, "dense_intermediate_size": llama["intermediate_size"]},
     })
+    return cfg
+
+
+def copied_config(llama: dict) -> dict:
+    """The source's config fields every MoE format copies (``COPIED_CONFIG``), with the source's defaults where it
+    omits one and the legacy top-level RoPE form read from a 5.x-written source's ``rope_parameters``."""
+    cfg = {}
+    for k in COPIED_CONFIG:
+        v = llama.get(k, LLAMA_DEFAULTS.get(k))
+        if k == "rope_theta" and "rope_parameters" in llama and "rope_theta" not in llama:  # a 5.x-written source
+            v = llama["rope_parameters"].get("rope_theta", v)
+        if k == "rope_scaling" and v is None and isinstance(llama.get("rope_parameters"), dict):
+            rp = {kk: vv for kk, vv in llama["rope_parameters"].items() if kk != "rope_theta"}
+            v = rp if rp.get("rope_type", "default") != "default" else None
+        if v is not None or k in ("rope_scaling",):
+            cfg[k] = v
+    if cfg.get("num_key_value_heads") is None:
+        cfg["num_key_value_heads"] = cfg["num_attention_heads"]
     return cfg
 
 

@@ -1,11 +1,12 @@
-"""An upcycled HF Mixtral directory on disk (what ``convert`` and ``engine.export`` write): recognise and check it.
+"""An upcycled HF Mixtral / Qwen2-MoE directory on disk (what ``convert`` and ``engine.export`` write): recognise and
+check it (the format of a directory: ``formats.hf_moe.BY_MODEL_TYPE``).
 
 ``is_upcycled_mixtral_dir(d)``: the recogniser for outputs written before the ``.nemo-upcycle`` mark existed: an HF
-Mixtral ``config.json`` with an ``upcycling`` record, and nothing but files convert / export write (weights, their
+MoE ``config.json`` with an ``upcycling`` record, and nothing but files convert / export write (weights, their
 index, config, tokenizer files, generation config, NeMo's reference logits). ``--overwrite`` may replace such a
 directory; any other directory without the mark is never replaced (``files.check_replaceable``).
 
-``check_moe_dir(d)``: what ``verify`` checks before transformers loads anything: a Mixtral config with the
+``check_moe_dir(d)``: what ``verify`` checks before transformers loads anything: a Mixtral / Qwen2-MoE config with the
 ``upcycling`` record and sane sizes, every safetensors file present and complete, exactly the tensors and shapes
 the config implies, float weights. ``check_pair`` then refuses a dense model the MoE cannot have come from (hidden
 size, layers, heads, vocabulary, FFN); ``sniff`` tells a dense model from an MoE by its config (swapped arguments).
@@ -25,7 +26,8 @@ from nemo_upcycle.core.options import UpcycleOptions
 from nemo_upcycle.errors import UpcycleError
 from nemo_upcycle.formats.base import MOE_CONFIG_KEYS, SIZE_KEYS, check_config_values, read_json
 from nemo_upcycle.formats.hf_llama import check_safetensors_size
-from nemo_upcycle.formats.mixtral import LLAMA_DEFAULTS, layout, num_output_tensors
+from nemo_upcycle.formats.hf_moe import BY_MODEL_TYPE
+from nemo_upcycle.formats.mixtral import LLAMA_DEFAULTS
 from nemo_upcycle.system import files
 
 REFERENCE_FILE = "nemo_reference.safetensors"
@@ -51,7 +53,7 @@ def is_upcycled_mixtral_dir(d: Path) -> bool:
     if d.is_symlink() or not d.is_dir():
         return False
     cfg = _config(d)
-    if cfg is None or cfg.get("model_type") != "mixtral" or not isinstance(cfg.get("upcycling"), dict):
+    if cfg is None or cfg.get("model_type") not in BY_MODEL_TYPE or not isinstance(cfg.get("upcycling"), dict):
         return False
     return all(p.is_file() and not p.is_symlink() and WRITTEN.fullmatch(p.name) for p in d.iterdir())
 
@@ -63,35 +65,39 @@ def sniff(p: Path) -> Optional[str]:
     cfg = _config(p) if p.is_dir() else None
     if cfg is None:
         return None
-    if cfg.get("model_type") == "mixtral" or any(cfg.get(k) for k in MOE_CONFIG_KEYS):
+    if cfg.get("model_type") in BY_MODEL_TYPE or any(cfg.get(k) for k in MOE_CONFIG_KEYS):
         return "moe"
-    return "dense" if cfg.get("model_type") == "llama" else None
+    return "dense" if cfg.get("model_type") in ("llama", "qwen2") else None
 
 
 def check_moe_dir(d: Path) -> dict:
-    """Refuse anything but a complete upcycled HF Mixtral directory; return its config."""
+    """Refuse anything but a complete upcycled HF Mixtral / Qwen2-MoE directory; return its config."""
     fix = "pass the MoE directory nemo-upcycle convert (or a training run's hf_mixtral/) wrote"
     if not d.is_dir():
         raise UpcycleError(f"{d} is not a directory; {fix}.")
     if not (d / "config.json").is_file():
         raise UpcycleError(f"{d} has no config.json; {fix}.")
     cfg = read_json(d / "config.json")
-    if not isinstance(cfg, dict) or cfg.get("model_type") != "mixtral":
-        mt = cfg.get("model_type") if isinstance(cfg, dict) else None
-        raise UpcycleError(f"{d} is model_type {mt!r}, not an HF Mixtral; {fix}.")
+    mt = cfg.get("model_type") if isinstance(cfg, dict) else None
+    if mt not in BY_MODEL_TYPE:
+        raise UpcycleError(f"{d} is model_type {mt!r}, not an HF Mixtral or Qwen2-MoE; {fix}.")
+    fmt = BY_MODEL_TYPE[mt]
     if not isinstance(cfg.get("upcycling"), dict):
-        raise UpcycleError(f"{d} is an HF Mixtral without an upcycling record in config.json (not upcycled by "
-                           f"nemo-upcycle), so there is no dense model to compare it with; {fix}.")
-    check_config_values(cfg, str(d / "config.json"), SIZE_KEYS + ("num_local_experts", "num_experts_per_tok"))
-    E, k = cfg["num_local_experts"], cfg["num_experts_per_tok"]
+        raise UpcycleError(f"{d} is an HF {fmt.architecture} without an upcycling record in config.json (not "
+                           f"upcycled by nemo-upcycle), so there is no dense model to compare it with; {fix}.")
+    experts = "num_local_experts" if mt == "mixtral" else "num_experts"
+    sizes = (experts, "num_experts_per_tok") + (() if mt == "mixtral" else ("moe_intermediate_size",))
+    check_config_values(cfg, str(d / "config.json"), SIZE_KEYS + sizes)
+    E, k = cfg[experts], cfg["num_experts_per_tok"]
     if k > E:
-        raise UpcycleError(f"{d}/config.json: num_experts_per_tok {k} > num_local_experts {E}; the config is corrupt.")
+        raise UpcycleError(f"{d}/config.json: num_experts_per_tok {k} > {experts} {E}; the config is corrupt.")
+    dense, opts = _dense_view(cfg, d)
     tensors = _tensors(d)
-    n = num_output_tensors(cfg, UpcycleOptions(E, k))
+    n = fmt.num_output_tensors(dense, opts)
     if len(tensors) != n:  # before the key table is built: E in a bad config can be huge
         raise UpcycleError(f"{d} holds {len(tensors)} tensors but its config ({cfg['num_hidden_layers']} layers, {E} "
-                           f"experts) implies {n}; the directory is incomplete or not an upcycled Mixtral.")
-    for spec, _ in layout(cfg, UpcycleOptions(E, k), torch.float32):
+                           f"experts) implies {n}; the directory is incomplete or not an upcycled {fmt.architecture}.")
+    for spec, _ in fmt.layout(dense, opts, torch.float32):
         got = tensors.get(spec.name)
         if got is None:
             raise UpcycleError(f"{d} lacks {spec.name}, which its config implies; the directory is incomplete.")
@@ -101,6 +107,25 @@ def check_moe_dir(d: Path) -> dict:
         if got[0] not in FLOAT_DTYPES:
             raise UpcycleError(f"{d}: {spec.name} is stored as {got[0]}; an MoE's weights are F32, F16 or BF16.")
     return cfg
+
+
+def _dense_view(cfg: dict, d: Path) -> tuple[dict, UpcycleOptions]:
+    """An MoE config as the dense config + options its format's layout reads (sizes only)."""
+    if cfg["model_type"] == "mixtral":
+        return cfg, UpcycleOptions(cfg["num_local_experts"], cfg["num_experts_per_tok"])
+    F, Fe, Fs = cfg["intermediate_size"], cfg["moe_intermediate_size"], cfg.get("shared_expert_intermediate_size")
+    only = cfg.get("mlp_only_layers") or []
+    L = cfg["num_hidden_layers"]
+    if (F % Fe or not isinstance(Fs, int) or isinstance(Fs, bool) or Fs < 0 or Fs % Fe
+            or not isinstance(only, list) or not all(isinstance(i, int) and 0 <= i < L for i in only)
+            or len(set(only)) == L or cfg.get("decoder_sparse_step", 1) != 1):
+        raise UpcycleError(f"{d}/config.json: intermediate_size {F}, moe_intermediate_size {Fe}, "
+                           f"shared_expert_intermediate_size {Fs}, mlp_only_layers {only} do not describe an upcycled "
+                           "Qwen2-MoE; the config is corrupt.")
+    dense = {**cfg, "intermediate_size": F, "model_type": "qwen2" if cfg.get("qkv_bias", True) else "llama"}
+    moe_layers = [i for i in range(L) if i not in set(only)]
+    return dense, UpcycleOptions(cfg["num_experts"], cfg["num_experts_per_tok"], granularity=F // Fe,
+                                 shared_experts=Fs // Fe, moe_layers=moe_layers)
 
 
 def _tensors(d: Path) -> dict[str, tuple[str, list]]:
@@ -152,8 +177,9 @@ def check_pair(dense: dict, moe: dict, dense_name: str, moe_name: str) -> None:
             raise UpcycleError(f"{dense_name} and {moe_name} differ in {key} ({a[key]} vs {b[key]}): {fix}.")
     G = rec.get("granularity", 1)
     G = G if isinstance(G, int) and not isinstance(G, bool) and G >= 1 else 1
-    if moe["intermediate_size"] * G != dense["intermediate_size"]:
-        raise UpcycleError(f"{moe_name} has experts of FFN size {moe['intermediate_size']} x granularity {G}, the "
+    Fe = moe["intermediate_size"] if moe.get("model_type") == "mixtral" else moe.get("moe_intermediate_size")
+    if Fe * G != dense["intermediate_size"]:
+        raise UpcycleError(f"{moe_name} has experts of FFN size {Fe} x granularity {G}, the "
                            f"dense FFN of {dense_name} is {dense['intermediate_size']}: {fix}.")
     for key in ("rms_norm_eps", "rope_theta"):
         x, y = dense.get(key, LLAMA_DEFAULTS[key]), moe.get(key, LLAMA_DEFAULTS[key])

@@ -1,11 +1,11 @@
-"""Dense Llama (HF directory or GGUF) -> HF Mixtral directory, one layer at a time.
+"""Dense Llama (HF directory or GGUF) -> HF Mixtral or Qwen2-MoE directory (``formats.hf_moe``), one layer at a time.
 
   1. cheap checks before the source is read: the source path opens (``formats.base.locate``); the output is none of
      the current directory, the home directory, the source or a directory holding it, and an existing output is
      replaced only with ``overwrite`` and only if nemo-upcycle wrote it (``check_output``);
   2. the source opened and checked (``formats.base.open_dense``), the options validated against it; a conversion
      whose peak memory or output size exceeds what the machine has is refused from the sizes (``check_fits``);
-  3. every output tensor laid out from the configs alone (``formats.mixtral.layout``) and streamed into a marked
+  3. every output tensor laid out from the configs alone (the format's ``layout``) and streamed into a marked
      staging directory (``system.files.staging``: removed on failure or SIGTERM / SIGINT): one dense layer read,
      its copies, router and experts written, the layer dropped;
   4. every source tensor proven consumed exactly once; config, tokenizer and index written; the staging directory
@@ -24,10 +24,11 @@ from typing import Iterable, Optional
 import torch
 
 from nemo_upcycle.core.options import UpcycleOptions, resolve_moe_layers
+from nemo_upcycle.core.shared import GATE_AT_INIT, shared_expert_weights, shared_gate_weight, shared_intermediate_size
 from nemo_upcycle.core.upcycle import LayerExperts, router_weight
 from nemo_upcycle.errors import FieldError, UpcycleError
 from nemo_upcycle.formats.base import DenseSource, locate, open_dense, read_dense_mlp
-from nemo_upcycle.formats.mixtral import layout, mixtral_config, num_output_tensors, output_bytes, source_keys
+from nemo_upcycle.formats.hf_moe import FORMATS, HFMoEFormat, choose
 from nemo_upcycle.formats.moe_dir import is_upcycled_mixtral_dir
 from nemo_upcycle.formats.safetensors_stream import ShardedWriter
 from nemo_upcycle.system.files import check_not_protected, check_replaceable, check_writable, publish, staging
@@ -73,7 +74,8 @@ def check_output(out: Path, overwrite: bool, protect: Iterable[Path] = (), flag:
             raise UpcycleError(f"{out} already exists; choose another output or pass --overwrite to replace it.")
 
 
-def peak_memory_bytes(cfg: dict, opts: UpcycleOptions, out_dtype: torch.dtype, src_dtype: torch.dtype) -> int:
+def peak_memory_bytes(cfg: dict, opts: UpcycleOptions, out_dtype: torch.dtype, src_dtype: torch.dtype,
+                      fmt: HFMoEFormat = FORMATS["mixtral"]) -> int:
     """Upper bound of the memory a conversion adds to the process, in closed form (see the module docstring):
     the dense MLP of one layer, one new expert (noise / drop / scaling), the larger of the embedding (read and
     cast) and the router (fp32 draw, scaled copy, virtual-group repeat, cast), and the per-tensor bookkeeping."""
@@ -82,28 +84,32 @@ def peak_memory_bytes(cfg: dict, opts: UpcycleOptions, out_dtype: torch.dtype, s
     new_expert = opts.noise_std > 0 or opts.drop_ratio > 0 or opts.scale_factor() != 1.0
     expert = (3 * Fe * D * (8 + o) + (F * D * 4 if opts.drop_ratio > 0 else 0)) if new_expert else Fe * D * o
     embed, router = V * D * (s + o), E * D * (12 + o)
-    return num_output_tensors(cfg, opts) * BYTES_PER_TENSOR + 3 * F * D * s + expert + max(embed, router)
+    shared = 3 * shared_intermediate_size(opts, F) * D * (4 + o)  # the shared expert, built once per layer
+    return (fmt.num_output_tensors(cfg, opts) * BYTES_PER_TENSOR + 3 * F * D * s + expert + max(embed, router)
+            + shared)
 
 
-def check_fits(cfg: dict, opts: UpcycleOptions, out_dtype: torch.dtype, src_dtype: torch.dtype, where: Path) -> int:
+def check_fits(cfg: dict, opts: UpcycleOptions, out_dtype: torch.dtype, src_dtype: torch.dtype, where: Path,
+               fmt: HFMoEFormat = FORMATS["mixtral"]) -> int:
     """Refuse a conversion that cannot fit in memory or on the disk under ``where``; return the output's bytes."""
     import psutil
 
-    n = num_output_tensors(cfg, opts)
-    peak, avail = peak_memory_bytes(cfg, opts, out_dtype, src_dtype), psutil.virtual_memory().available
+    n = fmt.num_output_tensors(cfg, opts)
+    peak, avail = peak_memory_bytes(cfg, opts, out_dtype, src_dtype, fmt), psutil.virtual_memory().available
     if peak > avail:
         raise FieldError(f"the conversion needs about {peak / 2**30:.1f} GiB of memory ({n:,} output tensors for "
                          f"{opts.num_moe_experts:,} experts x {cfg['num_hidden_layers']} layers), this machine has "
                          f"{avail / 2**30:.1f} GiB available; lower {{num_moe_experts}} or use a larger machine.",
                          num_moe_experts=opts.num_moe_experts)
-    needed = output_bytes(cfg, opts, out_dtype) + n * HEADER_BYTES_PER_TENSOR
+    needed = fmt.output_bytes(cfg, opts, out_dtype) + n * HEADER_BYTES_PER_TENSOR
     check_writable(where, needed, flag="output")
     return needed
 
 
 def convert(src_path, out_dir, opts: UpcycleOptions, *, dtype: Optional[str] = None, overwrite: bool = False,
-            max_shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool = True) -> ConvertResult:
-    """Upcycle ``src_path`` into an HF Mixtral directory ``out_dir``. See the module docstring."""
+            max_shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool = True, fmt: str = "auto") -> ConvertResult:
+    """Upcycle ``src_path`` into an HF MoE directory ``out_dir`` (``fmt``: ``formats.hf_moe.choose``). See the
+    module docstring."""
     from tqdm.auto import tqdm
 
     out = Path(out_dir).expanduser().absolute()
@@ -112,13 +118,11 @@ def convert(src_path, out_dir, opts: UpcycleOptions, *, dtype: Optional[str] = N
     src = open_dense(src_path)
     cfg = src.config
     opts.validate(ffn_hidden_size=cfg["intermediate_size"], num_layers=cfg["num_hidden_layers"])
-    moe_layers = resolve_moe_layers(opts.moe_layers, cfg["num_hidden_layers"])
-    if len(moe_layers) != cfg["num_hidden_layers"]:
-        raise UpcycleError(f"--moe-layers selects {len(moe_layers)} of {cfg['num_hidden_layers']} layers, but an HF "
-                           "Mixtral checkpoint has no dense layers; use --moe-layers all for HF output.")
+    resolve_moe_layers(opts.moe_layers, cfg["num_hidden_layers"])
+    form = choose(cfg, opts, fmt)
     out_dtype = resolve_dtype(dtype, src)
-    needed = check_fits(cfg, opts, out_dtype, src.dtype("model.embed_tokens.weight"), out.parent)
-    plan = layout(cfg, opts, out_dtype)
+    needed = check_fits(cfg, opts, out_dtype, src.dtype("model.embed_tokens.weight"), out.parent, form)
+    plan = form.layout(cfg, opts, out_dtype)
     specs = [spec for spec, _ in plan]
     with staging(out, needed) as tmp:
         writer = ShardedWriter(tmp, specs, max_shard_bytes)
@@ -127,12 +131,12 @@ def convert(src_path, out_dir, opts: UpcycleOptions, *, dtype: Optional[str] = N
         with tqdm(total=sum(s.nbytes for s in specs), unit="B", unit_scale=True, desc="upcycle",
                   disable=not progress) as bar:
             for spec, recipe in plan:
-                consumed += source_keys(recipe)
+                consumed += form.source_keys(recipe)
                 writer.write(spec.name, _produce(src, recipe, opts, experts, spec.dtype))
                 bar.update(spec.nbytes)
         writer.close()
         _check_consumed(src, consumed)
-        config = mixtral_config(cfg, opts, out_dtype, source=str(src.path))
+        config = form.config(cfg, opts, out_dtype, source=str(src.path))
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         src.save_tokenizer(tmp)
         if out.exists() and not overwrite:  # made by someone else while this ran
@@ -149,9 +153,15 @@ def _produce(src: DenseSource, recipe: tuple, opts: UpcycleOptions, experts: Lay
         return src.get(recipe[1])
     if kind == "router":
         return router_weight(src.config["hidden_size"], opts, recipe[1], dtype)
+    if kind == "shared":  # HF Qwen2-MoE: the gate is always there, zero at step 0 (formats.qwen2_moe)
+        _, layer, which = recipe
+        if which == "expert_gate":
+            return shared_gate_weight(src.config["hidden_size"], dtype)
+        dense = experts.dense(layer)
+        return getattr(shared_expert_weights(*dense, opts, gamma=GATE_AT_INIT), which)
     _, layer, e, which = recipe
     w = experts.get(layer, e)
-    return getattr(w, which)  # the expert's part: gate, up or down (formats.mixtral.layout)
+    return getattr(w, which)  # the expert's part: gate, up or down (the format's layout)
 
 
 def _check_consumed(src: DenseSource, consumed: list[str]) -> None:

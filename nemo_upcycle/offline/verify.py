@@ -2,10 +2,12 @@
 faithful?
 
 Both models are loaded by transformers (``LlamaForCausalLM`` from an HF directory or a GGUF file;
-``MixtralForCausalLM``) in fp32 on the CPU and run on the same tokens: max and mean absolute logit difference, top-1
-agreement. HF Mixtral always renormalizes its top-k weights; when the checkpoint's ``upcycling`` record says the
-routing differs (softmax then top-k without renormalization, or sigmoid), each sparse block is given that routing
-(``core.routing.route``), so the check measures the model training will see. Before loading, ``check_inputs``
+``MixtralForCausalLM`` or ``Qwen2MoeForCausalLM``, by the MoE's ``model_type``) in fp32 on the CPU and run on the same
+tokens: max and mean absolute logit difference, top-1 agreement. HF Mixtral always renormalizes its top-k weights,
+Qwen2-MoE as ``norm_topk_prob`` says; when the checkpoint's ``upcycling`` record says the routing differs (Mixtral:
+softmax then top-k without renormalization; either: sigmoid), each sparse block is given that routing
+(``core.routing.route``; Qwen2-MoE's gated shared expert added as transformers adds it), so the check measures the
+model training will see. Before loading, ``check_inputs``
 checks both sides as ``convert`` does (``formats.base.open_dense``, ``formats.moe_dir.check_moe_dir``) and the pair
 (``formats.moe_dir.check_pair``); swapped arguments are named as such.
 
@@ -25,7 +27,8 @@ import torch
 
 from nemo_upcycle.core.routing import route
 from nemo_upcycle.errors import UpcycleError
-from nemo_upcycle.formats.base import DenseSource, locate, open_dense
+from nemo_upcycle.formats.base import DenseSource, locate, open_dense, read_json
+from nemo_upcycle.formats.hf_moe import BY_MODEL_TYPE
 from nemo_upcycle.formats.moe_dir import REFERENCE_FILE, check_moe_dir, check_pair, sniff
 
 # the step-0 tolerance: the largest |logit difference| (fp32) at which the MoE still computes the dense function (a
@@ -68,7 +71,7 @@ def is_trained_export(moe_path: str | Path) -> bool:
 def check_inputs(dense_path: Path, moe_path: Path) -> tuple[DenseSource, dict]:
     """The dense source (opened and checked) and the MoE's config, or one line saying what is wrong (module doc)."""
     dense_path = locate(dense_path, "the dense HF Llama directory or .gguf file")
-    moe_path = locate(moe_path, "the upcycled HF Mixtral directory")
+    moe_path = locate(moe_path, "the upcycled HF MoE directory")
     d, m = sniff(dense_path), sniff(moe_path)
     usage = "verify takes the dense model first, then the MoE: nemo-upcycle verify DENSE MOE"
     if d == "moe" and m == "dense":
@@ -89,25 +92,32 @@ def check_inputs(dense_path: Path, moe_path: Path) -> tuple[DenseSource, dict]:
 
 
 def load_dense(path: str | Path):
-    from transformers import LlamaForCausalLM
+    """The dense model with transformers' own class for its family (``LlamaForCausalLM``, ``Qwen2ForCausalLM``)."""
+    from transformers import AutoModelForCausalLM
 
     p = Path(path)
     if not p.exists():
         raise UpcycleError(f"{p} does not exist; pass the dense HF Llama directory or .gguf file.")
     if p.is_file() and p.suffix.lower() == ".gguf":
-        return LlamaForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=torch.float32)
+        return AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=torch.float32)
     if not (p / "config.json").is_file():
         raise UpcycleError(f"{p} has no config.json; pass the dense HF Llama directory or .gguf file.")
-    return LlamaForCausalLM.from_pretrained(str(p), dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(str(p), dtype=torch.float32)
 
 
 def load_moe(path: str | Path):
-    from transformers import MixtralForCausalLM
+    """The upcycled MoE with transformers' own class for its format (Mixtral or Qwen2-MoE), the recorded routing
+    applied."""
+    import transformers
 
     p = Path(path)
     if not (p / "config.json").is_file():
-        raise UpcycleError(f"{p} has no config.json; pass the upcycled HF Mixtral directory written by convert.")
-    model = MixtralForCausalLM.from_pretrained(str(p), dtype=torch.float32)
+        raise UpcycleError(f"{p} has no config.json; pass the upcycled HF MoE directory written by convert.")
+    cfg = read_json(p / "config.json")
+    fmt = BY_MODEL_TYPE.get(cfg.get("model_type") if isinstance(cfg, dict) else None)
+    if fmt is None:
+        raise UpcycleError(f"{p} is neither an HF Mixtral nor a Qwen2-MoE; pass the directory convert wrote.")
+    model = getattr(transformers, fmt.architecture).from_pretrained(str(p), dtype=torch.float32)
     apply_recorded_routing(model)
     return model
 
@@ -118,10 +128,11 @@ def apply_recorded_routing(model) -> bool:
     score = rec.get("moe_router_score_function", "softmax")
     pre = bool(rec.get("moe_router_pre_softmax", False))
     renorm = rec.get("norm_topk_prob", True)
-    if score == "softmax" and (renorm or not pre):
-        return False  # HF Mixtral's own routing (softmax, top-k, renormalize) is the recorded one
+    qwen = getattr(model.config, "model_type", None) == "qwen2_moe"
+    if score == "softmax" and (renorm or not pre or qwen):
+        return False  # HF's own routing (softmax, top-k, renormalize / Qwen2-MoE's norm_topk_prob) is the recorded one
     for module in model.modules():
-        if module.__class__.__name__ == "MixtralSparseMoeBlock":
+        if module.__class__.__name__ in ("MixtralSparseMoeBlock", "Qwen2MoeSparseMoeBlock"):
             module.forward = types.MethodType(_routed_forward(score, pre, renorm), module)
     return True
 
@@ -137,6 +148,8 @@ def _routed_forward(score: str, pre: bool, renorm: bool):
             tok, slot = torch.nonzero(indices == e, as_tuple=True)
             if tok.numel():
                 out.index_add_(0, tok, expert(x[tok]) * probs[tok, slot, None].to(x.dtype))
+        if hasattr(self, "shared_expert"):  # Qwen2-MoE: sigmoid-gated shared expert, as transformers adds it
+            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return out.view(B, T, D), logits
     return forward
 

@@ -68,7 +68,8 @@ def flops_per_token(m: ModelDims, seq_length: int, tp: Optional[int] = None) -> 
     vocab as NeMo does for a tokenizer-sized vocab (None: as given)."""
     h, d, a, g, L = m.hidden_size, m.kv_channels, m.num_attention_heads, m.num_query_groups, m.num_layers
     n_moe, w = sum(m.moe_pattern()), 3 if m.gated_linear_unit else 2
-    mlp = h * w * (m.ffn_hidden_size * (L - n_moe) + m.moe_ffn_hidden_size * m.moe_router_topk * n_moe)
+    Fs = m.moe_shared_expert_intermediate_size or 0  # every token visits the shared expert (Megatron counts it too)
+    mlp = h * w * (m.ffn_hidden_size * (L - n_moe) + (m.moe_ffn_hidden_size * m.moe_router_topk + Fs) * n_moe)
     attn = L * (h * d * (a + 2 * g) + a * d * seq_length + a * d * h)
     return 6.0 * (mlp + attn + h * m.padded_vocab(tp))
 

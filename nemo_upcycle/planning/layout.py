@@ -42,6 +42,7 @@ class ModelDims:
     moe_ffn_hidden_size: Optional[int] = None  # None: ffn_hidden_size
     moe_layer_freq: Union[int, list] = 1
     moe_expert_capacity_factor: Optional[float] = None  # None: dropless
+    moe_shared_expert_intermediate_size: Optional[int] = None  # Megatron's SharedExpertMLP (TP-sharded, every token)
     make_vocab_size_divisible_by: int = 128
 
     def __post_init__(self):

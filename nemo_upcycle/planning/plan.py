@@ -45,7 +45,8 @@ def layer_parameters(m: ModelDims, moe: bool) -> dict[str, int]:
     h, w = m.hidden_size, 3 if m.gated_linear_unit else 2
     attention = h * m.kv_channels * 2 * (m.num_attention_heads + m.num_query_groups)
     if moe:
-        return {"attention": attention, "replicated": 2 * h + m.num_moe_experts * h, "mlp": 0,
+        Fs = m.moe_shared_expert_intermediate_size or 0  # the shared expert: a TP-sharded MLP (+ its gate, if any)
+        return {"attention": attention, "replicated": 2 * h + m.num_moe_experts * h, "mlp": w * h * Fs,
                 "experts": m.num_moe_experts * w * h * m.moe_ffn_hidden_size}
     return {"attention": attention, "replicated": 2 * h, "mlp": w * h * m.ffn_hidden_size, "experts": 0}
 

@@ -1,0 +1,47 @@
+"""The step-0 check with shared experts at the CPU layouts of the scale issue that split them: the tiny recipe trained
+one step under torchrun (``tests/dist_step0.py``) with a shared expert (Megatron's ``SharedExpertMLP``, tensor-parallel
+like the dense MLP) at TP2 + SP (gated), EP2, ETP2 (gated) and PP2 with a mixed dense / MoE stack: every
+MoE layer's output (routed + shared) on the ranks that hold it equals the dense MLP, and every routed expert equals what
+upcycling builds (``engine/step0.py``). Negative control: the same check catches a perturbed routed expert next to a
+shared expert.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from test_step0_layouts import PP2, TP2SP, run, step0_of, torchrun
+
+SHARED = ("moe.moe_shared_expert_intermediate_size=44",)
+GATE = "moe.moe_shared_expert_gate=true"
+PLAN = [run("tp2sp_shared", *TP2SP, *SHARED, GATE),
+        run("ep2_shared", "parallel.expert_model_parallel_size=2", *SHARED),
+        run("etp2_shared", "parallel.expert_tensor_parallel_size=2", "moe.moe_shared_expert_intermediate_size=88",
+            GATE),
+        run("pp2_mixed_shared", *PP2, "moe.moe_layer_freq=2", *SHARED),
+        run("ep2_shared_bad", "parallel.expert_model_parallel_size=2", *SHARED, bad=(1, 3, 1))]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    work = torchrun(2, PLAN, tmp_path_factory.mktemp("shared_x2"))
+    return {r["name"]: work / r["name"] for r in PLAN}
+
+
+@pytest.mark.slow
+def test_shared_experts_pass_step0_at_every_split(runs):
+    for r in PLAN:
+        s = step0_of(runs, r["name"])
+        layers = s["layers"]
+        want = [0, 2] if "mixed" in r["name"] else [0, 1, 2]
+        assert [row["layer"] for row in layers["rows"]] == want, r["name"]
+        if "perturb" in r:
+            assert not s["passed"] and [(m["layer"], m["expert"], m["rank"]) for m in layers["mismatches"]
+                                        if m["what"] == "expert"] == [(1, 3, 1)], layers["mismatches"]
+            continue
+        assert s["passed"] and layers["passed"] and layers["mismatches"] == [], (r["name"], layers["mismatches"])
+        assert all(row["max_abs_diff"] <= 1e-6 * row["max_abs_dense"] for row in layers["rows"]), r["name"]
+        rec = json.loads((runs[r["name"]] / "run_identity.json").read_text())
+        assert "shared" in json.dumps(rec), r["name"]
