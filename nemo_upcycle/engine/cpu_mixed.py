@@ -83,8 +83,8 @@ _TYPE_NAMED = [
 
 
 class _WgradAccum:
-    """Stands in for Apex's ``fused_weight_gradient_mlp_cuda`` (tensor_parallel/layers.py:46, called at :561/:565 (569/573) when
-    ``gradient_accumulation_fusion``): a linear layer's weight gradient [out, in] = grad_output[N, out]^T
+    """Stands in for Apex's ``fused_weight_gradient_mlp_cuda`` (tensor_parallel/layers.py:46, called at :561/:565
+    (569/573) when ``gradient_accumulation_fusion``): a linear layer's weight gradient [out, in] = grad_output[N, out]^T
     input[N, in] computed from the bf16 tensors in fp32 (a bf16 x bf16 product is exact in fp32) and added straight
     into ``main_grad``, as the fused GEMM of GPU recipes does, instead of a bf16 GEMM whose result is rounded to bf16
     before DDP adds it. The rounding would otherwise depend on how tokens are grouped into GEMMs: an expert's gradient
