@@ -258,6 +258,7 @@ def swap_experts(w: dict, i: int, j: int) -> dict:
     return out
 
 
+@pytest.mark.stack
 @pytest.mark.slow
 def test_one_rank_loss_goes_down(one_rank):
     results = one_rank[0]
@@ -268,6 +269,7 @@ def test_one_rank_loss_goes_down(one_rank):
     assert abs(frozen[-1] - frozen[0]) < 0.1, frozen  # control: without updates it only wobbles with the data
 
 
+@pytest.mark.stack
 @pytest.mark.slow
 def test_save_and_full_resume_continue_training_exactly(one_rank, two_ranks):
     one, two = one_rank[0], two_ranks[0]
@@ -280,6 +282,7 @@ def test_save_and_full_resume_continue_training_exactly(one_rank, two_ranks):
     assert max_diff(one["alltoall"]["losses"], uninterrupted) > 1e-3
 
 
+@pytest.mark.stack
 @pytest.mark.slow
 @pytest.mark.parametrize("two_rank_run, one_rank_run", [
     ("ep2_alltoall", "alltoall"),
@@ -294,6 +297,7 @@ def test_two_ranks_match_one_rank(one_rank, two_ranks, two_rank_run, one_rank_ru
     assert control > 1e-3, f"control (other data) should differ, max |diff| {control:.3g}"
 
 
+@pytest.mark.stack
 @pytest.mark.slow
 def test_dispatchers_agree(one_rank):
     one = one_rank[0]
@@ -301,6 +305,7 @@ def test_dispatchers_agree(one_rank):
     assert max_diff(one["allgather"]["losses"], one["alltoall_other_data"]["losses"]) > 1e-3  # control
 
 
+@pytest.mark.stack
 @pytest.mark.slow
 def test_checkpoint_saved_at_ep1_loads_at_ep2(one_rank, two_ranks):
     saved, loaded = weights(one_rank[1], "fresh.end"), weights(two_ranks[1], "ep2_alltoall.start")
@@ -311,6 +316,7 @@ def test_checkpoint_saved_at_ep1_loads_at_ep2(one_rank, two_ranks):
     assert weights_diff(swap_experts(loaded, 0, 2), saved) > 1e-3  # control: a misplaced expert is seen
 
 
+@pytest.mark.stack
 @pytest.mark.slow
 def test_checkpoint_saved_at_ep2_loads_at_ep1(two_ranks):
     results, work = two_ranks
