@@ -30,7 +30,7 @@ import sys
 import torch
 from torch.overrides import TorchFunctionMode
 
-from nemo_upcycle.engine import cpu_mixed, cpu_sites
+from nemo_upcycle.engine import compat, cpu_mixed, cpu_sites
 
 _ACTIVE: list[frozenset] = []  # code objects whose torch calls are redirected now (one set per open scope)
 
@@ -279,7 +279,9 @@ def enable_cpu_support() -> bool:
         return False
     if _ENABLED:
         return True
-    for module, qualname, callees in cpu_sites.scoped_sites(check_versions()):
+    stack = check_versions()
+    compat.accept_nemo_optimizer_arguments()  # not CPU-only, but needed here too (tests build NeMo's own models)
+    for module, qualname, callees in cpu_sites.scoped_sites(stack):
         _scope(module, qualname, callees)
     moe_utils = importlib.import_module(MC + "transformer.moe.moe_utils")
     if not hasattr(moe_utils, "te_general_gemm"):  # transformer/moe/moe_utils.py:958 (1192) reads it; TE defines it

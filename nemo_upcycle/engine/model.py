@@ -19,6 +19,7 @@ import torch
 from nemo.collections.llm.gpt.model.base import GPTModel
 from nemo.lightning import io
 
+from nemo_upcycle.engine import compat
 from nemo_upcycle.engine import nemo_source  # noqa: F401 -- registers the NeMo 2 checkpoint reader with open_dense
 from nemo_upcycle.engine.config import UpcycledLlamaConfig
 from nemo_upcycle.engine.cpu import cpu_strategy_kwargs
@@ -28,6 +29,7 @@ from nemo_upcycle.formats.base import DenseSource, open_dense
 from nemo_upcycle.planning.layout import ModelDims, ParallelLayout, check_layout
 
 log = logging.getLogger(__name__)
+compat.accept_nemo_optimizer_arguments()  # NeMo 2.7 on megatron-core 0.16 (ngc-26.02): engine/compat.py
 
 
 def check_dense_matches(src: DenseSource, config) -> None:
