@@ -19,8 +19,7 @@ import torch
 from nemo.collections.llm.gpt.model.base import GPTModel
 from nemo.lightning import io
 
-from nemo_upcycle.engine import compat
-from nemo_upcycle.engine import nemo_source  # noqa: F401 -- registers the NeMo 2 checkpoint reader with open_dense
+from nemo_upcycle.engine import compat, nemo_source  # noqa: F401 -- nemo_source registers the NeMo 2 checkpoint reader
 from nemo_upcycle.engine.config import UpcycledLlamaConfig
 from nemo_upcycle.engine.cpu import cpu_strategy_kwargs
 from nemo_upcycle.engine.filler import MegatronFiller, RankLayout
