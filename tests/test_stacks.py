@@ -94,3 +94,59 @@ def test_optimizer_arguments_of_nemo_per_stack():
 
     assert outcome(mopt.get_megatron_optimizer, **compat.LEGACY_DEFAULTS) == outcome(stock)
     assert outcome(stock, **compat.LEGACY_DEFAULTS)[0] is TypeError  # control: what NeMo's call gets unpatched
+
+
+# ---- the NGC job's step 1 (examples/ngc_slurm_8x8b.sh): which stack the job trains on -------------------------------
+FAKE_PIP = r'''#!/bin/bash
+# stands in for pip inside the container: logs its arguments and "installs" name==version pins into the fake site
+echo "$*" >> "$FAKE_SITE/pip.log"
+for a in "$@"; do
+  case "$a" in
+    nemo-toolkit==*) echo "__version__ = '${a#*==}'" > "$FAKE_SITE/nemo/package_info.py" ;;
+    megatron-core==*) echo "__version__ = '${a#*==}'" > "$FAKE_SITE/megatron/core/package_info.py" ;;
+  esac
+done
+'''
+
+
+def _job_step1(tmp_path: Path, nemo: str, mcore: str, pin_stack: str) -> tuple[subprocess.CompletedProcess, str]:
+    """Run step 1's container-side script of the committed job with a fake pip and fake NeMo / megatron-core
+    version modules (the image's versions), this repository as the installed plugin."""
+    import os
+    import sys
+
+    script = (REPO / "examples" / "ngc_slurm_8x8b.sh").read_text()
+    body = script.split("bash -c '", 1)[1].split("' \\\n  _ \"$PIN_STACK\"", 1)[0]
+    site, bin_ = tmp_path / "site", tmp_path / "bin"
+    for pkg in ("nemo", "megatron", "megatron/core"):
+        (site / pkg).mkdir(parents=True, exist_ok=True)
+        (site / pkg / "__init__.py").write_text("")
+    (site / "nemo" / "package_info.py").write_text(f"__version__ = '{nemo}'\n")
+    (site / "megatron" / "core" / "package_info.py").write_text(f"__version__ = '{mcore}'\n")
+    bin_.mkdir(exist_ok=True)
+    (bin_ / "pip").write_text(FAKE_PIP)
+    (bin_ / "python").write_text(f'#!/bin/bash\nexec {sys.executable} "$@"\n')
+    for f in bin_.iterdir():
+        f.chmod(0o755)
+    env = {"PATH": f"{bin_}:/usr/bin:/bin", "PYTHONPATH": f"{site}:{REPO}", "FAKE_SITE": str(site),
+           "PYTHONDONTWRITEBYTECODE": "1",  # the fake pip rewrites a module within the second: no stale bytecode
+           "HOME": os.environ.get("HOME", str(tmp_path))}
+    r = subprocess.run(["bash", "-c", body, "_", pin_stack], env=env, capture_output=True, text=True, timeout=120)
+    return r, (site / "pip.log").read_text()
+
+
+def test_ngc_job_trains_on_the_container_stack_when_it_is_tested(tmp_path):
+    r, pip = _job_step1(tmp_path, "2.7.0", "0.16.0", "0")
+    assert r.returncode == 0, r.stderr
+    assert "stack ngc-26.02: nemo-toolkit==2.7.0 + megatron-core==0.16.0 (tested)" in r.stdout
+    assert "nemo-toolkit==" not in pip and "-e /workspace/nemo-upcycle" in pip  # the plugin only, no pins
+
+
+def test_ngc_job_installs_the_pins_with_the_reason_when_the_image_is_not_tested(tmp_path):
+    pins = " ".join(f"{d}=={v}" for d, v in cpu_sites.STACKS["default"].items())
+    r, pip = _job_step1(tmp_path, "2.8.0", "0.17.0", "0")  # e.g. IMAGE=nvcr.io/nvidia/nemo:26.04
+    assert r.returncode == 0, r.stderr
+    assert "found nemo-toolkit==2.8.0 + megatron-core==0.17.0" in r.stderr and "PIN_STACK=1" in r.stdout
+    assert pins in pip and "stack default: " in r.stdout
+    r, pip = _job_step1(tmp_path / "asked", "2.7.0", "0.16.0", "1")  # PIN_STACK=1: the pins whatever the image has
+    assert r.returncode == 0 and pins in pip and "stack default: " in r.stdout, r.stderr

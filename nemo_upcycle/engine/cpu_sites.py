@@ -43,8 +43,9 @@ def installed_stack() -> str:
             return name
     known = "; ".join(f"{n}: " + " + ".join(f"{d}=={v}" for d, v in vs.items()) for n, vs in STACKS.items())
     found = " + ".join(f"{d}=={v}" for d, v in have.items())
-    raise UpcycleError(f"the CPU support was written for these stacks only ({known}), found {found}; install one "
-                       f"(bash scripts/setup.sh [--stack ngc-26.02]) or run on a CUDA machine")
+    raise UpcycleError(f"the CPU support is tested on these NeMo / megatron-core stacks only ({known}), found {found}; "
+                       f"install one (bash scripts/setup.sh [--stack ngc-26.02]; PIN_STACK=1 in the NGC job) or run "
+                       f"on a CUDA machine")
 
 
 MC, NL, DC = "megatron.core.", "nemo.lightning.", "megatron.core.dist_checkpointing."
@@ -134,3 +135,22 @@ _PER_STACK = {
 def scoped_sites(stack: str) -> list[tuple[str, str, tuple[str, ...]]]:
     """Every (module, function, callees) that ``engine/cpu.py`` redirects to the CPU on ``stack``."""
     return [*_PER_STACK[stack], *_SCOPED]
+
+
+def main() -> int:
+    """``python -m nemo_upcycle.engine.cpu_sites``: print the installed stack (exit 0) or why it is not a tested one
+    (one line, exit 2); the NGC job (examples/ngc_slurm_8x8b.sh) runs it to choose between the container's stack and
+    the default stack's pins."""
+    import sys
+
+    try:
+        name = installed_stack()
+    except UpcycleError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"stack {name}: " + " + ".join(f"{d}=={v}" for d, v in STACKS[name].items()) + " (tested)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
