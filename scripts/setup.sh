@@ -14,15 +14,16 @@ venv=${NEMO_UPCYCLE_VENV:-$HOME/.cache/nemo-upcycle/venv}
 req=$here/requirements
 if [ "$stack" != default ]; then
   if [ ! -f "$req/$stack/base.txt" ]; then
-    echo "error: unknown stack '$stack'; use one of: default $(cd "$req" && ls -d */ | tr -d / | tr '\n' ' ')" >&2
+    echo "error: unknown stack '$stack'; use one of: default $(cd "$req" && ls -d -- */ | tr -d / | xargs)" >&2
     exit 2
   fi
   req=$req/$stack venv=$venv-$stack
 fi
 py=${PYTHON:-python3.11}
 command -v "$py" >/dev/null || py=python3
-stamp_want=$(cat "$req"/*.txt "$here"/requirements/nodeps.txt "$here"/setup.cfg | sha256sum | cut -c1-16)
-[ "$stack" = default ] && stamp_want=$(cat "$req"/*.txt "$here"/setup.cfg | sha256sum | cut -c1-16)
+stamp_files=("$req"/*.txt "$here"/setup.cfg)
+[ "$stack" = default ] || stamp_files+=("$here"/requirements/nodeps.txt)  # shared by every stack
+stamp_want=$(cat "${stamp_files[@]}" | sha256sum | cut -c1-16)
 stamp_file="$venv/.nemo-upcycle-stamp"
 if [ ! -x "$venv/bin/python" ] || [ "$(cat "$stamp_file" 2>/dev/null)" != "$stamp_want" ]; then
   echo "[setup] installing the $stack stack into $venv (about 3 minutes on a fresh machine)" >&2
