@@ -68,6 +68,7 @@ def write_run_report(run: RunConfig, out_dir: Path) -> Path:
                "experts": run.moe.num_moe_experts, "topk": run.moe.moe_router_topk,
                "granularity": run.upcycle.granularity, "data": run.data.kind, "seq_length": run.data.seq_length,
                "global_batch_size": run.data.global_batch_size, "max_steps": run.trainer.max_steps,
+               "precision": run.trainer.precision, "precision_reason": run.trainer.precision_reason,
                "final_eval": read("final_eval.json"), **peak_memory(),
                "wall_seconds": round(time.perf_counter() - T0, 1)}
     atomic_write_json(out_dir / "summary.json", {k: v for k, v in summary.items() if k != "final_eval"})

@@ -30,7 +30,7 @@ import sys
 import torch
 from torch.overrides import TorchFunctionMode
 
-from nemo_upcycle.engine import compat, cpu_mixed, cpu_sites
+from nemo_upcycle.engine import compat, cpu_mixed, cpu_optim, cpu_sites
 
 _ACTIVE: list[frozenset] = []  # code objects whose torch calls are redirected now (one set per open scope)
 
@@ -301,6 +301,7 @@ def enable_cpu_support() -> bool:
     for module, qualname, callees in cpu_mixed.MIXED_SCOPED:  # bf16-mixed / 16-mixed: engine/cpu_mixed.py
         _scope(module, qualname, callees)
     cpu_mixed.enable_mixed_precision_sites()
+    cpu_optim.enable_fused_adam()  # torch's fused CPU Adam instead of its for-loop (engine/cpu_optim.py)
     _ENABLED = True
     return True
 
