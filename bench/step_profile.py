@@ -13,7 +13,10 @@ loss), the token dispatch (permute, dispatch, un-permute: ``token_dispatcher`` c
 (``experts``), or the dense MLP; the rest of the forward / backward (attention, norms, embedding, logits, loss);
 the optimizer step (gradient finalisation + Adam); the metrics hooks (``engine.metrics.RouterStats``, as training
 attaches them). Backward times come from identity autograd nodes placed around each section (the CPU autograd
-engine runs one node at a time). FLOP rate = model FLOPs (``planning.flops``) / time, relative to the dense model's.
+engine runs one node at a time). FLOP rate = model FLOPs (``planning.flops``) / time, relative to the dense model's:
+``rate vs dense`` over forward + backward (the goal: >= 0.85), ``whole step rate`` with the optimizer and hooks. The
+optimizer is inherent to the MoE's size (it updates every expert: E/k times the MLP parameters per token), so it is
+shown per parameter: equal ns/param for dense and MoE means no MoE overhead there.
 """
 
 from __future__ import annotations
@@ -167,6 +170,7 @@ class Run:
         self.pos = torch.arange(T).unsqueeze(0).expand(B, T)
         self.mask = torch.triu(torch.ones(T, T, dtype=torch.bool), diagonal=1)[None, None]
         self.flops = flops_per_token(args, experts) * B * T
+        self.params = sum(p.numel() for p in self.model.parameters())
 
     def step(self) -> None:
         c = self.clock
@@ -242,6 +246,8 @@ def table(runs: list) -> None:
     for k in keys:
         print(f"{k:16}" + "".join(f"{r.median(k):{w}.3f}" for r in runs))
     print(f"{'GFLOP / step':16}" + "".join(f"{r.flops / 1e9:{w}.1f}" for r in runs))
+    print(f"{'parameters (M)':16}" + "".join(f"{r.params / 1e6:{w}.1f}" for r in runs))
+    print(f"{'optim ns/param':16}" + "".join(f"{1e9 * r.median('optimizer') / r.params:{w}.2f}" for r in runs))
     fb = {r.name: r.median("forward") + r.median("backward") for r in runs}
     rate = {r.name: r.flops / fb[r.name] for r in runs}
     print(f"{'GFLOP/s fwd+bwd':16}" + "".join(f"{rate[r.name] / 1e9:{w}.1f}" for r in runs))

@@ -137,3 +137,39 @@ def test_resolve(monkeypatch):
     monkeypatch.setenv("NEMO_UPCYCLE_EXPERTS", "grouped")
     with pytest.raises(UpcycleError, match="not one of"):
         resolve("auto")
+
+
+def test_bf16_fused_weight_gradients_in_fp32(megatron_world):
+    """bf16-mixed (``gradient_accumulation_fusion``): each expert's weight gradient is computed from the bf16 tensors
+    in fp32 and added into its fp32 main_grad, as the linear layers' fused accumulation does: equal to SequentialMLP's
+    within fp32 rounding (products of bf16 numbers are exact in fp32; only the order of the sums differs)."""
+    from nemo_upcycle.engine.config import UpcycledLlamaConfig
+    from nemo_upcycle.engine.cpu import cpu_config_overrides
+
+    def build(backend):
+        torch.manual_seed(0)
+        cfg = UpcycledLlamaConfig.from_dense(HF, params_dtype=torch.bfloat16, bf16=True, seq_length=16,
+                                             num_moe_experts=6, moe_router_topk=2, expert_backend=backend,
+                                             **{**cpu_config_overrides(), "gradient_accumulation_fusion": True})
+        experts = cfg.configure_model(None).decoder.layers[0].mlp.experts
+        for p in experts.parameters():
+            p.main_grad, p.grad_added_to_main_grad = torch.zeros(p.shape), False
+        return experts
+
+    seq, bat = build("sequential"), build("batched")
+    bat.load_state_dict(seq.state_dict())
+    counts = [5, 3, 4, 6, 0, 4]
+    got = {}
+    for name, experts in (("seq", seq), ("bat", bat)):
+        g = torch.Generator().manual_seed(3)
+        x = torch.randn(sum(counts), HF["hidden_size"], generator=g).bfloat16().requires_grad_()
+        out, _ = experts(x, torch.tensor(counts), torch.rand(sum(counts), generator=g))
+        (out.float() * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        got[name] = {n: p.main_grad.clone() for n, p in experts.named_parameters()}
+        assert all(p.grad_added_to_main_grad for p in experts.parameters())
+    assert got["seq"].keys() == got["bat"].keys()
+    assert max(_rel(got["bat"][k], got["seq"][k]) for k in got["seq"]) < 1e-6
+    assert any(got["seq"][k].abs().sum() > 0 for k in got["seq"])
+    k = next(iter(got["seq"]))  # control: a gradient rounded through bf16 (no fp32 accumulation) is outside it
+    assert _rel(got["seq"][k].bfloat16().float(), got["seq"][k]) > 1e-6
+

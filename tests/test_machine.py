@@ -63,3 +63,13 @@ def test_recipe_validation_resolves_auto():
     assert (run.trainer.precision, run.trainer.precision_reason) == want
     run = compose("tiny_llama_upcycle", ["trainer.precision=32"])
     assert run.trainer.precision == "32" and run.trainer.precision_reason == "set by trainer.precision"
+
+
+def test_report_says_which_precision_and_why():
+    from nemo_upcycle.apps.report_parts import precision_line
+
+    precision, reason = resolve_precision("auto", "cpu", frozenset({"avx512_bf16"}))
+    line = precision_line({"precision": precision, "peak_name": "CPU bf16 torch.mm, 2 threads (measured)"}, reason)
+    assert line.startswith("Precision: **bf16-mixed** (bf16 weights") and "bf16 torch.mm" in line
+    assert line.endswith("Why: auto: the CPU has bf16 matrix instructions (avx512_bf16).")
+    assert "Why" not in precision_line({"precision": "32"})  # nothing invented when no reason was recorded

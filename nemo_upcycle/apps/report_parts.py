@@ -97,9 +97,12 @@ def precision_line(run: dict, reason: Optional[str] = None) -> str:
 
 
 TIME_ROWS = (("startup", "start-up: process start -> first training step"),
-             ("setup", "  imports, recipe, trainer (-> fit start)"),
-             ("to_train_start", "  model built and upcycled online, optimizer (-> train start)"),
-             ("train_start", "  step-0 check, peak probe (-> first step)"),
+             ("recipe", "  imports, config, corpus, tokenizer"),
+             ("trainer", "  NeMo trainer, strategy, process groups"),
+             ("upcycle", "  model built and upcycled online"),
+             ("optimizer", "  DDP, optimizer (a resumed checkpoint's load)"),
+             ("data", "  data loaders"),
+             ("step0", "  step-0 check, peak probe"),
              ("steps", "training steps"))
 
 

@@ -8,7 +8,9 @@ sharded checkpoint and hooks, so the filler, the step-0 check and the export see
 computes every local expert in one ``torch.bmm`` per projection over the tokens padded to the busiest expert's
 count; the weights enter the product without a copy (``stacked``: the experts' weights are re-homed at build time as
 views of one [E, out, in] tensor). Numerically it is ``SequentialMLP``'s math (fc1, GLU, x routing probability, fc2)
-with the sums of another GEMM kernel: equal to it within fp32 rounding (tests/test_experts.py).
+with the sums of another GEMM kernel: equal to it within fp32 rounding, also the weight gradients, which under
+``gradient_accumulation_fusion`` (bf16-mixed) are computed in fp32 and added into ``main_grad`` as the linear layers'
+fused accumulation does (tests/test_experts.py).
 
 It falls back to ``SequentialMLP.forward`` where that does more than local products: expert-tensor parallelism
 inside the expert linears (EP = 1 with ETP > 1), biases, fp8, non-GLU or clamped activations, and loads so uneven
@@ -37,31 +39,53 @@ def resolve(requested: str = "auto") -> str:
     return "batched" if requested == "auto" else requested
 
 
-class _Stacked(torch.autograd.Function):
-    """The experts' weights as one [E, out, in] tensor that views their common storage; the gradient goes back to
-    each expert's parameter as a view of the stacked gradient (no copy either way)."""
-
-    @staticmethod
-    def forward(ctx, base, *weights):
-        return base.view_as(base)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return (None, *grad.unbind(0))
-
-
 def stacked(weights: list) -> torch.Tensor:
-    """[E, out, in] from E equally shaped weights: a view when they sit at equal strides in one storage (as
-    ``rehome`` lays them out), else a copy (``torch.stack``), so any later re-allocation stays correct."""
+    """[E, out, in] from E equally shaped weights, without autograd: a view when they sit at equal strides in one
+    storage (as ``rehome`` lays them out), else a copy, so any later re-allocation stays correct."""
     w0 = weights[0]
     step = w0.numel()
-    same = all(w.shape == w0.shape and w.dtype == w0.dtype and w.is_contiguous() for w in weights)
-    if same and all(w.untyped_storage().data_ptr() == w0.untyped_storage().data_ptr()
-                    and w.storage_offset() == w0.storage_offset() + i * step for i, w in enumerate(weights)):
-        with torch.no_grad():
-            base = w0.detach().as_strided((len(weights), *w0.shape), (step, *w0.stride()), w0.storage_offset())
-        return _Stacked.apply(base, *weights)
-    return torch.stack(weights)
+    with torch.no_grad():
+        if all(w.shape == w0.shape and w.dtype == w0.dtype and w.is_contiguous()
+               and w.untyped_storage().data_ptr() == w0.untyped_storage().data_ptr()
+               and w.storage_offset() == w0.storage_offset() + i * step for i, w in enumerate(weights)):
+            return w0.detach().as_strided((len(weights), *w0.shape), (step, *w0.stride()), w0.storage_offset())
+        return torch.stack([w.detach() for w in weights])
+
+
+class _ExpertsLinear(torch.autograd.Function):
+    """y[e] = x[e] W[e]^T for every local expert e at once: forward, input gradient and weight gradient are batched
+    GEMMs over the padded rows. The weight gradient follows Megatron's linear layer
+    (megatron/core/tensor_parallel/layers.py, ``LinearWithGradAccumulationAndAsyncCommunication``): ``grad_output^T
+    input``, or -- with ``gradient_accumulation_fusion`` and a ``main_grad`` -- computed in fp32 and added into
+    ``main_grad`` (what the fused kernel, on CPU ``engine.cpu_mixed``'s stand-in, does), returning the placeholder
+    gradient that tells DDP it is already added."""
+
+    @staticmethod
+    def forward(ctx, x, fuse, *weights):
+        ctx.save_for_backward(x, *weights)
+        ctx.fuse = fuse
+        return torch.bmm(x, stacked(list(weights)).transpose(1, 2))
+
+    @staticmethod
+    def backward(ctx, g):
+        x, *weights = ctx.saved_tensors
+        gx = torch.bmm(g, stacked(weights))
+        fused = ctx.fuse and all(hasattr(w, "main_grad") for w in weights)
+        # every expert's weight gradient in one batched GEMM over the padded rows (zero rows add nothing); under
+        # gradient accumulation fusion computed in fp32 from the bf16 tensors (exact products, fp32 sums) and added
+        # into main_grad, as the stand-in of the fused kernel does per linear layer
+        gw = torch.bmm(g.transpose(1, 2).float(), x.float()) if fused else torch.bmm(g.transpose(1, 2), x)
+        grads = []
+        for i, w in enumerate(weights):
+            if not fused:
+                grads.append(gw[i])
+                continue
+            w.main_grad.add_(gw[i].to(w.main_grad.dtype))
+            placeholder = hasattr(w, "grad_added_to_main_grad")
+            if placeholder:
+                w.grad_added_to_main_grad = True
+            grads.append(torch.empty(w.main_grad.shape, dtype=x.dtype, device=x.device) if placeholder else None)
+        return (gx, None, *grads)
 
 
 def rehome(params: list) -> None:
@@ -105,13 +129,12 @@ class BatchedMLP(SequentialMLP):
             rows = rows.to(hidden.device)
             x = hidden.new_zeros(E * n, D).index_copy(0, rows, hidden.reshape(total, D)).view(E, n, D)
             p = probs.new_zeros(E * n).index_copy(0, rows, probs.reshape(total)).view(E, n)
-        w1 = stacked([m.linear_fc1.weight for m in self.local_experts])  # [E, 2F, D]
-        w2 = stacked([m.linear_fc2.weight for m in self.local_experts])  # [E, D, F]
-        h = torch.bmm(x, w1.transpose(1, 2))
+        fuse = self.config.gradient_accumulation_fusion
+        h = _ExpertsLinear.apply(x, fuse, *(m.linear_fc1.weight for m in self.local_experts))
         gate, linear = torch.chunk(h, 2, dim=-1)
         a = self.config.activation_func(gate) * linear
         a = (a * p.unsqueeze(-1)).to(a.dtype)  # MLP.forward: x per-token scale, back to the activation's dtype
-        out = torch.bmm(a, w2.transpose(1, 2))
+        out = _ExpertsLinear.apply(a, fuse, *(m.linear_fc2.weight for m in self.local_experts))
         out = out.reshape(E * n, D)
         return (out if rows is None else out.index_select(0, rows)), None
 

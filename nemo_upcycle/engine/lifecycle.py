@@ -129,8 +129,10 @@ class UpcycleLifecycle(pl.Callback):
         if getattr(self, "_dense", None) is None:
             self._dense = dense_reference_model(self.dense_source)
         dense = self._dense
-        if rounded_to is not None:  # the weights as a mixed-precision MoE holds them, computed in fp32
-            dense = copy.deepcopy(dense).to(rounded_to).float()
+        if rounded_to is not None:  # the weights as a mixed-precision MoE holds them, computed in fp32; buffers
+            dense = copy.deepcopy(dense)  # (rotary frequencies) stay fp32 as in Megatron, which keeps them outside
+            for p in dense.parameters():  # its modules' buffers
+                p.data = p.data.to(rounded_to).float()
         with torch.no_grad():
             out = dense(self.check_ids).logits
         del dense
@@ -192,9 +194,11 @@ class UpcycleLifecycle(pl.Callback):
     def _logits_check(self, rec: dict, pl_module, low) -> None:
         """The whole model's logits against transformers' dense model on the validation windows (rank 0, one rank);
         under mixed precision both sides hold the weights rounded to ``low`` and compute in fp32."""
+        t0 = time.perf_counter()
         moe = self._logits(pl_module)
         dense = self._dense_logits(low)
         rec.update(compare_logits(moe, dense, self.check_ids))
+        rec["seconds"] = round(time.perf_counter() - t0, 3)
         rec["atol"] = self.step0_atol
         rec["logits_passed"] = rec["max_abs_logit_diff"] <= self.step0_atol
         rec["dense_ppl"], rec["moe_ppl"] = math.exp(rec["dense_loss"]), math.exp(rec["moe_loss"])
@@ -208,11 +212,12 @@ class UpcycleLifecycle(pl.Callback):
     def _as_trained(self, rec: dict, pl_module, low) -> None:
         """What the training precision itself costs at step 0 (information, not a verdict): the MoE as it trains
         (bf16 / fp16 activations) against the fp32 dense model with the source's own weights."""
+        t0 = time.perf_counter()
         d = compare_logits(self._logits(pl_module), self._dense_logits(None), self.check_ids)
         name = str(low).removeprefix("torch.")
         rec["as_trained"] = {"precision": name, "max_abs_logit_diff": d["max_abs_logit_diff"],
                              "top1_agreement": d["top1_agreement"], "moe_loss": d["moe_loss"],
-                             "dense_loss": d["dense_loss"]}
+                             "dense_loss": d["dense_loss"], "seconds": round(time.perf_counter() - t0, 3)}
         print(f"step-0 in {name} as it trains (rounding, not upcycling): max |dlogit| {d['max_abs_logit_diff']:.2e} "
               f"vs the fp32 dense model, top-1 agreement {d['top1_agreement']:.4f}", flush=True)
 

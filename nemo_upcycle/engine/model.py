@@ -19,7 +19,7 @@ import torch
 from nemo.collections.llm.gpt.model.base import GPTModel
 from nemo.lightning import io
 
-from nemo_upcycle.engine import compat, nemo_source  # noqa: F401 -- nemo_source registers the NeMo 2 checkpoint reader
+from nemo_upcycle.engine import compat, nemo_source, timing  # noqa: F401 -- nemo_source registers the NeMo 2 reader
 from nemo_upcycle.engine.config import UpcycledLlamaConfig
 from nemo_upcycle.engine.cpu import cpu_strategy_kwargs
 from nemo_upcycle.engine.filler import MegatronFiller, RankLayout
@@ -108,9 +108,12 @@ class UpcycledLlamaModel(GPTModel):
             check_parallel_layout(self.config, ps.get_tensor_model_parallel_world_size(),
                                   ps.get_expert_model_parallel_world_size(), ps.get_expert_tensor_parallel_world_size(),
                                   ps.get_pipeline_model_parallel_world_size())
+        if fresh:
+            timing.mark("model_build_start")
         super().configure_model(vp_stage)
         if fresh and self.upcycle_from and not self._resuming():
             upcycle_into(self.module, self.config, self.upcycle_from)
+            timing.mark("upcycled")
 
     def _resuming(self) -> bool:
         trainer = getattr(self, "_trainer", None)

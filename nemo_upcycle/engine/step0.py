@@ -216,24 +216,30 @@ def run_checks(roots, opts: UpcycleOptions, source: str, weights_dtype: Optional
 
 @contextlib.contextmanager
 def in_fp32(roots: Iterable[torch.nn.Module]):
-    """bf16 / fp16 parameters and buffers under ``roots`` temporarily as fp32 copies; yields their dtype (None when
-    all are fp32 already). The originals are put back after (same tensors: parameter identity, storage, views into
-    buffers and the optimizer's references unchanged). Mixed-precision runs check the freshly upcycled weights this
-    way: exactly what trains, without the rounding of bf16 activations (the ``STEP0_MLP_RTOL`` of fp32 applies)."""
-    saved, low = {}, None
+    """bf16 / fp16 parameters and buffers under ``roots`` temporarily replaced, in their modules, by fp32 copies;
+    yields their dtype (None when all are fp32 already). The modules get their own tensors back after. Mixed-precision
+    runs check the freshly upcycled weights this way: exactly what trains, without the rounding of bf16 activations
+    (the fp32 ``STEP0_MLP_RTOL`` applies). The parameters themselves are never touched: changing a parameter's dtype
+    (``p.data = p.data.float()``) drops its gradient accumulator and with it the hooks DDP registered there
+    (torch's ``VariableHooks::set_data``), after which its gradients would never reach ``main_grad``."""
+    copies, swapped, low = {}, [], None
     for root in roots:
-        # unbound: NeMo's MegatronParallel has an attribute ``buffers`` (a list) that hides the method
-        for t in [*torch.nn.Module.parameters(root), *torch.nn.Module.buffers(root)]:
-            if t.dtype in (torch.bfloat16, torch.float16) and id(t) not in saved:
-                saved[id(t)] = (t, t.data)
-                low = t.dtype
-    for t, d in saved.values():
-        t.data = d.float()
+        for m in torch.nn.Module.modules(root):  # unbound: NeMo's MegatronParallel shadows some Module methods
+            for store in (m._parameters, m._buffers):
+                for k, t in store.items():
+                    if t is None or t.dtype not in (torch.bfloat16, torch.float16):
+                        continue
+                    low = t.dtype
+                    if id(t) not in copies:
+                        f = t.detach().float()
+                        copies[id(t)] = torch.nn.Parameter(f, requires_grad=False) if store is m._parameters else f
+                    swapped.append((store, k, t))
+                    store[k] = copies[id(t)]
     try:
         yield low
     finally:
-        for t, d in saved.values():
-            t.data = d
+        for store, k, t in reversed(swapped):
+            store[k] = t
 
 
 def gather(records: list[dict]) -> Optional[list[dict]]:

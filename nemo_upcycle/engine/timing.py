@@ -1,17 +1,20 @@
 """Where a run's wall time goes outside the training steps: start-up and checkpoint saves -> ``timings.json``.
 
-``PhaseTimer`` (a Lightning callback, rank 0 writes) records, in seconds:
-  startup        from the process's start (the OS's record of it, so imports count) to the first training step:
-                 imports, the recipe build, NeMo's setup with the online upcycling, the step-0 check
-  setup          from the process's start to Lightning's ``on_fit_start`` (imports, recipe, trainer, strategy)
-  to_train_start ``on_fit_start`` -> ``on_train_start``: the model built and filled (online upcycling), the
-                 optimizer, a resumed checkpoint's load
-  train_start    ``on_train_start`` hooks -> the first step: the step-0 check and the metrics' peak probe
+``PhaseTimer`` (a Lightning callback, rank 0 writes) records, in seconds, the phases between these points (``PHASES``;
+a point that did not happen, e.g. no online upcycling on a resumed run, merges its phase into the next):
+  recipe         process start (the OS's record of it: imports count) -> the recipe built (``apps.training``:
+                 imports, config, corpus tokenized or read from the cache, tokenizer)
+  trainer        -> the model's ``configure_model`` starts (NeMo's trainer, strategy, process groups)
+  upcycle        -> the model built and upcycled online (``engine.model.upcycle_into``)
+  optimizer      -> Lightning's ``on_fit_start`` (DDP, optimizer, a resumed checkpoint's load)
+  data           -> ``on_train_start`` (data loaders)
+  step0          -> the first training step (the step-0 check, the metrics' peak probe)
+  startup        the sum: process start -> first training step
   saves          one entry per checkpoint save: step, seconds (``trainer.save_checkpoint``: the sharded state dict
                  built and written; synchronous on CPU, NeMo's async save needs CUDA)
   steps          training wall time of the steps (``on_train_batch_start`` -> ``on_train_batch_end``)
-The file is rewritten (atomically) at the first step, after each save and at the end of training; the report
-(``apps.report``) shows it. Nothing here changes what runs.
+Points outside the callback are set with ``mark(name)`` by the code that reaches them. The file is rewritten
+(atomically) at the first step, after each save and at the end of training; ``apps.report`` shows it.
 """
 
 from __future__ import annotations
@@ -39,6 +42,14 @@ def process_start() -> float:
 
 
 _IMPORTED = time.time()
+MARKS: dict = {}  # point -> epoch seconds, set by ``mark`` (the latest run of this process wins)
+PHASES = (("recipe", "recipe_built"), ("trainer", "model_build_start"), ("upcycle", "upcycled"),
+          ("optimizer", "fit_start"), ("data", "train_start"), ("step0", "first_step"))
+
+
+def mark(name: str) -> None:
+    """Record that this process reached ``name`` (one of the points of ``PHASES``) now."""
+    MARKS[name] = time.time()
 
 
 class PhaseTimer(pl.Callback):
@@ -53,12 +64,15 @@ class PhaseTimer(pl.Callback):
     def _write(self) -> None:
         if not is_rank0():
             return
-        t, start = self.t, self.t["process_start"]
+        t = {**{k: v for k, v in MARKS.items() if v >= self.t["process_start"]}, **self.t}
+        start = t["process_start"]
         rec = {"saves": self.saves, "steps": round(self.steps_seconds, 3)}
-        for name, a, b in (("setup", "process_start", "fit_start"), ("to_train_start", "fit_start", "train_start"),
-                           ("train_start", "train_start", "first_step"), ("startup", "process_start", "first_step")):
-            if a in t and b in t:
-                rec[name] = round(t[b] - t[a], 3)
+        last = start
+        for name, point in PHASES:
+            if point in t:
+                rec[name], last = round(t[point] - last, 3), t[point]
+        if "first_step" in t:
+            rec["startup"] = round(t["first_step"] - start, 3)
         if "train_end" in t:
             rec["to_train_end"] = round(t["train_end"] - start, 3)
         atomic_write_json(self.path, rec)
