@@ -4,8 +4,10 @@
 # Llama 3 8B -> 8x8B MoE, top-2: 64 x H100 on 8 node(s) of 8, TP1 PP4 VP8 EP8.
 #
 # Container: nvcr.io/nvidia/nemo:26.02, NGC NeMo Framework 26.02 = NeMo 2.7.0 (Megatron Core 0.16, TE 2.12, PyTorch 2.10).
-# The plugin is tested with NeMo 2.7.3 + megatron-core 0.15.3, which no NGC tag ships together (25.11: NeMo 2.6.0 +
-# Megatron Core 0.15; 25.09: NeMo 2.5.0 + 0.14); PIN_STACK=1 installs exactly those two (no deps) into the container.
+# Stacks tested (README "Stacks"): ngc-26.02, the container's own nemo-toolkit 2.7.0 + megatron-core 0.16.0, used
+# by default (PIN_STACK=0); and default, the pins nemo-toolkit==2.7.3 megatron-core==0.15.3,
+# installed (no deps) with PIN_STACK=1 or when the image's versions are not a tested stack (step 1 prints why and
+# which stack the job runs on).
 # Launch: pyxis/enroot (srun --container-image/--container-mounts), one task per GPU, no torchrun: ranks come from
 # SLURM_PROCID / SLURM_LOCALID / SLURM_NTASKS (Lightning's SLURMEnvironment, as NeMo does on Slurm).
 # Submit from the repository root on the cluster's shared filesystem (the same RUN_NAME again resumes from the last
@@ -30,7 +32,7 @@ DATA_DIR=${DATA_DIR:?set DATA_DIR to the directory of the training text}
 DATA_FILES=${DATA_FILES:-train.jsonl}                # comma-separated, relative to DATA_DIR (text or jsonl)
 RESULTS_DIR=${RESULTS_DIR:-$REPO_DIR/outputs}
 RUN_NAME=${RUN_NAME:-run1}
-PIN_STACK=${PIN_STACK:-0}
+PIN_STACK=${PIN_STACK:-0}                            # 1: install the default stack's pins into the container
 
 MOUNTS="$REPO_DIR:/workspace/nemo-upcycle,$MODEL_DIR:/models/dense:ro,$DATA_DIR:/data:ro,$RESULTS_DIR:/results"
 CONTAINER=(--container-image="$IMAGE" --container-name=nemo_upcycle --container-mounts="$MOUNTS" --container-writable)
@@ -38,11 +40,16 @@ PATHS="[/data/${DATA_FILES//,/,/data/}]"                # data.paths inside the 
 
 export CUDA_DEVICE_MAX_CONNECTIONS=1 TORCH_NCCL_AVOID_RECORD_STREAMS=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
-# 1. Install the plugin into the container, once per node (the named container persists for the job's steps).
+# 1. Install the plugin into the container, once per node (the named container persists for the job's steps), and
+#    choose the stack: the container's own if it is a tested one, else the pins (the reason printed).
 srun --nodes="$SLURM_JOB_NUM_NODES" --ntasks="$SLURM_JOB_NUM_NODES" --ntasks-per-node=1 "${CONTAINER[@]}" \
   bash -c 'set -e
-    if [ "$1" = 1 ]; then pip install --no-deps nemo-toolkit==2.7.3 megatron-core==0.15.3; fi
-    pip install --no-deps --no-build-isolation -e /workspace/nemo-upcycle' _ "$PIN_STACK"
+    pip install --no-deps --no-build-isolation -e /workspace/nemo-upcycle
+    if [ "$1" != 1 ] && ! python -m nemo_upcycle.engine.cpu_sites; then
+      echo "[nemo-upcycle] NeMo / megatron-core of the image are not a tested stack (above): PIN_STACK=1"; set -- 1
+    fi
+    if [ "$1" = 1 ]; then pip install --no-deps nemo-toolkit==2.7.3 megatron-core==0.15.3; python -m nemo_upcycle.engine.cpu_sites; fi' \
+  _ "$PIN_STACK"
 
 # 2. Train: 64 tasks, one per GPU; one fixed run directory for all ranks and for later jobs (resume).
 srun --ntasks-per-node=8 --kill-on-bad-exit=1 "${CONTAINER[@]}" --container-workdir=/workspace/nemo-upcycle \

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-pytestmark = pytest.mark.slow  # imports Megatron-core
+pytestmark = [pytest.mark.slow, pytest.mark.stack]  # imports Megatron-core; wraps a private builder of it
 
 HF = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
           vocab_size=64, max_position_embeddings=8)

@@ -20,6 +20,7 @@ Every loss and weight comparison agrees to 0.0 (bit-identical fp32).
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import re
@@ -32,7 +33,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from nemo_upcycle.engine import cpu
+from nemo_upcycle.engine import cpu, cpu_sites
 from nemo_upcycle.errors import UpcycleError
 
 SCRIPT = Path(__file__).with_name("dist_train_tiny.py")
@@ -90,15 +91,70 @@ def test_scope_with_listed_helper(fake_site):
     assert fake_site.Site.alloc(call_helper=True)[3].device.type == "cpu"
 
 
-def test_version_check_names_both_versions(monkeypatch):
-    info = types.ModuleType("fake_package_info")
-    info.__version__ = "2.8.0"
-    monkeypatch.setitem(sys.modules, info.__name__, info)
-    monkeypatch.setattr(cpu, "PINNED", {"nemo-toolkit": (info.__name__, "2.7.3")})
-    with pytest.raises(UpcycleError, match=r"nemo-toolkit==2\.7\.3, found 2\.8\.0"):
-        cpu.check_versions()
-    info.__version__ = "2.7.3"  # control: the pinned version passes
-    cpu.check_versions()
+@pytest.fixture
+def fake_versions(monkeypatch):
+    """Fake NeMo / megatron-core version modules; returns {dist: module} whose ``__version__`` a test sets."""
+    fakes = {}
+    for dist in cpu_sites.VERSION_MODULES:
+        fakes[dist] = types.ModuleType(f"fake_{dist.replace('-', '_')}_info")
+        monkeypatch.setitem(sys.modules, fakes[dist].__name__, fakes[dist])
+    monkeypatch.setattr(cpu_sites, "VERSION_MODULES", {d: m.__name__ for d, m in fakes.items()})
+    return fakes
+
+
+@pytest.mark.stack
+def test_version_check_knows_each_stack_and_refuses_others_in_one_line(fake_versions):
+    for name, versions in cpu_sites.STACKS.items():  # each supported stack is recognized by its pair of versions
+        for dist, version in versions.items():
+            fake_versions[dist].__version__ = version
+        assert cpu.check_versions() == name
+    # refused: a newer NeMo, and the pairs crossed (NeMo 2.7.3 with 0.16.0: neither stack's sites were read for it)
+    for nemo, mcore in [("2.8.0", "0.15.3"), ("2.7.3", "0.16.0"), ("2.7.0", "0.16.1")]:
+        fake_versions["nemo-toolkit"].__version__, fake_versions["megatron-core"].__version__ = nemo, mcore
+        with pytest.raises(UpcycleError) as err:
+            cpu.check_versions()
+        msg = str(err.value)
+        assert "\n" not in msg and f"found nemo-toolkit=={nemo} + megatron-core=={mcore}" in msg, msg
+        assert "default: nemo-toolkit==2.7.3 + megatron-core==0.15.3" in msg and "--stack ngc-26.02" in msg, msg
+
+
+_CUDA_NAMES = {"cuda", "current_device", "Stream", "stream", "current_stream", "synchronize", "record_event",
+               "pin_memory"}
+
+
+def _asks_for_cuda(code) -> bool:
+    """Whether a function's own body (or a function defined in it) names a CUDA request: an attribute or keyword in
+    ``_CUDA_NAMES``, or a 'cuda' / 'torch.cuda.*' string."""
+    consts = [c for c in code.co_consts[1:] if isinstance(c, str)]  # [0] may be the docstring
+    kw = [w for c in code.co_consts if isinstance(c, tuple) for w in c if isinstance(w, str)]
+    return (bool(_CUDA_NAMES & {*code.co_names, *kw})
+            or any(c == "cuda" or c.startswith(("cuda:", "torch.cuda.")) for c in consts)
+            or any(_asks_for_cuda(c) for c in code.co_consts if inspect.iscode(c)))
+
+
+def _code(module: str, qualname: str):
+    return inspect.unwrap(getattr(*cpu._resolve(module, qualname))).__code__
+
+
+@pytest.mark.slow
+@pytest.mark.stack
+def test_every_site_of_the_installed_stack_exists_and_asks_for_cuda():
+    """The site table of the installed stack (``cpu_sites.scoped_sites``) names functions that exist in it and whose
+    bodies (with the listed helpers) hold a CUDA request: a site that moved away in an upgrade is seen here."""
+    stack = cpu_sites.installed_stack()
+    for module, qualname, callees in cpu_sites.scoped_sites(stack):
+        codes = [_code(module, qualname), *(_code(*c.rsplit(":", 1)) for c in callees)]
+        assert any(_asks_for_cuda(c) for c in codes), f"{stack}: {module}.{qualname} asks for no CUDA"
+    assert not _asks_for_cuda(cpu._clip_grad_by_total_norm_fp32.__code__)  # control: a CPU function is not flagged
+    # Where the stacks differ: RoPE moves inv_freq to CUDA in RotaryEmbedding.forward on megatron-core 0.15.3, in
+    # get_emb (which the lru-cached forward calls) on 0.16.0; scoping forward alone would miss it there.
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+
+    forward = _code(cpu_sites._ROPE, "RotaryEmbedding.forward")
+    if stack == "default":
+        assert _asks_for_cuda(forward) and not hasattr(RotaryEmbedding, "get_emb")
+    else:
+        assert not _asks_for_cuda(forward) and _asks_for_cuda(_code(cpu_sites._ROPE, "RotaryEmbedding.get_emb"))
 
 
 def test_enable_is_a_no_op_with_cuda(monkeypatch):
@@ -202,6 +258,7 @@ def swap_experts(w: dict, i: int, j: int) -> dict:
     return out
 
 
+@pytest.mark.stack
 @pytest.mark.slow
 def test_one_rank_loss_goes_down(one_rank):
     results = one_rank[0]
@@ -212,6 +269,7 @@ def test_one_rank_loss_goes_down(one_rank):
     assert abs(frozen[-1] - frozen[0]) < 0.1, frozen  # control: without updates it only wobbles with the data
 
 
+@pytest.mark.stack
 @pytest.mark.slow
 def test_save_and_full_resume_continue_training_exactly(one_rank, two_ranks):
     one, two = one_rank[0], two_ranks[0]
@@ -224,6 +282,7 @@ def test_save_and_full_resume_continue_training_exactly(one_rank, two_ranks):
     assert max_diff(one["alltoall"]["losses"], uninterrupted) > 1e-3
 
 
+@pytest.mark.stack
 @pytest.mark.slow
 @pytest.mark.parametrize("two_rank_run, one_rank_run", [
     ("ep2_alltoall", "alltoall"),
@@ -238,6 +297,7 @@ def test_two_ranks_match_one_rank(one_rank, two_ranks, two_rank_run, one_rank_ru
     assert control > 1e-3, f"control (other data) should differ, max |diff| {control:.3g}"
 
 
+@pytest.mark.stack
 @pytest.mark.slow
 def test_dispatchers_agree(one_rank):
     one = one_rank[0]
@@ -245,6 +305,7 @@ def test_dispatchers_agree(one_rank):
     assert max_diff(one["allgather"]["losses"], one["alltoall_other_data"]["losses"]) > 1e-3  # control
 
 
+@pytest.mark.stack
 @pytest.mark.slow
 def test_checkpoint_saved_at_ep1_loads_at_ep2(one_rank, two_ranks):
     saved, loaded = weights(one_rank[1], "fresh.end"), weights(two_ranks[1], "ep2_alltoall.start")
@@ -255,6 +316,7 @@ def test_checkpoint_saved_at_ep1_loads_at_ep2(one_rank, two_ranks):
     assert weights_diff(swap_experts(loaded, 0, 2), saved) > 1e-3  # control: a misplaced expert is seen
 
 
+@pytest.mark.stack
 @pytest.mark.slow
 def test_checkpoint_saved_at_ep2_loads_at_ep1(two_ranks):
     results, work = two_ranks

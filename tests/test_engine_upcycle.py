@@ -35,6 +35,7 @@ def logits(module, ids):
     return megatron_forward_logits(module, ids)
 
 
+@pytest.mark.stack
 @pytest.mark.parametrize("moe", [dict(num_moe_experts=8, moe_router_topk=2),
                                  dict(num_moe_experts=4, moe_router_topk=2, moe_token_dispatcher_type="alltoall"),
                                  dict(num_moe_experts=8, moe_router_topk=2, upcycle_granularity=2),
@@ -50,6 +51,7 @@ def test_step0_logits_equal_dense(megatron_world, tiny_llama, token_ids, moe):
     assert diff < 1e-5, f"{moe}: max |dlogit| {diff:.2e}"
 
 
+@pytest.mark.stack
 def test_step0_tied_and_negative_controls(megatron_world, tiny_llama_tied, token_ids):
     from nemo_upcycle.engine.model import upcycle_into
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-pytestmark = pytest.mark.slow  # imports Megatron-core (~10 s)
+pytestmark = [pytest.mark.slow, pytest.mark.stack]  # imports Megatron-core (~10 s); wraps its SequentialMLP
 
 HF = dict(hidden_size=48, intermediate_size=80, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
           vocab_size=128, max_position_embeddings=16)

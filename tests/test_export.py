@@ -94,6 +94,7 @@ def untied(megatron_world, tiny_llama, tmp_path_factory, token_ids):
     return src, cfg, module, out
 
 
+@pytest.mark.stack
 def test_export_equals_megatron(untied, tiny_llama, token_ids):
     from nemo_upcycle.engine.export import load_reference
 
@@ -303,6 +304,7 @@ def saved_checkpoint(tmp_path_factory) -> Path:
     return work
 
 
+@pytest.mark.stack
 def test_export_from_nemo_checkpoint(megatron_world, saved_checkpoint, tmp_path):
     from nemo_upcycle.apps.cli import main
     from nemo_upcycle.engine.export import export_checkpoint

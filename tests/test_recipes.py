@@ -291,6 +291,7 @@ def nemo():
     return run, llm, recipes
 
 
+@pytest.mark.stack
 @pytest.mark.slow
 @pytest.mark.parametrize("name", TOP)
 def test_recipe_module_is_the_yaml(nemo, name, tmp_path, monkeypatch):
@@ -376,6 +377,7 @@ def test_tiny_recipe_builds_and_resolves_its_source_on_build(nemo, tmp_path):
     assert built.func is llm.train and built.keywords["trainer"].max_steps == 2
 
 
+@pytest.mark.stack
 @pytest.mark.slow
 def test_nemo_run_dry_run_prints_the_slurm_script(nemo, capsys, monkeypatch):
     import io

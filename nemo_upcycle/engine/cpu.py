@@ -1,9 +1,10 @@
 """Train NeMo 2 / Megatron-core models on a machine without CUDA (gloo, CPU tensors).
 
-NeMo 2.7.3 and megatron-core 0.15.3 assume CUDA at known call sites: ``torch.cuda.current_device()`` as the device of
-buffers, ``device="cuda"``, ``.cuda()``, ``pin_memory=True``, streams and events, ``synchronize()``, the CUDA RNG
-tracker. ``enable_cpu_support()`` bypasses exactly those sites, only without CUDA and only for the pinned versions
-(``PINNED``; ``UpcycleError`` on others). *Scoped* sites (``_SCOPED``, each with its upstream file) are wrapped so
+NeMo 2.7 and megatron-core 0.15 / 0.16 assume CUDA at known call sites: ``torch.cuda.current_device()`` as the device
+of buffers, ``device="cuda"``, ``.cuda()``, ``pin_memory=True``, streams and events, ``synchronize()``, the CUDA RNG
+tracker. ``enable_cpu_support()`` bypasses exactly those sites, only without CUDA and only for the supported stacks
+(``cpu_sites.STACKS``; ``UpcycleError`` on others). Line numbers below are megatron-core 0.15.3's (0.16.0's in
+parentheses where they moved). *Scoped* sites (``cpu_sites.scoped_sites``, each with its upstream file) are wrapped so
 that a ``TorchFunctionMode`` moves the torch calls written in their own body to the CPU (what they call into is not
 touched; torch's factories are never replaced). *Replaced* ones (the RNG tracker and its seeding, gradient clipping,
 the all-to-all split sizes, a missing TE symbol, NeMo's loaded-tensor device fix, a rank-0-only empty all-gather that
@@ -29,11 +30,7 @@ import sys
 import torch
 from torch.overrides import TorchFunctionMode
 
-from nemo_upcycle.engine import cpu_mixed, cpu_optim
-from nemo_upcycle.errors import UpcycleError
-
-PINNED = {"nemo-toolkit": ("nemo.package_info", "2.7.3"),
-          "megatron-core": ("megatron.core.package_info", "0.15.3")}
+from nemo_upcycle.engine import compat, cpu_mixed, cpu_optim, cpu_sites
 
 _ACTIVE: list[frozenset] = []  # code objects whose torch calls are redirected now (one set per open scope)
 
@@ -149,82 +146,11 @@ def _replace(module: str, qualname: str, value) -> None:
     setattr(owner, name, value)
 
 
-MC, NL, DC = "megatron.core.", "nemo.lightning.", "megatron.core.dist_checkpointing."
-# (module, function, helpers it calls whose torch calls are redirected too); each comment names the CUDA-only
-# lines (megatron-core 0.15.3 under megatron/core/, NeMo 2.7.3 under nemo/) and what they do.
-_SCOPED = [
-    # models/common/embeddings/rotary_pos_embedding.py:164 moves inv_freq to current_device() on first use
-    (MC + "models.common.embeddings.rotary_pos_embedding", "RotaryEmbedding.forward", ()),
-    # utils.py:535 the shared attention matmul buffer on torch.cuda.current_device()
-    (MC + "utils", "GlobalMemoryBuffer.get_tensor", ()),
-    # transformer/moe/router.py:86/88 moves the router weight and bias to current_device() before gating
-    (MC + "transformer.moe.router", "Router.gating", ()),
-    # transformer/moe/router.py:165-194 expert-bias and global-aux-loss buffers on current_device()
-    (MC + "transformer.moe.router", "TopKRouter.__init__", ()),
-    # transformer/moe/token_dispatcher.py:425 the class-wide torch.cuda.Stream() for device-to-host copies,
-    # :831-858 current_stream / stream / record_event around those copies
-    (MC + "transformer.moe.token_dispatcher", "MoEAlltoAllTokenDispatcher.__init__", ()),
-    (MC + "transformer.moe.token_dispatcher", "MoEAlltoAllTokenDispatcher._maybe_dtoh_and_synchronize", ()),
-    # tensor_parallel/mappings.py:91/141/148/181 gather and reduce-scatter outputs and :442 the all-to-all-v
-    # output on current_device() (the allgather and alltoall dispatchers at EP > 1)
-    *[(MC + "tensor_parallel.mappings", fn, ()) for fn in (
-        "_gather_along_first_dim", "_reduce_scatter_along_first_dim", "_gather_along_last_dim",
-        "_reduce_scatter_along_last_dim", "_AllToAll.forward")],
-    # tensor_parallel/layers.py:544/589/599 (sequence parallelism) the reduce-scatter output of the input gradient
-    # and the weight-gradient buffers on current_device()
-    (MC + "tensor_parallel.layers", "LinearWithGradAccumulationAndAsyncCommunication.backward", ()),
-    # distributed/param_and_grad_buffer.py:702/719/725 DDP param and grad buffers on current_device()
-    (MC + "distributed.param_and_grad_buffer", "_ParamAndGradBuffer.__init__", ()),
-    # optimizer/optimizer.py:469/477/481 found_inf, overflow and scale tensors, :903 the fp32 optimizer's
-    # loss scale, all on device='cuda'
-    (MC + "optimizer.optimizer", "MixedPrecisionOptimizer.__init__", ()),
-    (MC + "optimizer.optimizer", "FP32Optimizer.__init__", ()),
-    # optimizer/clip_grads.py:90/103/115 norm buffers on 'cuda'; utils.py:1029 the torch fallback of the
-    # l2-norm kernel returns its result on 'cuda'
-    (MC + "optimizer.optimizer", "get_grad_norm_fp32", (MC + "utils:local_multi_tensor_l2_norm",)),
-    # pipeline_parallel/schedules.py:573/963/2114 total_num_tokens on "cuda" in each schedule (the model it runs is
-    # not redirected)
-    *[(MC + "pipeline_parallel.schedules", fn, ()) for fn in (
-        "forward_backward_no_pipelining", "forward_backward_pipelining_with_interleaving",
-        "forward_backward_pipelining_without_interleaving")],
-    # pipeline_parallel/p2p_communication.py:190-202 shape buffers, :313/321 receive buffers on current_device(),
-    # :242/398 torch.cuda.synchronize() after the exchange
-    (MC + "pipeline_parallel.p2p_communication", "P2PCommunicator._communicate_shapes", ()),
-    (MC + "pipeline_parallel.p2p_communication", "P2PCommunicator._communicate", ()),
-    # timers.py:149/162 torch.cuda.synchronize() around every timer, :286 the gathered times on CUDA
-    (MC + "timers", "Timer.start", ()),
-    (MC + "timers", "Timer.stop", ()),
-    (MC + "timers", "Timers._get_elapsed_time_all_ranks", ()),
-    # dist_checkpointing/strategies/filesystem_async.py:230 synchronize() after staging (also when synchronous)
-    (DC + "strategies.filesystem_async", "FileSystemWriterAsync.preload_tensors", ()),
-    # dist_checkpointing/strategies/state_dict_saver.py:251 the save-failure flag broadcast from CUDA
-    (DC + "strategies.torch", "save_state_dict_async_finalize", ()),
-    # dist_checkpointing/strategies/fully_parallel.py:272/281 synchronize() after the load exchange;
-    # exchange_utils.py:101-113, :329/339, :502 the ranks exchange the shards each one read as CUDA tensors
-    (DC + "strategies.fully_parallel", "FullyParallelLoadStrategyWrapper.load", ()),
-    (DC + "exchange_utils", "_get_empty_tensor_for_exchange", (DC + "mapping:ShardedTensor.init_data",)),
-    (DC + "exchange_utils", "exchange_loaded_tensors_gather_rounds", ()),
-    (DC + "exchange_utils", "exchange_loaded_tensors_broadcast", ()),
-    # nemo/lightning/megatron_parallel.py:617 init_ddp inside torch.cuda.stream(torch.cuda.Stream())
-    (NL + "megatron_parallel", "MegatronParallel.init_model_parallel", ()),
-    # nemo/lightning/megatron_parallel.py:348 the zero loss of a stage that is not the last one (pipeline) and
-    # :1847/1857 the empty loss sums of the token-averaged reduction, on current_device()
-    (NL + "megatron_parallel", "MegatronParallel.forward", ()),
-    (NL + "megatron_parallel", "MaskedTokenLossReduction.reduce", ()),
-    # nemo/collections/llm/gpt/model/base.py:103 gpt_data_step moves the batch with .cuda(non_blocking=True)
-    ("nemo.collections.llm.gpt.model.base", "GPTModel.data_step",
-     ("nemo.collections.llm.gpt.model.base:gpt_data_step",)),
-    # nemo/lightning/pytorch/strategies/megatron_strategy.py:801/821/828/850 (logged step, memory, loss) and
-    # :881/888 (grad norm, zero count): torch.tensor(x, pin_memory=True).to("cuda")
-    (NL + "pytorch.strategies.megatron_strategy", "MegatronStrategy.training_step", ()),
-    (NL + "pytorch.strategies.megatron_strategy", "MegatronStrategy.optimizer_step", ()),
-    # nemo/lightning/pytorch/plugins/data_sampler.py:212 the logged global batch size, the same way
-    (NL + "pytorch.plugins.data_sampler", "MegatronDataSampler.on_megatron_step_end", ()),
-]
+MC, NL = cpu_sites.MC, cpu_sites.NL
 
 
 def _move_to_cpu_as_on_gpu(tensor, as_numpy=False, record_stream=False):
-    """transformer/moe/moe_utils.py:883 converts only CUDA tensors to numpy; the all-to-all split sizes must
+    """transformer/moe/moe_utils.py:883 (1093) converts only CUDA tensors to numpy; the all-to-all split sizes must
     be numpy (lists) on CPU too, as torch.distributed.all_to_all_single wants."""
     return tensor.numpy() if torch.is_tensor(tensor) and as_numpy else tensor
 
@@ -273,7 +199,7 @@ def _clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decouple
 
 
 def _skip_empty_timer_gather(stock):
-    """timers.py:297 all-gathers the timer table; NeMo's ProgressPrinter calls it on rank 0 only
+    """timers.py:297 (314) all-gathers the timer table; NeMo's ProgressPrinter calls it on rank 0 only
     (nemo/lightning/pytorch/callbacks/progress_printer.py:155), with no timers registered at the default
     log level. NCCL skips a gather of nothing; gloo still uses up a collective tag on rank 0 alone, so the
     next collective (the checkpoint save's all_gather_object) hangs."""
@@ -292,7 +218,7 @@ def _loaded_tensors_stay(ckpt):
 
 
 def _cpu_rng_tracker_class():
-    """tensor_parallel/random.py:196-226 keeps named CUDA generator states (the model-parallel and expert
+    """tensor_parallel/random.py:196-226 (235-279) keeps named CUDA generator states (the model-parallel and expert
     streams that dropout and GPU init fork into); here the same named streams, on the CPU generator."""
     from megatron.core.tensor_parallel import random as mrandom
 
@@ -334,16 +260,10 @@ def _seed_with_tracker(stock_set_random_seed):
     return _set_random_seed
 
 
-def check_versions() -> None:
-    """Raise UpcycleError unless the installed NeMo and megatron-core are the versions these patches were read from."""
-    for dist, (module, want) in PINNED.items():
-        try:
-            have = importlib.import_module(module).__version__
-        except ImportError:
-            raise UpcycleError(f"{dist} is not installed; install {dist}=={want} (pip install '.[nemo]')") from None
-        if have != want:
-            raise UpcycleError(f"the CPU support was written for {dist}=={want}, found {have}; "
-                               f"install {dist}=={want} or run on a CUDA machine")
+def check_versions() -> str:
+    """The installed stack's name (``cpu_sites.STACKS``); UpcycleError unless the installed NeMo and megatron-core are
+    a pair these patches were read from."""
+    return cpu_sites.installed_stack()
 
 
 _ENABLED = False
@@ -352,22 +272,23 @@ _ENABLED = False
 def enable_cpu_support() -> bool:
     """Apply every bypass above once, before building the trainer; returns whether anything was patched.
 
-    A no-op (False) when CUDA is available. Raises UpcycleError on versions other than ``PINNED``.
+    A no-op (False) when CUDA is available. Raises UpcycleError on versions other than ``cpu_sites.STACKS``.
     """
     global _ENABLED
     if torch.cuda.is_available():
         return False
     if _ENABLED:
         return True
-    check_versions()
-    for module, qualname, callees in _SCOPED:
+    stack = check_versions()
+    compat.accept_nemo_optimizer_arguments()  # not CPU-only, but needed here too (tests build NeMo's own models)
+    for module, qualname, callees in cpu_sites.scoped_sites(stack):
         _scope(module, qualname, callees)
     moe_utils = importlib.import_module(MC + "transformer.moe.moe_utils")
-    if not hasattr(moe_utils, "te_general_gemm"):  # transformer/moe/moe_utils.py:958 reads it; TE defines it
+    if not hasattr(moe_utils, "te_general_gemm"):  # transformer/moe/moe_utils.py:958 (1192) reads it; TE defines it
         moe_utils.te_general_gemm = None
     _replace(MC + "transformer.moe.token_dispatcher", "maybe_move_tensor_to_cpu", _move_to_cpu_as_on_gpu)
     _replace(MC + "optimizer.optimizer", "clip_grad_by_total_norm_fp32", _clip_grad_by_total_norm_fp32)
-    mappings = importlib.import_module(MC + "tensor_parallel.mappings")  # after _SCOPED: wraps the scoped versions
+    mappings = importlib.import_module(MC + "tensor_parallel.mappings")  # after the scoped sites: wraps those
     mappings._gather_along_first_dim, mappings._reduce_scatter_along_first_dim = _even_collectives(
         mappings._gather_along_first_dim, mappings._reduce_scatter_along_first_dim)
     _replace(MC + "tensor_parallel.random", "CudaRNGStatesTracker", _cpu_rng_tracker_class())

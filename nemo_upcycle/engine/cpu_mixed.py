@@ -2,9 +2,10 @@
 
 NeMo's ``bf16_mixed()`` plugin wraps the bf16 model in Megatron's ``Float16Module`` and its optimizer is
 ``Float16OptimizerWithFloat16Params`` (fp32 main parameters; gradients reduced in fp32). Three CUDA assumptions
-stand in the way (megatron-core 0.15.3 under megatron/core/), each bypassed as ``engine.cpu`` bypasses its sites,
-applied by ``cpu.enable_cpu_support`` (only without CUDA, only for the pinned versions):
-  * optimizer/optimizer.py:667/686 sort the parameters by ``param.type()`` against the CUDA type names only
+stand in the way (megatron-core 0.15.3 under megatron/core/, 0.16.0's lines in parentheses where they moved), each
+bypassed as ``engine.cpu`` bypasses its sites, applied by ``cpu.enable_cpu_support`` (only without CUDA, only on the
+supported stacks of ``engine/cpu_sites.py``):
+  * optimizer/optimizer.py:667/686 (671/690) sort the parameters by ``param.type()`` against the CUDA type names only
     ('torch.cuda.BFloat16Tensor' -> bf16 model parameter with an fp32 main copy, 'torch.cuda.FloatTensor' -> fp32
     parameter, anything else: TypeError "Wrapped parameters must be one of torch.cuda.FloatTensor, ..."). Inside that
     constructor's own body a CPU tensor's ``type()`` reports the CUDA name of the same dtype (``_TYPE_NAMED``), so
@@ -76,14 +77,14 @@ def _scope_type_names(module: str, qualname: str) -> None:
 
 
 _TYPE_NAMED = [
-    # optimizer/optimizer.py:667/686/691 the bf16 / fp32 parameter split of the mixed-precision optimizer
+    # optimizer/optimizer.py:667/686/691 (671/690/695) the bf16 / fp32 parameter split of the mixed-precision optimizer
     (MC + "optimizer.optimizer", "Float16OptimizerWithFloat16Params.__init__"),
 ]
 
 
 class _WgradAccum:
-    """Stands in for Apex's ``fused_weight_gradient_mlp_cuda`` (tensor_parallel/layers.py:46, called at :561/:565 when
-    ``gradient_accumulation_fusion``): a linear layer's weight gradient [out, in] = grad_output[N, out]^T
+    """Stands in for Apex's ``fused_weight_gradient_mlp_cuda`` (tensor_parallel/layers.py:46, called at :561/:565
+    (569/573) when ``gradient_accumulation_fusion``): a linear layer's weight gradient [out, in] = grad_output[N, out]^T
     input[N, in] computed from the bf16 tensors in fp32 (a bf16 x bf16 product is exact in fp32) and added straight
     into ``main_grad``, as the fused GEMM of GPU recipes does, instead of a bf16 GEMM whose result is rounded to bf16
     before DDP adds it. The rounding would otherwise depend on how tokens are grouped into GEMMs: an expert's gradient

@@ -19,7 +19,7 @@ import torch
 from nemo.collections.llm.gpt.model.base import GPTModel
 from nemo.lightning import io
 
-from nemo_upcycle.engine import nemo_source, timing  # noqa: F401 -- nemo_source registers the NeMo 2 reader
+from nemo_upcycle.engine import compat, nemo_source, timing  # noqa: F401 -- nemo_source registers the NeMo 2 reader
 from nemo_upcycle.engine.config import UpcycledLlamaConfig
 from nemo_upcycle.engine.cpu import cpu_strategy_kwargs
 from nemo_upcycle.engine.filler import MegatronFiller, RankLayout
@@ -29,6 +29,7 @@ from nemo_upcycle.formats.keymap import has_qkv_bias
 from nemo_upcycle.planning.layout import ModelDims, ParallelLayout, check_layout
 
 log = logging.getLogger(__name__)
+compat.accept_nemo_optimizer_arguments()  # NeMo 2.7 on megatron-core 0.16 (ngc-26.02): engine/compat.py
 
 
 def check_dense_matches(src: DenseSource, config) -> None:
