@@ -11,6 +11,7 @@ false``, a dense run, mock data without a tokenizer) or no tasks; a failure is a
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -39,6 +40,16 @@ def check_eval_tasks(run: RunConfig) -> None:
                                                                  "--include-path DIR after training")) from None
 
 
+LAUNCH_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "NODE_RANK", "MASTER_ADDR",
+              "MASTER_PORT")
+
+
+def standalone_env() -> dict:
+    """This process's environment without the distributed launch variables Lightning / torchrun set for training:
+    with them, lm-eval's accelerate would try to join a process group that no longer exists."""
+    return {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV and not k.startswith("TORCHELASTIC_")}
+
+
 def run_end_eval(run: RunConfig, out_dir: Path, source: Path, tokenizer: Optional[str]) -> Optional[Path]:
     """Evaluate the dense source and the export (see the module doc); the eval directory, or None when skipped."""
     tasks = list(run.logging.eval_tasks or [])
@@ -55,10 +66,10 @@ def run_end_eval(run: RunConfig, out_dir: Path, source: Path, tokenizer: Optiona
     if run.logging.eval_limit:
         cmd += ["--limit", str(run.logging.eval_limit)]
     print(f"evaluating the dense source and the export: {' '.join(cmd[3:])}", flush=True)
-    rc = subprocess.call(cmd)
+    rc = subprocess.call(cmd, env=standalone_env())
     if rc != 0:
         print(f"warning: the end-of-training evaluation failed (exit {rc}); training's outputs are complete. Run it "
-              f"again with: nemo-upcycle {' '.join(cmd[4:])}", file=sys.stderr, flush=True)
+              f"again with: nemo-upcycle {' '.join(cmd[3:])}", file=sys.stderr, flush=True)
         return None
     return out_dir / EVAL_DIR
 
