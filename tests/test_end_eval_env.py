@@ -4,7 +4,7 @@ process group and fails (RANK expected). ``standalone_env`` drops exactly the la
 
 from __future__ import annotations
 
-from nemo_upcycle.apps.end_eval import LAUNCH_ENV, standalone_env
+from nemo_upcycle.system.launcher import LAUNCH_ENV, standalone_env
 
 
 def test_launch_variables_dropped_others_kept(monkeypatch):

@@ -11,7 +11,6 @@ false``, a dense run, mock data without a tokenizer) or no tasks; a failure is a
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +20,7 @@ from nemo_upcycle.config.schema import RunConfig
 from nemo_upcycle.errors import UpcycleError
 from nemo_upcycle.evals.models import EXPORT_DIR
 from nemo_upcycle.evals.shipped import SMOKE_TASKS
+from nemo_upcycle.system.launcher import standalone_env
 
 EVAL_DIR = "eval"
 
@@ -38,16 +38,6 @@ def check_eval_tasks(run: RunConfig) -> None:
     except UpcycleError as e:
         raise UpcycleError(f"logging.eval_tasks: {e}".replace("pass --include-path DIR", "run nemo-upcycle eval "
                                                                  "--include-path DIR after training")) from None
-
-
-LAUNCH_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "NODE_RANK", "MASTER_ADDR",
-              "MASTER_PORT")
-
-
-def standalone_env() -> dict:
-    """This process's environment without the distributed launch variables Lightning / torchrun set for training:
-    with them, lm-eval's accelerate would try to join a process group that no longer exists."""
-    return {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV and not k.startswith("TORCHELASTIC_")}
 
 
 def run_end_eval(run: RunConfig, out_dir: Path, source: Path, tokenizer: Optional[str]) -> Optional[Path]:

@@ -85,3 +85,13 @@ def refuse(error: UpcycleError, names: Optional[Mapping[str, str]] = None) -> "N
     if is_rank0():
         print(f"error: {error.render(names)}", file=sys.stderr, flush=True)
     sys.exit(error.exit_code)
+
+
+LAUNCH_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "NODE_RANK", "MASTER_ADDR",
+              "MASTER_PORT")  # what torchrun / Lightning set for a process of a distributed job
+
+
+def standalone_env() -> dict:
+    """This process's environment without the distributed launch variables, for a helper process that must not
+    join the job's process group (lm-eval's accelerate would try to, and fail without RANK)."""
+    return {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV and not k.startswith("TORCHELASTIC_")}
