@@ -200,3 +200,48 @@ def test_file_lock_excludes_a_second_holder_and_is_removed(tmp_path):
     assert not path.exists()
     t0 = time.perf_counter()
     assert FileLock(path).acquire(wait=False) and time.perf_counter() - t0 < 5
+
+
+_FORK_HOLDER = r"""
+import fcntl, os, sys, time
+from pathlib import Path
+from nemo_upcycle.system.files import FileLock
+path = Path(sys.argv[1])
+if sys.argv[2] == "ours":
+    FileLock(path).acquire()
+else:  # control: a bare flock, inherited by the child as it is
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+if os.fork() == 0:  # a worker (data loader, checkpoint writer) that outlives its parent
+    time.sleep(30)
+    os._exit(0)
+print("locked", flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("kind", ["ours", "bare"])
+def test_a_killed_holders_forked_worker_does_not_keep_the_lock(tmp_path, kind):
+    import signal
+    import subprocess
+    import sys
+
+    import psutil
+
+    lock = tmp_path / "x.lock"
+    p = subprocess.Popen([sys.executable, "-c", _FORK_HOLDER, str(lock), kind], stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "locked"
+        kids = psutil.Process(p.pid).children()
+        assert len(kids) == 1
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        assert kids[0].is_running()  # the worker lives on
+        other = FileLock(lock)
+        got = other.acquire(wait=False)
+        if got:
+            other.release()
+        assert got == (kind == "ours")  # control: a bare flock stays held by the orphaned worker
+    finally:
+        for k in psutil.Process(p.pid).children() if p.poll() is None else kids:
+            k.kill()

@@ -377,10 +377,12 @@ def test_aux_and_z_loss_read_from_megatron_tracker(megatron_world):
 def test_formula_forward_part_equals_measured_flops(megatron_world):
     """torch's FlopCounterMode on Megatron's forward (full s x s attention, router, k experts per token): the
     formula / 3 plus the terms Megatron leaves out or halves equals what the model really multiplies. The vocab
-    is the preset one: NeMo does not pad it (a padded one would be 2 h (128 - 99) = 2088 FLOPs/token more)."""
+    is the preset one: NeMo does not pad it (a padded one would be 2 h (128 - 99) = 2088 FLOPs/token more). Experts
+    as Megatron's SequentialMLP: the CPU's BatchedMLP also multiplies the zero rows that pad each expert's tokens to
+    the busiest expert's count (work the model's FLOPs do not count)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    cfg, module = tiny_moe()
+    cfg, module = tiny_moe(expert_backend="sequential")
     module.eval()
     B, s = 2, 32
     with torch.no_grad(), FlopCounterMode(display=False) as counter:

@@ -292,6 +292,23 @@ def publish(tmp: Path, out: Path, kind: str, kinds: Iterable[str] = (), protect:
 
 
 # ---- locks ------------------------------------------------------------------------------------------------------
+_HELD: set = set()  # descriptors of the locks this process holds
+
+
+def _close_held_locks_in_child() -> None:
+    """In a forked child (a data-loader or checkpoint worker): close the inherited lock descriptors. An ``flock``
+    lives as long as any descriptor of it does, so a child outliving its killed parent would keep the run locked;
+    closing the child's copy leaves the parent's lock as it is."""
+    for fd in list(_HELD):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_held_locks_in_child)
+
+
 class FileLock:
     """An exclusive ``flock`` on a lock file, released by the kernel if the holder dies (never stuck), and removed
     when released. After the lock is taken, the path must still name the locked file (a holder removes it when
@@ -323,6 +340,7 @@ class FileLock:
         os.ftruncate(fd, 0)
         os.write(fd, (json.dumps(_process_identity()) + "\n").encode())
         self._fd = fd
+        _HELD.add(fd)
         return True
 
     def holder(self) -> Optional[dict]:
@@ -337,6 +355,7 @@ class FileLock:
             return
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
+        _HELD.discard(self._fd)
         os.close(self._fd)
         self._fd = None
 
