@@ -12,11 +12,11 @@ table gives the median per step and, less sensitive to a busy machine, the time 
 from __future__ import annotations
 
 import argparse
-import socket
 import statistics
 import time
 
 import torch
+from _world import close_world, one_rank_world
 
 
 def main() -> None:
@@ -27,20 +27,13 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     args = ap.parse_args()
 
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     from nemo_upcycle.engine.config import UpcycledLlamaConfig
-    from nemo_upcycle.engine.cpu import cpu_config_overrides, enable_cpu_support
+    from nemo_upcycle.engine.cpu import cpu_config_overrides
     from nemo_upcycle.engine.metrics import RouterStats
 
-    enable_cpu_support()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    ps.initialize_model_parallel()
+    one_rank_world()
     model_parallel_cuda_manual_seed(0)
     hf = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=args.layers, num_attention_heads=9,
               num_key_value_heads=3, vocab_size=2048, max_position_embeddings=args.seq)
@@ -89,8 +82,7 @@ def main() -> None:
     print(f"in the hooks  {sum(inside) / args.reps:14.4f}  ({share:.2f}% of the steps with hooks)")
     print(f"overhead      {100 * (a - b) / b:+.2f}% of the median step (analytic: logits "
           f"{B * T * 576 * 8 / 1e6:.1f} M MACs per layer vs experts {B * T * 2 * 3 * 576 * 1536 / 1e9:.2f} G)")
-    ps.destroy_model_parallel()
-    dist.destroy_process_group()
+    close_world()
 
 
 if __name__ == "__main__":

@@ -22,12 +22,12 @@ shown per parameter: equal ns/param for dense and MoE means no MoE overhead ther
 from __future__ import annotations
 
 import argparse
-import socket
 import statistics
 import time
 from collections import defaultdict
 
 import torch
+from _world import close_world, one_rank_world
 
 HF = dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
           rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True)
@@ -207,17 +207,7 @@ def main() -> None:
     ap.add_argument("--experts", choices=("sequential", "batched", "both"), default="both")
     args = ap.parse_args()
 
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-
-    from nemo_upcycle.engine.cpu import enable_cpu_support
-
-    enable_cpu_support()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    ps.initialize_model_parallel()
+    one_rank_world()
     print(f"{args.layers} layers, {args.mbs}x{args.seq} tokens, precision {args.precision}, "
           f"threads {torch.get_num_threads()}, median of {args.steps} steps (seconds)")
     dense = Run(args, "dense", 0, "sequential")
@@ -232,8 +222,7 @@ def main() -> None:
                 r.step()
         table([dense, moe])
         del moe
-    ps.destroy_model_parallel()
-    dist.destroy_process_group()
+    close_world()
 
 
 def table(runs: list) -> None:
