@@ -82,3 +82,16 @@ def make_qwen2(path: Path, seed: int = 0, tied: bool = True, **overrides) -> Pat
                 p.normal_(0.0, 0.5)
     model.save_pretrained(path, safe_serialization=True)
     return path
+
+
+def build_moe(dense, **moe):
+    """(dense source, config, eval-mode Megatron MoE module) of the project's config on the CPU, from a dense source;
+    ``moe``: config fields (allgather dispatcher unless given). Imports NeMo: for slow tests."""
+    from nemo_upcycle.engine.config import UpcycledLlamaConfig
+    from nemo_upcycle.engine.cpu import cpu_config_overrides
+    from nemo_upcycle.formats.base import open_dense
+
+    src = open_dense(dense)
+    moe = {"moe_token_dispatcher_type": "allgather", **moe}
+    cfg = UpcycledLlamaConfig.from_dense(src.config, params_dtype=torch.float32, **{**cpu_config_overrides(), **moe})
+    return src, cfg, cfg.configure_model(None).eval()

@@ -9,20 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers import build_moe as build
 from helpers import load_llama
 
 pytestmark = pytest.mark.slow  # imports NeMo (~25 s)
-
-
-def build(dense, **moe):
-    from nemo_upcycle.engine.config import UpcycledLlamaConfig
-    from nemo_upcycle.engine.cpu import cpu_config_overrides
-    from nemo_upcycle.formats.base import open_dense
-
-    src = open_dense(dense)
-    moe = {"moe_token_dispatcher_type": "allgather", **moe}
-    cfg = UpcycledLlamaConfig.from_dense(src.config, params_dtype=torch.float32, **{**cpu_config_overrides(), **moe})
-    return src, cfg, cfg.configure_model(None).eval()
 
 
 CASES = [dict(num_moe_experts=4, moe_router_topk=2, moe_shared_expert_intermediate_size=44),

@@ -13,20 +13,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from helpers import build_moe as build
 from helpers import free_port, load_llama
 
 pytestmark = pytest.mark.slow  # imports NeMo (~25 s)
-
-
-def build(dense, **moe):
-    from nemo_upcycle.engine.config import UpcycledLlamaConfig
-    from nemo_upcycle.engine.cpu import cpu_config_overrides
-    from nemo_upcycle.formats.base import open_dense
-
-    src = open_dense(dense)
-    moe = {"moe_token_dispatcher_type": "allgather", **moe}
-    cfg = UpcycledLlamaConfig.from_dense(src.config, params_dtype=torch.float32, **{**cpu_config_overrides(), **moe})
-    return src, cfg, cfg.configure_model(None).eval()
 
 
 def logits(module, ids):
