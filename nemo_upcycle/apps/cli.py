@@ -29,6 +29,12 @@ warnings.filterwarnings("ignore", message="The pynvml package is deprecated", ca
 
 from nemo_upcycle.config.compose import compose, describe, recipe_names
 from nemo_upcycle.core.options import CHOICES, UpcycleOptions
+from nemo_upcycle.data.calibration import (
+    DEFAULT_CALIBRATION_TOKENS,
+    MIN_CALIBRATION_TOKENS,
+    CalibrationSpec,
+    check_spec,
+)
 from nemo_upcycle.errors import UpcycleError
 from nemo_upcycle.formats.base import is_nemo_checkpoint
 from nemo_upcycle.offline.convert import convert
@@ -58,6 +64,16 @@ def _add_convert(sub) -> None:
     p.add_argument("--router-init", choices=CHOICES["router_init"], default=None,
                    help="default: virtual_group when G > 1, else normal")
     p.add_argument("--router-std", type=float, default=0.02)
+    p.add_argument("--split", choices=CHOICES["expert_split"], default="contiguous",
+                   help="how a copy's units are dealt to its G experts (G > 1): contiguous | random | importance "
+                        "(mean |activation| on --calibration) | clustering (co-activation on --calibration)")
+    p.add_argument("--calibration", type=Path, default=None,
+                   help="calibration text (UTF-8) for --split importance|clustering and --router-init kmeans")
+    p.add_argument("--calibration-tokens", type=int, default=DEFAULT_CALIBRATION_TOKENS,
+                   help=f"tokens of --calibration used (default {DEFAULT_CALIBRATION_TOKENS}, minimum "
+                        f"{MIN_CALIBRATION_TOKENS})")
+    p.add_argument("--router-prompts", type=Path, default=None,
+                   help="--router-init hidden: a directory of prompt files, one per expert (per copy when G > 1)")
     p.add_argument("--scaling", choices=CHOICES["scaling"], default="exact",
                    help="granular weight scaling: exact (factor on down_proj) or megatron (s^(1/3) on each matrix)")
     p.add_argument("--pre-softmax", action="store_true", help="softmax then top-k (Megatron moe_router_pre_softmax)")
@@ -127,7 +143,8 @@ OPTION_FLAGS = {"num_moe_experts": "--num-experts", "moe_router_topk": "--topk",
                 "seed": "--seed",
                 "moe_router_score_function": "--score-function", "moe_router_pre_softmax": "--pre-softmax",
                 "norm_topk_prob": "--norm-topk-prob", "moe_expert_capacity_factor": "--capacity-factor",
-                "moe_token_drop_policy": "--drop-policy", "moe_aux_loss_coeff": "--aux-loss-coeff"}
+                "moe_token_drop_policy": "--drop-policy", "moe_aux_loss_coeff": "--aux-loss-coeff",
+                "expert_split": "--split"}
 
 
 def upcycle_options(a: argparse.Namespace):
@@ -142,8 +159,19 @@ def run_convert(a: argparse.Namespace) -> int:
     if is_nemo_checkpoint(Path(a.src).expanduser()):
         from nemo_upcycle.engine import nemo_source  # noqa: F401 -- its reader (NeMo: a slow import, only here)
     opts = upcycle_options(a)
+    spec = CalibrationSpec(files=[a.calibration] if a.calibration is not None else [],
+                           max_tokens=a.calibration_tokens, prompts=a.router_prompts)
+    check_spec(spec, opts)
+    make_plan = None
+    if opts.needs_calibration or opts.router_init_resolved == "hidden":
+        def make_plan(src):
+            from nemo_upcycle.data.calibration import calibrate, describe
+
+            plan = calibrate(src, opts, spec, progress=not a.no_progress)
+            print(describe(plan.record))
+            return plan
     res = convert(a.src, a.out, opts, dtype=a.dtype, overwrite=a.overwrite,
-                  max_shard_bytes=a.shard_size_mb << 20, progress=not a.no_progress)
+                  max_shard_bytes=a.shard_size_mb << 20, progress=not a.no_progress, make_plan=make_plan)
     rec = res.config["upcycling"]
     print(f"wrote {res.out_dir}: {res.num_tensors} tensors, {res.bytes_written / 2**20:.1f} MiB, "
           f"E={opts.num_moe_experts} top-{opts.moe_router_topk} G={opts.granularity}")

@@ -24,13 +24,17 @@ from typing import Optional, Sequence, Union
 from nemo_upcycle.errors import FieldError
 
 ROUTER_INITS = ("normal", "zeros", "virtual_group")
+DATA_ROUTER_INITS = ("kmeans", "hidden")  # router rows from the dense model's hidden states (``core.router_init``)
+SPLITS = ("contiguous", "random", "importance", "clustering")  # how a copy's units become G experts (``core.split``)
+CALIBRATED_SPLITS = ("importance", "clustering")  # splits that need activation statistics on calibration text
 INT_FIELDS = ("num_moe_experts", "moe_router_topk", "granularity", "seed")
 FLOAT_FIELDS = ("router_std", "noise_std", "drop_ratio", "moe_expert_capacity_factor", "moe_aux_loss_coeff")
 SCALINGS = ("exact", "megatron", "none")
 SCORE_FUNCTIONS = ("softmax", "sigmoid")
 DROP_POLICIES = ("probs", "position")
-CHOICES = {"scaling": SCALINGS, "router_init": ROUTER_INITS, "moe_router_score_function": SCORE_FUNCTIONS,
-           "moe_token_drop_policy": DROP_POLICIES}
+CHOICES = {"scaling": SCALINGS, "router_init": ROUTER_INITS + DATA_ROUTER_INITS,
+           "moe_router_score_function": SCORE_FUNCTIONS, "moe_token_drop_policy": DROP_POLICIES,
+           "expert_split": SPLITS}
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,7 @@ class UpcycleOptions:
     moe_token_drop_policy: str = "probs"
     moe_pad_expert_input_to_capacity: bool = False
     moe_aux_loss_coeff: float = 1e-2
+    expert_split: str = "contiguous"  # how a copy's units are dealt to its G experts (core.split)
     extra: dict = field(default_factory=dict)
 
     # ---- derived -------------------------------------------------------------------------------
@@ -68,6 +73,19 @@ class UpcycleOptions:
         if self.router_init is not None:
             return self.router_init
         return "virtual_group" if self.granularity > 1 else "normal"
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether upcycling needs the dense model's activations on calibration text (``data.calibration``)."""
+        return self.expert_split in CALIBRATED_SPLITS or self.router_init_resolved == "kmeans"
+
+    @property
+    def grouped_router(self) -> bool:
+        """Whether the G experts of a copy share one router row (a virtual-group router): virtual_group, hidden
+        (one prompt file per copy), kmeans (one centroid per copy) unless a clustering split gives every expert its
+        own row from the tokens that activate its units."""
+        kind = self.router_init_resolved
+        return kind in ("virtual_group", "hidden") or (kind == "kmeans" and self.expert_split != "clustering")
 
     @property
     def renormalize(self) -> bool:
@@ -117,6 +135,10 @@ class UpcycleOptions:
         for name, allowed in CHOICES.items():
             if (self.router_init_resolved if name == "router_init" else getattr(self, name)) not in allowed:
                 raise FieldError(f"{{{name}=}} is not one of {', '.join(allowed)}.", **{name: getattr(self, name)})
+        if G == 1 and self.expert_split != "contiguous":
+            raise FieldError("{expert_split=} splits a copy's units into G experts; at {granularity=} every expert is "
+                             "the whole MLP: drop the split or raise the granularity.", expert_split=self.expert_split,
+                             granularity=G)
         if not 0.0 <= self.drop_ratio <= 1.0:
             raise FieldError("{drop_ratio=} is outside [0, 1]; it is the fraction of each expert's units "
                              "re-initialized.", drop_ratio=self.drop_ratio)
@@ -215,9 +237,10 @@ def step0_report(opts: UpcycleOptions) -> tuple[bool, str]:
                        f"the sum of the k kept scores (< 1), times the scaling factor {opts.scale_factor():g}.")
     if G == 1:
         return True, "every expert is the dense MLP and the k routing weights sum to 1."
-    if opts.router_init_resolved != "virtual_group":
+    if not opts.grouped_router:
         return False, (f"G={G} experts need a virtual-group router (the G shards of a copy must share a row); got "
-                       f"{opts.router_init_resolved}.")
+                       f"{opts.router_init_resolved}" + (" with a clustering split (a row per expert)"
+                                                         if opts.router_init_resolved == "kmeans" else "") + ".")
     if k % G:
         return False, f"top-{k} is not a multiple of G={G}: a token sees only {k % G or k} of the G shards of a copy."
     if opts.scaling != "exact":
@@ -225,4 +248,6 @@ def step0_report(opts: UpcycleOptions) -> tuple[bool, str]:
             return False, f"no weight scaling: the output is 1/G = 1/{G} of the dense MLP."
         return False, (f"megatron scaling puts s^(1/3) = {G ** (1 / 3):.4f} on gate, up and down; SiLU is not "
                        "homogeneous, so the output only approximates the dense MLP (use --scaling exact).")
-    return True, f"virtual-group router, top-{k} holds whole copies, and the factor {G} sits on the down projection."
+    split = "" if opts.expert_split == "contiguous" else f"the {opts.expert_split} split partitions each copy's units, "
+    return True, (f"{split}virtual-group router ({opts.router_init_resolved}), top-{k} holds whole copies, and the "
+                  f"factor {G} sits on the down projection.")

@@ -19,12 +19,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 
 from nemo_upcycle.core.options import UpcycleOptions, resolve_moe_layers
-from nemo_upcycle.core.upcycle import LayerExperts, router_weight
+from nemo_upcycle.core.plan import UpcyclePlan
+from nemo_upcycle.core.upcycle import LayerExperts
 from nemo_upcycle.errors import FieldError, UpcycleError
 from nemo_upcycle.formats.base import DenseSource, locate, open_dense, read_dense_mlp
 from nemo_upcycle.formats.mixtral import layout, mixtral_config, num_output_tensors, output_bytes, source_keys
@@ -79,7 +80,8 @@ def peak_memory_bytes(cfg: dict, opts: UpcycleOptions, out_dtype: torch.dtype, s
     cast) and the router (fp32 draw, scaled copy, virtual-group repeat, cast), and the per-tensor bookkeeping."""
     D, F, V, E = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"], opts.num_moe_experts
     Fe, o, s = F // opts.granularity, out_dtype.itemsize, src_dtype.itemsize
-    new_expert = opts.noise_std > 0 or opts.drop_ratio > 0 or opts.scale_factor() != 1.0
+    new_expert = (opts.noise_std > 0 or opts.drop_ratio > 0 or opts.scale_factor() != 1.0
+                  or opts.expert_split != "contiguous")  # a split gathers the expert's units into new tensors
     expert = (3 * Fe * D * (8 + o) + (F * D * 4 if opts.drop_ratio > 0 else 0)) if new_expert else Fe * D * o
     embed, router = V * D * (s + o), E * D * (12 + o)
     return num_output_tensors(cfg, opts) * BYTES_PER_TENSOR + 3 * F * D * s + expert + max(embed, router)
@@ -102,8 +104,13 @@ def check_fits(cfg: dict, opts: UpcycleOptions, out_dtype: torch.dtype, src_dtyp
 
 
 def convert(src_path, out_dir, opts: UpcycleOptions, *, dtype: Optional[str] = None, overwrite: bool = False,
-            max_shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool = True) -> ConvertResult:
-    """Upcycle ``src_path`` into an HF Mixtral directory ``out_dir``. See the module docstring."""
+            max_shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool = True,
+            make_plan: Optional[Callable[[DenseSource], UpcyclePlan]] = None) -> ConvertResult:
+    """Upcycle ``src_path`` into an HF Mixtral directory ``out_dir``. See the module docstring.
+
+    ``make_plan(src)``: what the experts and routers learn from data (``data.calibration.calibrate``: splits by
+    importance or clustering, kmeans / hidden routers), run on the opened source after every cheap check and before
+    anything is written; its record lands in ``config.json`` under ``upcycling.calibration``."""
     from tqdm.auto import tqdm
 
     out = Path(out_dir).expanduser().absolute()
@@ -118,21 +125,24 @@ def convert(src_path, out_dir, opts: UpcycleOptions, *, dtype: Optional[str] = N
                            "Mixtral checkpoint has no dense layers; use --moe-layers all for HF output.")
     out_dtype = resolve_dtype(dtype, src)
     needed = check_fits(cfg, opts, out_dtype, src.dtype("model.embed_tokens.weight"), out.parent)
+    data_plan = make_plan(src) if make_plan is not None else UpcyclePlan()
     plan = layout(cfg, opts, out_dtype)
     specs = [spec for spec, _ in plan]
     with staging(out, needed) as tmp:
         writer = ShardedWriter(tmp, specs, max_shard_bytes)
         consumed: list[str] = []
-        experts = LayerExperts(lambda i: read_dense_mlp(src.get, i), opts)
+        experts = LayerExperts(lambda i: read_dense_mlp(src.get, i), opts, plan=data_plan)
         with tqdm(total=sum(s.nbytes for s in specs), unit="B", unit_scale=True, desc="upcycle",
                   disable=not progress) as bar:
             for spec, recipe in plan:
                 consumed += source_keys(recipe)
-                writer.write(spec.name, _produce(src, recipe, opts, experts, spec.dtype))
+                writer.write(spec.name, _produce(src, recipe, opts, experts, spec.dtype, data_plan))
                 bar.update(spec.nbytes)
         writer.close()
         _check_consumed(src, consumed)
         config = mixtral_config(cfg, opts, out_dtype, source=str(src.path))
+        if data_plan.record:
+            config["upcycling"]["calibration"] = data_plan.record
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         src.save_tokenizer(tmp)
         if out.exists() and not overwrite:  # made by someone else while this ran
@@ -143,12 +153,12 @@ def convert(src_path, out_dir, opts: UpcycleOptions, *, dtype: Optional[str] = N
 
 
 def _produce(src: DenseSource, recipe: tuple, opts: UpcycleOptions, experts: LayerExperts,
-             dtype: torch.dtype) -> torch.Tensor:
+             dtype: torch.dtype, plan: UpcyclePlan) -> torch.Tensor:
     kind = recipe[0]
     if kind == "copy":
         return src.get(recipe[1])
     if kind == "router":
-        return router_weight(src.config["hidden_size"], opts, recipe[1], dtype)
+        return plan.router(src.config["hidden_size"], opts, recipe[1], dtype)
     _, layer, e, which = recipe
     w = experts.get(layer, e)
     return getattr(w, which)  # the expert's part: gate, up or down (formats.mixtral.layout)
