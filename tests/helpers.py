@@ -73,9 +73,9 @@ def add_tokenizer(model_dir: Path, vocab_size: int, text: str) -> Path:
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()[:80],
-                                  show_progress=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, limit_alphabet=min(80, vocab_size // 2), show_progress=False)
     tok.train_from_iterator([text], trainer)
+    assert tok.get_vocab_size() <= vocab_size, tok.get_vocab_size()
     PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(str(model_dir))
     return model_dir
 

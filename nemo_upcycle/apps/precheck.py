@@ -100,6 +100,18 @@ def check_source(run: RunConfig) -> Optional[dict]:
     return c
 
 
+# ---- calibration (issue 15) --------------------------------------------------------------------------------------
+def check_calibration(run: RunConfig) -> None:
+    """The calibration text and router prompts of a data-aware split or router (``data.calibration.check_spec``:
+    missing, empty, not text, prompt count); the token minimum is checked when the engine tokenizes them."""
+    from nemo_upcycle.config.translate import calibration_spec, upcycle_options
+    from nemo_upcycle.data.calibration import check_spec
+
+    if run.moe.num_moe_experts is None or run.mode != "train":
+        return
+    check_spec(calibration_spec(run), upcycle_options(run))
+
+
 # ---- the corpus --------------------------------------------------------------------------------------------------
 def check_data(run: RunConfig) -> None:
     """The corpus files (each one's first ``data.text.PREFIX_BYTES`` decoded), a bound on their tokens against one

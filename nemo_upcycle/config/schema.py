@@ -60,6 +60,10 @@ class UpcycleSchema:
     drop_ratio: float = 0.0
     seed: int = 1234
     online: bool = True  # make the MoE when training starts (no MoE checkpoint first)
+    expert_split: str = "contiguous"  # contiguous | random | importance | clustering (G > 1; core.split)
+    calibration: Optional[str] = None  # text for importance / clustering / kmeans; null: the training corpus
+    calibration_tokens: int = 4096  # the first N tokens of the calibration text (data.calibration)
+    router_prompts: Optional[str] = None  # router_init=hidden: a directory of prompt files, one per copy
 
 
 @dataclass

@@ -68,6 +68,12 @@ class MoEUpcycleFields:
     upcycle_noise_std: float = 0.0
     upcycle_drop_ratio: float = 0.0
     upcycle_seed: int = 1234
+    # experts and routers from data (issue 15): the split (core.split) and the calibration inputs (data.calibration)
+    upcycle_expert_split: str = "contiguous"
+    upcycle_calibration: Optional[List[str]] = None  # text / jsonl files; their first N tokens
+    upcycle_calibration_tokens: int = 4096
+    upcycle_router_prompts: Optional[str] = None  # router_init=hidden: a directory of prompt files, one per copy
+    upcycle_calibration_tokenizer: Optional[str] = None  # default: the dense source's own tokenizer
     # which layer spec: "auto" (TE + grouped GEMM where TE imports and CUDA is there), "te" or "local"
     spec_backend: str = "auto"
     transformer_layer_spec: Union[object, Callable] = moe_layer_spec
@@ -118,6 +124,7 @@ class MoEUpcycleFields:
             moe_token_drop_policy=self.moe_token_drop_policy,
             moe_pad_expert_input_to_capacity=self.moe_pad_expert_input_to_capacity,
             moe_aux_loss_coeff=self.moe_aux_loss_coeff if isinstance(self.moe_aux_loss_coeff, float) else 0.0,
+            expert_split=self.upcycle_expert_split,
         ).validate(ffn_hidden_size=self.ffn_hidden_size, num_layers=n)
 
 

@@ -195,10 +195,16 @@ class UpcycleLifecycle(pl.Callback):
         opts = config.upcycle_options()
         roots = [pl_module] + ([trainer.model] if getattr(trainer, "model", None) is not None else [])
         t0 = time.perf_counter()
-        records = step0.gather(step0.run_checks(roots, opts, self.dense_source))
+        from nemo_upcycle.engine.calibrate import cached_plan
+        from nemo_upcycle.formats.base import open_dense
+
+        plan = cached_plan(config, open_dense(self.dense_source))  # the splits / routers the filler used
+        records = step0.gather(step0.run_checks(roots, opts, self.dense_source, plan))
         if records is None:
             return {}
         summary = step0.summarize(records, opts)
+        if plan is not None and plan.record:
+            summary["calibration"] = plan.record  # what the data gave: tokens, cost, balance, first-step load
         summary["wall_seconds"] = round(time.perf_counter() - t0, 3)
         print(step0.format_summary(summary), flush=True)
         return summary

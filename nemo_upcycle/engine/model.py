@@ -20,6 +20,7 @@ from nemo.collections.llm.gpt.model.base import GPTModel
 from nemo.lightning import io
 
 from nemo_upcycle.engine import nemo_source  # noqa: F401 -- registers the NeMo 2 checkpoint reader with open_dense
+from nemo_upcycle.engine.calibrate import plan_for
 from nemo_upcycle.engine.config import UpcycledLlamaConfig
 from nemo_upcycle.engine.cpu import cpu_strategy_kwargs
 from nemo_upcycle.engine.filler import MegatronFiller, RankLayout
@@ -78,10 +79,11 @@ def upcycle_into(module, config, source, *, progress: bool = True) -> int:
     src = source if isinstance(source, DenseSource) else open_dense(source)
     check_dense_matches(src, config)
     opts = config.upcycle_options() if config.num_moe_experts else None  # dense: every weight copied as is
+    plan = plan_for(config, src, progress=progress) if opts is not None else None  # splits / routers from data
     layout = rank_layout(module)
     E = config.num_moe_experts or 1
     filler = MegatronFiller(src.get, src.config, opts, layout, num_local_experts=E // layout.ep_size,
-                            padded_vocab=config.vocab_size)
+                            padded_vocab=config.vocab_size, plan=plan)
     params = list(module.named_parameters())
     with tqdm(total=sum(p.numel() for _, p in params), unit="param", unit_scale=True, desc="online upcycle",
               disable=not progress) as bar:

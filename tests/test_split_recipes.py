@@ -1,0 +1,61 @@
+"""The Hydra side of issue 15: the ``upcycle.expert_split`` / ``calibration*`` / ``router_prompts`` keys,
+the new ``conf/upcycle`` files, and their refusals (one line naming the key) next to their accepted neighbours."""
+
+from __future__ import annotations
+
+import pytest
+
+from nemo_upcycle.apps.precheck import check_calibration
+from nemo_upcycle.config.compose import compose
+from nemo_upcycle.config.translate import calibration_spec, corpus_paths, upcycle_options
+from nemo_upcycle.errors import UpcycleError
+
+TINY = "tiny_llama_upcycle"
+
+
+@pytest.mark.parametrize("group,split,router", [("importance_g2", "importance", "virtual_group"),
+                                                ("clustering_g2", "clustering", "virtual_group"),
+                                                ("kmeans_router", "contiguous", "kmeans")])
+def test_conf_files(group, split, router):
+    r = compose(TINY, [f"upcycle={group}", "data=shakespeare", "data.seq_length=64"])
+    opts = upcycle_options(r)
+    assert (opts.expert_split, opts.router_init_resolved) == (split, router)
+    spec = calibration_spec(r)  # default: the training corpus, its first calibration_tokens tokens
+    assert [str(f) for f in spec.files] == corpus_paths(r) and spec.max_tokens == 4096
+    check_calibration(r)
+
+
+def test_refusals_name_the_key(tmp_path):
+    text = tmp_path / "c.txt"
+    text.write_text("some calibration text " * 100)
+    cases = [(["upcycle=importance_g2"], "data=mock has none"),  # mock data: no text to calibrate on
+             (["upcycle.expert_split=importance"], "upcycle.expert_split"),  # G = 1
+             (["upcycle=importance_g2", f"upcycle.calibration={text}", "upcycle.calibration_tokens=100"],
+              "upcycle.calibration_tokens"),
+             (["upcycle=hidden_router"], "router_prompts")]
+    for overrides, match in cases:
+        with pytest.raises(UpcycleError, match=match) as e:
+            compose(TINY, overrides)
+        assert "\n" not in str(e.value)
+    compose(TINY, ["upcycle=importance_g2", f"upcycle.calibration={text}"])  # the accepted neighbour
+
+
+def test_precheck_files(tmp_path):
+    ok = tmp_path / "c.txt"
+    ok.write_text("some calibration text " * 100)
+    for bad, match in [(tmp_path / "none.txt", "does not exist"), (tmp_path / "e.txt", "is empty")]:
+        if bad.name == "e.txt":
+            bad.write_text("")
+        r = compose(TINY, ["upcycle=importance_g2", f"upcycle.calibration={bad}"])
+        with pytest.raises(UpcycleError, match=match):
+            check_calibration(r)
+    check_calibration(compose(TINY, ["upcycle=importance_g2", f"upcycle.calibration={ok}"]))
+    prompts = tmp_path / "prompts"
+    prompts.mkdir()
+    (prompts / "a.txt").write_text("code: def f(x): return x")
+    r = compose(TINY, ["upcycle=hidden_router", f"upcycle.router_prompts={prompts}"])
+    with pytest.raises(UpcycleError, match="holds 1 files.*4"):
+        check_calibration(r)
+    for i in "bcd":
+        (prompts / f"{i}.txt").write_text(f"prompt {i}")
+    check_calibration(r)
