@@ -1,7 +1,6 @@
 """The end-of-run report: ``report.md`` and PNG plots in the run directory, from ``metrics.jsonl``.
 
-    python -m nemo_upcycle.apps.report RUN_DIR     # rebuild from RUN_DIR/metrics.jsonl (+ step0.json or
-                                                   # verify.json, summary.json when present)
+    python -m nemo_upcycle.apps.report RUN_DIR  # rebuild: RUN_DIR/metrics.jsonl (+ step0 / verify.json, summary.json)
 
 Input records are ``engine.metrics.MetricsLogger``'s (``kind`` run / train / val; a line without ``kind`` is train
 when it has ``loss``, val when it has ``val_loss``). Every field is optional: a run without validation, without MoE
@@ -26,6 +25,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from nemo_upcycle.data.calibration import describe as calibration_line  # noqa: E402
 from nemo_upcycle.system.files import atomic_path, atomic_write_text  # noqa: E402
 
 
@@ -231,7 +231,7 @@ def _step0_layers(s: dict) -> list[str]:
         L += _table(["what", "layer", "expert", "rank", "max abs diff", "tolerance"],
                     [[m.get("what"), m.get("layer"), m.get("expert"), m.get("rank"), _num(m.get("max_abs_diff")),
                       _num(m.get("tol"))] for m in bad])
-    return L
+    return L + (["", f"Upcycling from data: {calibration_line(s['calibration'])}."] if s.get("calibration") else [])
 
 
 def _median_skip_first(xs: list) -> Optional[float]:
