@@ -27,6 +27,7 @@ ROUTER_INITS = ("normal", "zeros", "virtual_group")
 DATA_ROUTER_INITS = ("kmeans", "hidden")  # router rows from the dense model's hidden states (``core.router_init``)
 SPLITS = ("contiguous", "random", "importance", "clustering")  # how a copy's units become G experts (``core.split``)
 CALIBRATED_SPLITS = ("importance", "clustering")  # splits that need activation statistics on calibration text
+NON_EXPERT = ("base", "average")  # where attention, norms and embeddings come from with several expert sources
 INT_FIELDS = ("num_moe_experts", "moe_router_topk", "granularity", "seed")
 FLOAT_FIELDS = ("router_std", "noise_std", "drop_ratio", "moe_expert_capacity_factor", "moe_aux_loss_coeff")
 SCALINGS = ("exact", "megatron", "none")
@@ -34,7 +35,7 @@ SCORE_FUNCTIONS = ("softmax", "sigmoid")
 DROP_POLICIES = ("probs", "position")
 CHOICES = {"scaling": SCALINGS, "router_init": ROUTER_INITS + DATA_ROUTER_INITS,
            "moe_router_score_function": SCORE_FUNCTIONS, "moe_token_drop_policy": DROP_POLICIES,
-           "expert_split": SPLITS}
+           "expert_split": SPLITS, "non_expert": NON_EXPERT}
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,10 @@ class UpcycleOptions:
     moe_pad_expert_input_to_capacity: bool = False
     moe_aux_loss_coeff: float = 1e-2
     expert_split: str = "contiguous"  # how a copy's units are dealt to its G experts (core.split)
+    # several dense sources (Branch-Train-MiX): copy i of every MoE layer from expert_sources[i % n]; the rest from
+    # the base source or the average of the expert sources (core.sources)
+    expert_sources: tuple = ()
+    non_expert: str = "base"
     extra: dict = field(default_factory=dict)
 
     # ---- derived -------------------------------------------------------------------------------
@@ -139,6 +144,9 @@ class UpcycleOptions:
             raise FieldError("{expert_split=} splits a copy's units into G experts; at {granularity=} every expert is "
                              "the whole MLP: drop the split or raise the granularity.", expert_split=self.expert_split,
                              granularity=G)
+        if self.non_expert == "average" and not self.expert_sources:
+            raise FieldError("{non_expert=} averages the expert sources' attention and embeddings; give "
+                             "{expert_sources} or use base.", non_expert=self.non_expert, expert_sources=[])
         if not 0.0 <= self.drop_ratio <= 1.0:
             raise FieldError("{drop_ratio=} is outside [0, 1]; it is the fraction of each expert's units "
                              "re-initialized.", drop_ratio=self.drop_ratio)
@@ -164,6 +172,7 @@ class UpcycleOptions:
         rec["norm_topk_prob"] = self.renormalize
         rec["scale_factor"] = self.scale_factor()
         rec["moe_layers"] = self.moe_layers if isinstance(self.moe_layers, str) else list(self.moe_layers)
+        rec["expert_sources"] = [str(s) for s in self.expert_sources]
         exact, reason = step0_report(self)
         rec["step0_equivalent"] = exact
         rec["step0_note"] = reason
@@ -228,6 +237,13 @@ def step0_report(opts: UpcycleOptions) -> tuple[bool, str]:
     the linear down projection.
     """
     k, G = opts.moe_router_topk, opts.granularity
+    if opts.expert_sources:
+        n = len(opts.expert_sources)
+        rest = "average of the sources" if opts.non_expert == "average" else "base"
+        return False, (f"the experts come from {n} dense source{'s' if n > 1 else ''} (copy i from source i mod {n}), "
+                       f"attention and embeddings from the {rest}: "
+                       "the MoE is none of the dense models; verify reports how close it is to each source when "
+                       "routed to that source's experts.")
     if opts.noise_std > 0:
         return False, f"expert noise (std {opts.noise_std}) perturbs every expert away from the dense MLP."
     if opts.drop_ratio > 0:

@@ -25,12 +25,14 @@ import torch
 
 from nemo_upcycle.core.options import UpcycleOptions, resolve_moe_layers
 from nemo_upcycle.core.plan import UpcyclePlan
+from nemo_upcycle.core.sources import MultiSourceExperts
 from nemo_upcycle.core.upcycle import LayerExperts
 from nemo_upcycle.errors import FieldError, UpcycleError
 from nemo_upcycle.formats.base import DenseSource, locate, open_dense, read_dense_mlp
 from nemo_upcycle.formats.mixtral import layout, mixtral_config, num_output_tensors, output_bytes, source_keys
 from nemo_upcycle.formats.moe_dir import is_upcycled_mixtral_dir
 from nemo_upcycle.formats.safetensors_stream import ShardedWriter
+from nemo_upcycle.formats.sources import SourceSet, open_expert_sources
 from nemo_upcycle.system.files import check_not_protected, check_replaceable, check_writable, publish, staging
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -84,7 +86,9 @@ def peak_memory_bytes(cfg: dict, opts: UpcycleOptions, out_dtype: torch.dtype, s
                   or opts.expert_split != "contiguous")  # a split gathers the expert's units into new tensors
     expert = (3 * Fe * D * (8 + o) + (F * D * 4 if opts.drop_ratio > 0 else 0)) if new_expert else Fe * D * o
     embed, router = V * D * (s + o), E * D * (12 + o)
-    return num_output_tensors(cfg, opts) * BYTES_PER_TENSOR + 3 * F * D * s + expert + max(embed, router)
+    sources = max(1, len(opts.expert_sources))  # one dense MLP per expert source; averaging reads one more tensor
+    embed *= 2 if opts.non_expert == "average" else 1
+    return num_output_tensors(cfg, opts) * BYTES_PER_TENSOR + 3 * F * D * s * sources + expert + max(embed, router)
 
 
 def check_fits(cfg: dict, opts: UpcycleOptions, out_dtype: torch.dtype, src_dtype: torch.dtype, where: Path) -> int:
@@ -125,18 +129,20 @@ def convert(src_path, out_dir, opts: UpcycleOptions, *, dtype: Optional[str] = N
                            "Mixtral checkpoint has no dense layers; use --moe-layers all for HF output.")
     out_dtype = resolve_dtype(dtype, src)
     needed = check_fits(cfg, opts, out_dtype, src.dtype("model.embed_tokens.weight"), out.parent)
+    sources = SourceSet(src, open_expert_sources(src, opts.expert_sources), opts.non_expert)  # checked up front
     data_plan = make_plan(src) if make_plan is not None else UpcyclePlan()
     plan = layout(cfg, opts, out_dtype)
     specs = [spec for spec, _ in plan]
     with staging(out, needed) as tmp:
         writer = ShardedWriter(tmp, specs, max_shard_bytes)
         consumed: list[str] = []
-        experts = LayerExperts(lambda i: read_dense_mlp(src.get, i), opts, plan=data_plan)
+        experts = (MultiSourceExperts(sources.mlp_readers(), opts, plan=data_plan) if sources.experts
+                   else LayerExperts(lambda i: read_dense_mlp(src.get, i), opts, plan=data_plan))
         with tqdm(total=sum(s.nbytes for s in specs), unit="B", unit_scale=True, desc="upcycle",
                   disable=not progress) as bar:
             for spec, recipe in plan:
                 consumed += source_keys(recipe)
-                writer.write(spec.name, _produce(src, recipe, opts, experts, spec.dtype, data_plan))
+                writer.write(spec.name, _produce(sources, recipe, opts, experts, spec.dtype, data_plan))
                 bar.update(spec.nbytes)
         writer.close()
         _check_consumed(src, consumed)
@@ -152,13 +158,13 @@ def convert(src_path, out_dir, opts: UpcycleOptions, *, dtype: Optional[str] = N
     return ConvertResult(out, writer.bytes_written, len(specs), config)
 
 
-def _produce(src: DenseSource, recipe: tuple, opts: UpcycleOptions, experts: LayerExperts,
-             dtype: torch.dtype, plan: UpcyclePlan) -> torch.Tensor:
+def _produce(src: SourceSet, recipe: tuple, opts: UpcycleOptions, experts, dtype: torch.dtype,
+             plan: UpcyclePlan) -> torch.Tensor:
     kind = recipe[0]
     if kind == "copy":
-        return src.get(recipe[1])
+        return src.get(recipe[1])  # the base's, or the mean of the expert sources' (--non-expert)
     if kind == "router":
-        return plan.router(src.config["hidden_size"], opts, recipe[1], dtype)
+        return plan.router(src.base.config["hidden_size"], opts, recipe[1], dtype)
     _, layer, e, which = recipe
     w = experts.get(layer, e)
     return getattr(w, which)  # the expert's part: gate, up or down (formats.mixtral.layout)
