@@ -87,7 +87,7 @@ def test_copies_come_from_their_sources_and_verify_reports_each(family, tmp_path
     from nemo_upcycle.offline.verify_sources import per_source, restrict, source_experts
 
     ids = torch.randint(0, V, (2, 27), generator=torch.Generator().manual_seed(4))
-    rows = per_source(out, ids)
+    rows = per_source(out, ids, load_moe, load_llama, logit_stats)
     assert [r["index"] for r in rows] == [0, 1]
     assert all(r["max_abs"] < 1e-4 and r["top1"] == 1.0 for r in rows)  # attention shared: each source exactly
     moe = load_moe(out)  # negative control: routed to the other source's experts
@@ -108,10 +108,11 @@ def test_fine_tuned_source_and_average(family, tmp_path, capsys):
     qs = [load_llama(s).model.layers[2].self_attn.q_proj.weight for s in srcs]
     assert torch.allclose(st(out, "model.layers.2.self_attn.q_proj.weight"), (qs[0] + qs[1]) / 2, atol=1e-7)
     assert not torch.equal(qs[0], qs[1])
+    from nemo_upcycle.offline.verify import load_moe, logit_stats
     from nemo_upcycle.offline.verify_sources import per_source
 
     ids = torch.randint(0, V, (2, 27), generator=torch.Generator().manual_seed(4))
-    rows = per_source(out, ids)
+    rows = per_source(out, ids, load_moe, load_llama, logit_stats)
     assert all(0 < r["max_abs"] for r in rows)
 
 

@@ -95,3 +95,41 @@ def test_layouts_build_from_rank0s_plan(tmp_path_factory, calib):
         assert ident["upcycle.calibration"] == str(calib)
     log = (work / "log.txt").read_text()
     assert log.count("calibration: 512 tokens") == 2  # rank 0 only, once per run
+
+
+def test_online_expert_sources(megatron_world, dense_tok, tmp_path):
+    """Online with two dense sources (MLP-perturbed copies of the base, its tokenizer): every Megatron expert holds its
+    source's MLP (copy i from source i mod 2); the step-0 check passes every expert against its own source and says
+    the MoE is not function-preserving; checked against the base alone, the experts of source 1 mismatch."""
+    import shutil
+
+    from nemo_upcycle.engine import step0
+    from nemo_upcycle.engine.model import upcycle_into
+
+    sources = []
+    for seed in (1, 2):
+        m = load_llama(dense_tok)
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for n, p in m.named_parameters():
+                if ".mlp." in n:
+                    p.add_(torch.randn(p.shape, generator=g) * 0.05)
+        m.save_pretrained(tmp_path / f"s{seed}")
+        for f in dense_tok.glob("tokenizer*"):
+            shutil.copy2(f, tmp_path / f"s{seed}" / f.name)
+        sources.append(str(tmp_path / f"s{seed}"))
+    src, cfg, module = build(dense_tok, num_moe_experts=4, moe_router_topk=2, upcycle_expert_sources=sources)
+    upcycle_into(module, cfg, src, progress=False)
+    experts = module.decoder.layers[1].mlp.experts.local_experts
+    for e in range(4):
+        want = load_llama(sources[e % 2]).model.layers[1].mlp.down_proj.weight
+        assert torch.equal(experts[e].linear_fc2.weight, want)
+    opts = cfg.upcycle_options()
+    s = step0.summarize(step0.run_checks([module], opts, str(dense_tok)), opts)
+    assert not s["equivalent_by_construction"] and "2 dense sources" in s["reason"]
+    assert all(r["experts_ok"] and r["router_ok"] for r in s["rows"])
+    import dataclasses
+
+    base_only = dataclasses.replace(opts, expert_sources=())  # negative control: every expert against the base
+    bad = step0.summarize(step0.run_checks([module], base_only, str(dense_tok)), base_only)
+    assert {m["expert"] for m in bad["mismatches"] if m["what"] == "expert"} == {0, 1, 2, 3}

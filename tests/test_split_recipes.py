@@ -59,3 +59,16 @@ def test_precheck_files(tmp_path):
     for i in "bcd":
         (prompts / f"{i}.txt").write_text(f"prompt {i}")
     check_calibration(r)
+
+
+def test_expert_sources_keys(tmp_path):
+    r = compose(TINY, [f"model.expert_sources=[{tmp_path}/a,{tmp_path}/b]", "model.non_expert=average"])
+    opts = upcycle_options(r)
+    assert opts.expert_sources == (f"{tmp_path}/a", f"{tmp_path}/b") and opts.non_expert == "average"
+    from nemo_upcycle.core.options import step0_report
+
+    assert step0_report(opts)[0] is False
+    for overrides, match in [(["model.non_expert=average"], "model.non_expert"),
+                             (["model.non_expert=mean"], "model.non_expert")]:
+        with pytest.raises(UpcycleError, match=match):
+            compose(TINY, overrides)

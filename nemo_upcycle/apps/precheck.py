@@ -112,6 +112,18 @@ def check_calibration(run: RunConfig) -> None:
     check_spec(calibration_spec(run), upcycle_options(run))
 
 
+def check_expert_sources(run: RunConfig) -> None:
+    """``model.expert_sources``: each opens as a dense Llama of the base's architecture and tokenizer
+    (``formats.sources``); a keyword base (``tiny``, ``smollm2``) is checked when training starts."""
+    from nemo_upcycle.formats.sources import open_expert_sources
+
+    if not run.model.expert_sources or run.mode != "train":
+        return
+    if run.model.source in KEYWORD_SOURCES or run.model.source is None:
+        return
+    open_expert_sources(open_dense(run.model.source), run.model.expert_sources)
+
+
 # ---- the corpus --------------------------------------------------------------------------------------------------
 def check_data(run: RunConfig) -> None:
     """The corpus files (each one's first ``data.text.PREFIX_BYTES`` decoded), a bound on their tokens against one

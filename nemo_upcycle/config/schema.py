@@ -31,6 +31,10 @@ class ModelSchema:
     layernorm_epsilon: float = 1e-5
     share_embeddings_and_output_weights: bool = False
     rope_scaling_factor: Optional[float] = None  # Llama 3.1 / 3.2 "llama3" rope scaling
+    # several dense sources (Branch-Train-MiX): copy i of every MoE layer from expert_sources[i % n], each of the
+    # source's architecture and tokenizer; attention, norms and embeddings from the source ("base") or their "average"
+    expert_sources: List[str] = field(default_factory=list)
+    non_expert: str = "base"
 
 
 @dataclass

@@ -55,7 +55,8 @@ OPTION_KEYS = {"num_moe_experts": "moe.num_moe_experts", "moe_router_topk": "moe
                "moe_expert_capacity_factor": "moe.moe_expert_capacity_factor",
                "moe_token_drop_policy": "moe.moe_token_drop_policy",
                "moe_pad_expert_input_to_capacity": "moe.moe_pad_expert_input_to_capacity",
-               "moe_aux_loss_coeff": "moe.moe_aux_loss_coeff", "expert_split": "upcycle.expert_split"}
+               "moe_aux_loss_coeff": "moe.moe_aux_loss_coeff", "expert_split": "upcycle.expert_split",
+               "expert_sources": "model.expert_sources", "non_expert": "model.non_expert"}
 
 
 def key_value(run: RunConfig, key: str):
@@ -67,7 +68,8 @@ def key_value(run: RunConfig, key: str):
 def upcycle_options(run: RunConfig) -> UpcycleOptions:
     """The core's ``UpcycleOptions`` for this recipe (``OPTION_KEYS``; not yet validated against the dense sizes)."""
     values = {f: key_value(run, key) for f, key in OPTION_KEYS.items()}
-    return UpcycleOptions(**{**values, "moe_layers": moe_layers_of(values["moe_layers"])})
+    return UpcycleOptions(**{**values, "moe_layers": moe_layers_of(values["moe_layers"]),
+                             "expert_sources": tuple(values["expert_sources"])})
 
 
 def hf_llama_config(run: RunConfig) -> dict:

@@ -74,6 +74,8 @@ class MoEUpcycleFields:
     upcycle_calibration_tokens: int = 4096
     upcycle_router_prompts: Optional[str] = None  # router_init=hidden: a directory of prompt files, one per copy
     upcycle_calibration_tokenizer: Optional[str] = None  # default: the dense source's own tokenizer
+    upcycle_expert_sources: Optional[List[str]] = None  # several dense sources: copy i from source i mod n
+    upcycle_non_expert: str = "base"  # attention, norms, embeddings: "base" or the sources' "average"
     # which layer spec: "auto" (TE + grouped GEMM where TE imports and CUDA is there), "te" or "local"
     spec_backend: str = "auto"
     transformer_layer_spec: Union[object, Callable] = moe_layer_spec
@@ -124,7 +126,8 @@ class MoEUpcycleFields:
             moe_token_drop_policy=self.moe_token_drop_policy,
             moe_pad_expert_input_to_capacity=self.moe_pad_expert_input_to_capacity,
             moe_aux_loss_coeff=self.moe_aux_loss_coeff if isinstance(self.moe_aux_loss_coeff, float) else 0.0,
-            expert_split=self.upcycle_expert_split,
+            expert_split=self.upcycle_expert_split, expert_sources=tuple(self.upcycle_expert_sources or ()),
+            non_expert=self.upcycle_non_expert,
         ).validate(ffn_hidden_size=self.ffn_hidden_size, num_layers=n)
 
 

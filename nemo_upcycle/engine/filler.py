@@ -39,13 +39,14 @@ class MegatronFiller:
 
     def __init__(self, get: Callable[[str], torch.Tensor], llama: dict, opts: UpcycleOptions, layout: RankLayout,
                  num_local_experts: int, padded_vocab: Optional[int] = None, keymap: KeyMap = KEYMAP,
-                 plan: Optional[UpcyclePlan] = None):
+                 plan: Optional[UpcyclePlan] = None, experts=None):
         self.get, self.cfg, self.opts, self.par, self.keymap = get, llama, opts, layout, keymap
         self.num_local_experts = num_local_experts
         self.sizes = Sizes.of(hf_values(llama, rope=False), padded_vocab)
         self.tied = bool(llama.get("tie_word_embeddings", False))
         self.plan = plan if plan is not None else UpcyclePlan()  # splits and routers learnt from data (core.plan)
-        self.experts = LayerExperts(lambda layer: read_dense_mlp(get, layer), opts, plan=self.plan)
+        # ``experts``: anything with get(layer, expert), e.g. core.sources.MultiSourceExperts (several dense sources)
+        self.experts = experts or LayerExperts(lambda layer: read_dense_mlp(get, layer), opts, plan=self.plan)
 
     def _hf(self, t: HFTensor, layer: Optional[int], expert: Optional[int]) -> torch.Tensor:
         if t.made_from is None:

@@ -19,6 +19,7 @@ import torch
 from nemo.collections.llm.gpt.model.base import GPTModel
 from nemo.lightning import io
 
+from nemo_upcycle.core.sources import MultiSourceExperts
 from nemo_upcycle.engine import nemo_source  # noqa: F401 -- registers the NeMo 2 checkpoint reader with open_dense
 from nemo_upcycle.engine.calibrate import plan_for
 from nemo_upcycle.engine.config import UpcycledLlamaConfig
@@ -26,6 +27,7 @@ from nemo_upcycle.engine.cpu import cpu_strategy_kwargs
 from nemo_upcycle.engine.filler import MegatronFiller, RankLayout
 from nemo_upcycle.errors import UpcycleError
 from nemo_upcycle.formats.base import DenseSource, open_dense
+from nemo_upcycle.formats.sources import SourceSet, open_expert_sources
 from nemo_upcycle.planning.layout import ModelDims, ParallelLayout, check_layout
 
 log = logging.getLogger(__name__)
@@ -80,10 +82,13 @@ def upcycle_into(module, config, source, *, progress: bool = True) -> int:
     check_dense_matches(src, config)
     opts = config.upcycle_options() if config.num_moe_experts else None  # dense: every weight copied as is
     plan = plan_for(config, src, progress=progress) if opts is not None else None  # splits / routers from data
+    sources = SourceSet(src, open_expert_sources(src, opts.expert_sources) if opts else [],
+                        opts.non_expert if opts else "base")  # several dense sources: checked up front
+    experts = MultiSourceExperts(sources.mlp_readers(), opts, plan=plan) if sources.experts else None
     layout = rank_layout(module)
     E = config.num_moe_experts or 1
-    filler = MegatronFiller(src.get, src.config, opts, layout, num_local_experts=E // layout.ep_size,
-                            padded_vocab=config.vocab_size, plan=plan)
+    filler = MegatronFiller(sources.get, src.config, opts, layout, num_local_experts=E // layout.ep_size,
+                            padded_vocab=config.vocab_size, plan=plan, experts=experts)
     params = list(module.named_parameters())
     with tqdm(total=sum(p.numel() for _, p in params), unit="param", unit_scale=True, desc="online upcycle",
               disable=not progress) as bar:

@@ -75,7 +75,8 @@ def calibration_fields(r: RunConfig, tokenizer_dir: Optional[str]) -> dict:
     ``upcycle.calibration`` or the corpus; the data's tokenizer, else the source's)."""
     from nemo_upcycle.config.translate import calibration_spec, upcycle_options
 
-    out = dict(upcycle_expert_split=r.upcycle.expert_split)
+    out = dict(upcycle_expert_split=r.upcycle.expert_split, upcycle_non_expert=r.model.non_expert,
+               upcycle_expert_sources=list(r.model.expert_sources) or None)
     if r.moe.num_moe_experts is None:
         return out
     opts = upcycle_options(r)

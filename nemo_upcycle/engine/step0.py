@@ -98,9 +98,11 @@ def _compare(got: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
 
 
 @torch.no_grad()
-def check_layer(moe, opts: UpcycleOptions, get, seed: int = 0, plan: Optional[UpcyclePlan] = None) -> dict:
+def check_layer(moe, opts: UpcycleOptions, get, seed: int = 0, plan: Optional[UpcyclePlan] = None,
+                expert_gets: Optional[list] = None) -> dict:
     """This rank's record for one MoE layer (collective over its TP / EP / ETP groups: the layer's forward).
-    ``plan``: the splits and routers upcycling learnt from data (``core.plan``), as the filler used them."""
+    ``plan``: the splits and routers upcycling learnt from data (``core.plan``), as the filler used them;
+    ``expert_gets``: several dense sources (``core.sources``): each expert is checked against its own source's MLP."""
     plan = plan if plan is not None else UpcyclePlan()
     from megatron.core import parallel_state as ps
 
@@ -163,7 +165,19 @@ def check_layer(moe, opts: UpcycleOptions, get, seed: int = 0, plan: Optional[Up
     def shard_ref(w) -> list[torch.Tensor]:  # this rank's expert-tensor shard of an expert, as the module holds it
         return [ref(shard(t.to(dt), etp_rank, etp, dim)) for t, dim in ((w.gate, 0), (w.up, 0), (w.down, 1))]
 
-    wants = expert_references(raw, opts, layer, local, inputs, shard_ref, plan)
+    if expert_gets:  # several dense sources: each expert against its source's MLP
+        from nemo_upcycle.core.sources import source_of
+
+        wants = [None] * len(local)
+        for i, g in enumerate(expert_gets):
+            js = [j for j, e in enumerate(local) if source_of(opts, e, len(expert_gets)) == i]
+            if js:
+                got_i = expert_references(read_dense_mlp(g, layer), opts, layer, [local[j] for j in js],
+                                          [inputs[j] for j in js], shard_ref, plan)
+                for j, w in zip(js, got_i):
+                    wants[j] = w
+    else:
+        wants = expert_references(raw, opts, layer, local, inputs, shard_ref, plan)
     experts = {}
     for j, (e, want, scale) in enumerate(zip(local, wants, scales)):
         got = per_expert[j][2]
@@ -211,8 +225,11 @@ def _rank() -> int:
 
 def run_checks(roots, opts: UpcycleOptions, source: str, plan: Optional[UpcyclePlan] = None) -> list[dict]:
     """This rank's records for every MoE layer it holds, in global layer order (a collective: call on every rank)."""
+    from nemo_upcycle.formats.sources import open_expert_sources
+
     src = open_dense(source)
-    return [check_layer(moe, opts, src.get, seed=opts.seed, plan=plan) for moe in moe_layers(roots)]
+    gets = [s.get for s in open_expert_sources(src, opts.expert_sources)] or None
+    return [check_layer(moe, opts, src.get, seed=opts.seed, plan=plan, expert_gets=gets) for moe in moe_layers(roots)]
 
 
 def gather(records: list[dict]) -> Optional[list[dict]]:

@@ -201,7 +201,7 @@ def verify(dense_path, moe_path, text: Optional[str] = None, max_tokens: int = 2
     if rec.get("expert_sources"):
         from nemo_upcycle.offline.verify_sources import per_source
 
-        sources = per_source(moe_path, ids)
+        sources = per_source(moe_path, ids, load_moe, load_dense, logit_stats)
     return VerifyResult(mx, mean, top1, ids.numel(), note, where, sources)
 
 

@@ -47,10 +47,9 @@ def restrict(model, allowed: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def per_source(moe_path: Path, ids: torch.Tensor) -> list[dict]:
-    """One record per expert source named in the MoE's ``upcycling`` record (module docstring)."""
-    from nemo_upcycle.offline.verify import load_dense, load_moe, logit_stats
-
+def per_source(moe_path: Path, ids: torch.Tensor, load_moe, load_dense, logit_stats) -> list[dict]:
+    """One record per expert source named in the MoE's ``upcycling`` record (module docstring); the loaders and
+    ``logit_stats`` are ``offline.verify``'s."""
     moe = load_moe(moe_path)
     rec = getattr(moe.config, "upcycling", None) or {}
     sources = rec.get("expert_sources") or []
