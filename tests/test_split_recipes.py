@@ -3,6 +3,8 @@ the new ``conf/upcycle`` files, and their refusals (one line naming the key) nex
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from nemo_upcycle.apps.precheck import check_calibration
@@ -72,3 +74,31 @@ def test_expert_sources_keys(tmp_path):
                              (["model.non_expert=mean"], "model.non_expert")]:
         with pytest.raises(UpcycleError, match=match):
             compose(TINY, overrides)
+
+
+def test_compare_data_variants(tmp_path):
+    """The data-aware compare variants: their upcycling, their calibration text (corpus, or Shakespeare on mock
+    data), and the prompts compare writes for the hidden router (one per expert, text, distinct)."""
+    from nemo_upcycle.apps import compare as cmp
+    from nemo_upcycle.apps.compare_data import data_overrides
+
+    want = {"importance_split": ("importance", "virtual_group", 2),
+            "clustering_split": ("clustering", "virtual_group", 2), "router_kmeans": ("contiguous", "kmeans", 1),
+            "router_hidden": ("contiguous", "hidden", 1)}
+    for recipe in (TINY, "smollm2_135m_upcycle"):
+        base = compose(recipe)
+        E, k = base.moe.num_moe_experts, base.moe.moe_router_topk
+        for name, (split, router, G) in want.items():
+            v = cmp.BY_NAME[name]
+            extra = data_overrides(v, base, tmp_path / recipe)
+            r = compose(recipe, cmp.variant_overrides(v, E, k) + extra)
+            opts = upcycle_options(r)
+            assert (opts.expert_split, opts.router_init_resolved, opts.granularity) == (split, router, G), name
+            assert opts.num_moe_experts == E * G and opts.moe_router_topk == k * G
+            if v.calibrated:  # the corpus calibrates by default; mock data gets a Shakespeare text
+                assert any(x.startswith("upcycle.calibration=") for x in extra) == (not corpus_paths(base))
+            if v.prompts:
+                d = Path(extra[-1].split("=", 1)[1])
+                files = sorted(d.iterdir())
+                assert len(files) == E and len({f.read_text() for f in files}) == E
+                check_calibration(r)

@@ -7,8 +7,10 @@ Each variant (``VARIANTS``, ``--list-variants``) is one ``python -m nemo_upcycle
 with its own run directory ``OUT/<variant>/``, one after the other, all from the same dense source, corpus and seeds:
 every run sees the same batches and the MoEs start from the same router draws. The methods: copy upcycling
 (Komatsuzaki et al., arXiv 2212.05055) routed top-k then softmax or softmax then top-k, granular upcycling G=2 with
-each weight scaling (He et al., arXiv 2410.07524), Drop-Upcycling (Nakamura et al., arXiv 2502.19261) and a zero
-router; against the dense model trained for the same tokens and for the MoE's training FLOPs.
+each weight scaling (He et al., arXiv 2410.07524), Drop-Upcycling (Nakamura et al., arXiv 2502.19261), a zero
+router, and the data-aware methods (issue 15: importance and clustering splits, kmeans and hidden routers;
+``apps.compare_data`` supplies their calibration text and prompts); against the dense model trained for the same tokens
+and for the MoE's training FLOPs.
 
 Read from each run: ``step0.json``, ``final_eval.json``, ``metrics.jsonl``. Written to OUT after every variant, by
 ``compare_out`` (which also says what compare may remove): ``comparison.json``, ``comparison.md``, ``comparison.png``.
@@ -29,6 +31,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from nemo_upcycle.apps import run_dir as run_dirs
+from nemo_upcycle.apps.compare_data import data_overrides
 from nemo_upcycle.apps.compare_out import (
     MARKER,
     REFERENCE,
@@ -58,6 +61,8 @@ class Variant:
     overrides: tuple[str, ...] = ()
     granular: bool = False  # E and k multiplied by GRANULARITY (same active / total parameters as copy)
     equal_flops: bool = False  # trained for the reference MoE's FLOPs instead of its tokens
+    calibrated: bool = False  # learns from calibration text (apps.compare_data)
+    prompts: bool = False  # needs one prompt file per expert (apps.compare_data)
 
     @property
     def dense(self) -> bool:
@@ -82,6 +87,16 @@ VARIANTS = (
             ("upcycle=drop_upcycle",)),
     Variant("router_zeros", "copy upcycling with a zero router (copy: normal router)",
             ("upcycle=copy", "upcycle.router_init=zeros")),
+    Variant("importance_split", "granular G=2, units dealt to the 2 experts of a copy by importance (mean |activation| "
+            "on calibration text), virtual-group router, 2E experts top-2k", ("upcycle=importance_g2",), granular=True,
+            calibrated=True),
+    Variant("clustering_split", "granular G=2, units grouped by co-activation on calibration text (balanced k-means), "
+            "virtual-group router, 2E experts top-2k", ("upcycle=clustering_g2",), granular=True, calibrated=True),
+    Variant("router_kmeans", "copy upcycling, router rows = k-means centroids of the hidden states entering each MoE "
+            "layer on calibration text", ("upcycle=kmeans_router",), calibrated=True),
+    Variant("router_hidden", "copy upcycling, router row e = mean hidden state on prompt file e (mergekit hidden; "
+            "compare writes one prompt per expert from the calibration text)", ("upcycle=hidden_router",),
+            prompts=True),
 )
 BY_NAME = {v.name: v for v in VARIANTS}
 
@@ -228,8 +243,8 @@ def _run_all(config_name: str, overrides: list, base, chosen: list, per_variant:
     plans = []
     for v in chosen:  # settle every variant's command first: a stale run directory stops before any training
         s = result["budget"]["dense_flops_steps"] if v.equal_flops else n_steps
-        args = _variant_args(v, E, k, s, max(1, n_steps // 3), common, overrides, per_variant.get(v.name, []),
-                             keep_checkpoints)
+        args = _variant_args(v, E, k, s, max(1, n_steps // 3), common + data_overrides(v, base, out), overrides,
+                             per_variant.get(v.name, []), keep_checkpoints)
         _check_stale(out / v.name, args)
         check_not_running(out / v.name)
         plans.append((v, s, args))
