@@ -3,6 +3,8 @@
   nemo-upcycle convert SRC OUT --num-experts E --topk K [--granularity G] [--router-init ...]
                        [--scaling exact|megatron] [--pre-softmax] [--drop-ratio R] [--noise-std S]
                        [--moe-layers all|every:N|i,j,..] [--seed N] [--dtype auto|float32|bfloat16|float16]
+                       [--split contiguous|random|importance|clustering] [--calibration FILE] [--calibration-tokens N]
+                       [--router-prompts DIR] [--expert-sources A,B,..] [--non-expert base|average]
   nemo-upcycle verify DENSE MOE [--text FILE] [--atol A] [--min-top1 F]
       MOE from convert: transformers' Mixtral against the dense Llama (step 0: the same function, up to --atol);
       a trained export (holds nemo_reference.safetensors): against the logits NeMo recorded at export.
