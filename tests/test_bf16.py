@@ -300,3 +300,20 @@ def test_mfu_against_the_bf16_peak_and_report_names_the_precision(one_rank):
     md = write_report(work / "bf16", metrics_path=work / "bf16" / "metrics.jsonl").read_text()
     assert ("Precision: **bf16-mixed** (bf16 weights and activations, fp32 main parameters and gradient reduction); "
             f"MFU over the peak of that precision: {names['bf16']}.") in md
+
+
+@pytest.mark.slow
+def test_step0_checks_the_bf16_weights_in_fp32(one_rank):
+    """A bf16-mixed run's step-0 check runs on fp32 copies of the bf16 weights (the dense reference's weights rounded
+    alike), so the fp32 tolerances apply; what bf16 activations cost is reported beside it, not judged."""
+    work, _ = one_rank
+    s = json.loads((work / "bf16" / "step0.json").read_text())
+    assert s["passed"] and s["logits_passed"] and "checked_in" in s
+    lay = s["layers"]
+    assert lay["passed"] and lay["dtype"] == "float32" and lay["weights_dtype"] == "bfloat16" and lay["rtol"] == 1e-5
+    t = s["as_trained"]
+    assert t["precision"] == "bfloat16"
+    # control: computed in bf16, the same weights are further from the dense model than the check's fp32 result
+    assert t["max_abs_logit_diff"] > 10 * s["max_abs_logit_diff"]
+    f = json.loads((work / "fp32_lr" / "step0.json").read_text())
+    assert f["passed"] and "as_trained" not in f and f["layers"]["weights_dtype"] == "float32"

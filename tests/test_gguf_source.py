@@ -257,3 +257,19 @@ def test_verify_refuses_truncated_gguf(tmp_path, tiny_llama, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: {f} is not a readable GGUF file") and "truncated" in err
     assert len(err.splitlines()) == 1
+
+
+def test_opened_once_while_unchanged(tmp_path):
+    """A GGUF is parsed once per process while the file is unchanged; a rewritten file is opened anew (control)."""
+    import os
+
+    f = tmp_path / "tiny.gguf"
+    hf = _write_tiny(f, tied=False)
+    a = open_dense(f)
+    assert open_dense(str(f)) is a and open_dense(tmp_path / "." / "tiny.gguf") is a
+    _write_tiny(f, tied=True)
+    st = f.stat()
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))  # a rewrite within the clock's resolution
+    b = open_dense(f)
+    assert b is not a and b.tied and not a.tied
+    assert torch.equal(b.get("model.embed_tokens.weight"), torch.from_numpy(hf["model.embed_tokens.weight"]))

@@ -136,7 +136,7 @@ def test_kmeans_first_step_load_is_more_even_than_normal(tmp_path):
 
 
 def test_report_shows_the_first_step_load():
-    from nemo_upcycle.apps.report import _step0_layers
+    from nemo_upcycle.apps.report_parts import _step0_layers
 
     cal = {"tokens": 512, "seconds": 1.5, "peak_rss_gib": 0.5,
            "summary": {"load_imbalance": 1.4, "load_imbalance_normal": 2.6}}

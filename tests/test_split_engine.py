@@ -61,12 +61,12 @@ def test_online_split_step0(megatron_world, dense_tok, calib, split, router):
         got = module.decoder.layers[1].mlp.router.weight
         assert torch.equal(got, plan.routers[1].to(got.dtype))
     opts = cfg.upcycle_options()
-    good = step0.summarize(step0.run_checks([module], opts, str(dense_tok), plan), opts)
+    good = step0.summarize(step0.run_checks([module], opts, str(dense_tok), plan=plan), opts)
     assert good["passed"], good["mismatches"]
     # negative control: a plan with other splits (seeded random) is not what the filler built
     other = UpcyclePlan(perms={i: torch.stack([torch.randperm(44) for _ in range(4)]) for i in range(3)},
                         routers=plan.routers)
-    bad = step0.summarize(step0.run_checks([module], opts, str(dense_tok), other), opts)
+    bad = step0.summarize(step0.run_checks([module], opts, str(dense_tok), plan=other), opts)
     assert not bad["passed"] and any(m["what"] == "expert" for m in bad["mismatches"])
 
 

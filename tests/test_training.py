@@ -172,3 +172,21 @@ def test_report_and_plots(runs):
         data = (a / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
         assert f"({png})" in text
+
+
+def test_timings_and_report_time_section(runs):
+    """timings.json: start-up phases in order and one entry per checkpoint save (NeMo's checkpoints on disk are the
+    reference: every step that has a checkpoint directory was timed); report.md shows them."""
+    a = runs["a"]
+    t = json.loads((a / "timings.json").read_text())
+    phases = [t[k] for k in ("recipe", "trainer", "upcycle", "optimizer", "data", "step0")]
+    assert all(x >= 0 for x in phases) and t["startup"] == pytest.approx(sum(phases), abs=0.01)
+    assert 0 < t["steps"] < t["to_train_end"]
+    saved = sorted({int(p.name.split("step=")[1].split("-")[0]) for p in (a / "run" / "checkpoints").iterdir()
+                    if "step=" in p.name})
+    timed = sorted({s["step"] for s in t["saves"]})
+    # NeMo names a checkpoint by its last batch's 0-based index (step=2 after 3 optimizer steps); timed: global_step
+    assert saved and timed == [s + 1 for s in saved] and all(s["seconds"] > 0 for s in t["saves"])
+    text = (a / "report.md").read_text()
+    assert "## Time" in text and f"checkpoint save at step {timed[0]}" in text
+    assert "Precision: **32-true**" in text or "Precision: **32**" in text

@@ -1,6 +1,7 @@
 """The end-of-run report: ``report.md`` and PNG plots in the run directory, from ``metrics.jsonl``.
 
-    python -m nemo_upcycle.apps.report RUN_DIR  # rebuild: RUN_DIR/metrics.jsonl (+ step0 / verify.json, summary.json)
+    python -m nemo_upcycle.apps.report RUN_DIR     # rebuild from RUN_DIR/metrics.jsonl (+ step0.json or
+                                                   # verify.json, summary.json when present)
 
 Input records are ``engine.metrics.MetricsLogger``'s (``kind`` run / train / val; a line without ``kind`` is train
 when it has ``loss``, val when it has ``val_loss``). Every field is optional: a run without validation, without MoE
@@ -25,8 +26,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from nemo_upcycle.data.calibration import describe as calibration_line  # noqa: E402
-from nemo_upcycle.system.files import atomic_path, atomic_write_text  # noqa: E402
+from nemo_upcycle.apps.report_parts import _kv, _num, _step0, _table, precision_line, time_section  # noqa: E402
+from nemo_upcycle.system.files import TIMINGS_FILE, atomic_path, atomic_write_text  # noqa: E402
 
 
 # ---- reading ----------------------------------------------------------------------------------------------
@@ -55,30 +56,13 @@ def read_metrics(path: Path) -> dict:
     return out
 
 
-def _num(x) -> Optional[float]:
-    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) else None
-
-
 def _series(recs: list, key: str) -> tuple[list, list]:
     pts = [(r["step"], _num(r.get(key))) for r in recs
            if _num(r.get("step")) is not None and _num(r.get(key)) is not None]
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
-def _fmt(v, digits: int = 4) -> str:
-    if v is None:
-        return "–"
-    if isinstance(v, bool):
-        return "yes" if v else "no"
-    if isinstance(v, int):
-        return f"{v:,}"
-    if isinstance(v, float):
-        if not math.isfinite(v):
-            return str(v)
-        if v != 0 and (abs(v) >= 1e5 or abs(v) < 1e-3):
-            return f"{v:.3e}"
-        return f"{v:.{digits}g}"
-    return str(v).replace("|", "\\|")
+
 
 
 # ---- plots ------------------------------------------------------------------------------------------------
@@ -182,58 +166,6 @@ def plot_throughput(m: dict, path: Path) -> Optional[Path]:
 
 
 # ---- markdown ---------------------------------------------------------------------------------------------
-def _table(header: list, rows: list) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + [
-        "| " + " | ".join(_fmt(c) if not isinstance(c, str) else c for c in row) + " |" for row in rows]
-
-
-def _kv(d: dict) -> list[str]:
-    rows = [[str(k), v if not isinstance(v, (dict, list)) else json.dumps(v)] for k, v in d.items()]
-    return _table(["key", "value"], rows) if rows else ["(none)"]
-
-
-def _step0(step0: Optional[dict]) -> list[str]:
-    if not step0:
-        return ["Not given (no step0.json / verify.json)."]
-    layers = step0.get("layers") if isinstance(step0.get("layers"), dict) else None
-    lines = _kv({k: v for k, v in step0.items() if k not in ("passed", "layers")})
-    if "passed" in step0:
-        lines = [f"**{'PASS' if step0['passed'] else 'FAIL'}**", ""] + lines
-    return lines + ([""] + _step0_layers(layers) if layers else [])
-
-
-def _step0_layers(s: dict) -> list[str]:
-    """The per-layer table of the step-0 check (``engine.step0``): every MoE layer on the ranks that hold it."""
-    if s.get("skipped"):
-        return [f"Per-layer check: skipped ({s['skipped']})."]
-    rows = s.get("rows") or []
-    L = [f"Per-layer check: each MoE layer's own forward (router, expert-parallel exchange, experts) on "
-         f"{s.get('tokens_per_layer', '?')} seeded hidden states against the dense MLP of the source, the router "
-         "and each expert (on the tokens routed to it; an idle one on "
-         f"{s.get('expert_tokens', '?')} tokens) against what upcycling builds; pass: max abs "
-         f"difference <= rtol {_fmt(s.get('rtol'))} x max abs reference ({s.get('dtype', '?')}); {s.get('ranks', '?')} "
-         f"rank{'' if s.get('ranks') == 1 else 's'}, "
-         f"{_fmt(s.get('seconds'))} s: **{'PASS' if s.get('passed') else 'FAIL'}**", ""]
-    if not s.get("equivalent_by_construction", True):
-        L += [f"Not function-preserving by construction: {s.get('reason')}", ""]
-    L += _table(["layer", "ranks", "tokens", "max abs diff", "max abs dense", "rel", "router diff", "experts",
-                 "worst expert diff", "result"],
-                [[r.get("layer"), ",".join(str(x) for x in r.get("ranks", [])), r.get("tokens"),
-                  _num(r.get("max_abs_diff")), _num(r.get("max_abs_dense")),
-                  (_num(r.get("max_abs_diff")) / r["max_abs_dense"]) if _num(r.get("max_abs_diff")) is not None
-                  and _num(r.get("max_abs_dense")) else None, _num(r.get("router_max_abs_diff")),
-                  f"{r.get('experts')}" + (f" ({len(r['idle_experts'])} idle)" if r.get("idle_experts") else ""),
-                  f"{_fmt(_num(r.get('expert_max_abs_diff')))} (e{r.get('worst_expert')})",
-                  "PASS" if r.get("passed") else "FAIL"] for r in rows])
-    bad = s.get("mismatches") or []
-    if bad:
-        L += ["", "Mismatches (beyond the tolerance):", ""]
-        L += _table(["what", "layer", "expert", "rank", "max abs diff", "tolerance"],
-                    [[m.get("what"), m.get("layer"), m.get("expert"), m.get("rank"), _num(m.get("max_abs_diff")),
-                      _num(m.get("tol"))] for m in bad])
-    return L + (["", f"Upcycling from data: {calibration_line(s['calibration'])}."] if s.get("calibration") else [])
-
-
 def _median_skip_first(xs: list) -> Optional[float]:
     xs = [x for x in xs if x is not None]
     if len(xs) > 2:
@@ -241,18 +173,8 @@ def _median_skip_first(xs: list) -> Optional[float]:
     return statistics.median(xs) if xs else None
 
 
-PRECISIONS = {"bf16-mixed": "bf16 weights and activations, fp32 main parameters and gradient reduction",
-              "16-mixed": "fp16 weights and activations, fp32 main parameters", "32-true": "fp32", "32": "fp32"}
-
-
-def precision_line(run: dict) -> str:
-    """The report's precision line: what trained (the trainer's precision) and the peak its MFU is over."""
-    p = run.get("precision")
-    what = f"**{p}** ({PRECISIONS[p]})" if p in PRECISIONS else f"**{p}**" if p else "not recorded"
-    return f"Precision: {what}; MFU over the peak of that precision: {run.get('peak_name') or 'none'}."
-
-
-def build_markdown(run_dir: Path, m: dict, step0: Optional[dict], summary: dict, plots: dict) -> str:
+def build_markdown(run_dir: Path, m: dict, step0: Optional[dict], summary: dict, plots: dict,
+                   timings: Optional[dict] = None) -> str:
     run = m["run"][-1] if m["run"] else {}
     train, val = m["train"], m["val"]
     L = ["# Training report", "", f"Run directory: `{run_dir}`; written "
@@ -311,7 +233,7 @@ def build_markdown(run_dir: Path, m: dict, step0: Optional[dict], summary: dict,
                       _num(run.get("flops_per_token"))]])
         L += ["", "Medians over the logged windows (the first, with the warm-up, left out when there are 3 or more). "
               "Model FLOPs as Megatron counts them: k routed experts, causal attention, logits; fwd + bwd.", "",
-              precision_line(run)]
+              precision_line(run, summary.get("precision_reason"))]
     else:
         L.append("No throughput records.")
     L.append("")
@@ -349,6 +271,7 @@ def build_markdown(run_dir: Path, m: dict, step0: Optional[dict], summary: dict,
         L.append("No per-expert counts in the records.")
     L.append("")
 
+    L += ["## Time", ""] + time_section(timings, _num(summary.get("wall_seconds"))) + [""]
     L += ["## Summary", ""] + _kv(summary) + [""]
     L += ["## Plots", ""]
     L += [f"![{name}]({p.name})" for name, p in plots.items() if p] or ["No plots (no records to draw)."]
@@ -369,7 +292,8 @@ def write_report(run_dir, *, metrics_path=None, step0: Optional[dict] = None, su
              "router": plot_router(m, run_dir / "router.png", run.get("num_experts")),
              "throughput": plot_throughput(m, run_dir / "throughput.png")}
     out = run_dir / "report.md"
-    atomic_write_text(out, build_markdown(run_dir, m, step0, summary or {}, plots))
+    timings = _load_json(run_dir / TIMINGS_FILE)
+    atomic_write_text(out, build_markdown(run_dir, m, step0, summary or {}, plots, timings))
     return out
 
 

@@ -34,6 +34,7 @@ T0 = time.perf_counter()  # this module is imported when mode=train starts: the 
 def train(run: RunConfig, out_dir: Path) -> int:
     """Build the recipe (the source resolved, its tokenizer written, the corpus prepared: data and source refusals
     happen here, flagged ``before_start``), then record the run's identity and train."""
+    from nemo_upcycle.engine import timing
     from nemo_upcycle.engine.build import build
     from nemo_upcycle.engine.cpu import enable_cpu_support
     from nemo_upcycle.engine.partial import train_partial
@@ -45,6 +46,7 @@ def train(run: RunConfig, out_dir: Path) -> int:
         source = resolve_source(run.model.source, out_dir, run.model, run.seed)
         tok = None if run.data.kind == "mock" else run.data.tokenizer or tokenizer_dir(source, out_dir)
         start = build(train_partial(run, out_dir, str(source), tok, resume_from=resume_from and str(resume_from)))
+        timing.mark("recipe_built")
     except UpcycleError as e:
         e.before_start = True  # nothing trained: train.py may remove a run directory this invocation made
         raise e from None
@@ -68,6 +70,7 @@ def write_run_report(run: RunConfig, out_dir: Path) -> Path:
                "experts": run.moe.num_moe_experts, "topk": run.moe.moe_router_topk,
                "granularity": run.upcycle.granularity, "data": run.data.kind, "seq_length": run.data.seq_length,
                "global_batch_size": run.data.global_batch_size, "max_steps": run.trainer.max_steps,
+               "precision": run.trainer.precision, "precision_reason": run.trainer.precision_reason,
                "final_eval": read("final_eval.json"), **peak_memory(),
                "wall_seconds": round(time.perf_counter() - T0, 1)}
     atomic_write_json(out_dir / "summary.json", {k: v for k, v in summary.items() if k != "final_eval"})

@@ -115,7 +115,8 @@ class TrainerSchema:
     val_check_interval: int = 10
     limit_val_batches: int = 4
     log_every_n_steps: int = 1
-    precision: str = "32"  # 32 | bf16-mixed
+    precision: str = "32"  # auto | 32 | bf16-mixed | 16-mixed (auto: system/machine.py; validation resolves it)
+    precision_reason: str = ""  # set by validation: why this precision trains (shown in report.md)
     recompute: str = "none"  # none | selective | full
     checkpoint_every_n_steps: int = 10  # 0: no checkpoints (not resumable; no multi-GB saves at every validation)
     eval_windows: int = 4  # validation windows of the step-0 check and the before / after loss (1-rank runs)

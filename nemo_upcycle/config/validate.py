@@ -17,6 +17,7 @@ from nemo_upcycle.errors import FieldError, UpcycleError
 from nemo_upcycle.planning.flops import GPUS
 from nemo_upcycle.planning.layout import RECOMPUTE
 from nemo_upcycle.planning.layout import check_layout as check_model_layout
+from nemo_upcycle.system.machine import PRECISIONS, resolve_precision
 
 # the recipe key of every field the planning layout rules name (ModelDims, ParallelLayout, TrainingSetup), and of
 # every UpcycleOptions field: how a refusal from below reads in a recipe user's words
@@ -146,7 +147,8 @@ def validate(cfg) -> RunConfig:
     m, moe, par = run.model, run.moe, run.parallel
     _one_of("model.family", m.family, ("llama3", "llama3_1", "llama3_2", "smollm2", "tiny"))
     _one_of("parallel.accelerator", par.accelerator, ("gpu", "cpu"))
-    _one_of("trainer.precision", run.trainer.precision, ("32", "bf16-mixed", "16-mixed"))
+    _one_of("trainer.precision", run.trainer.precision, PRECISIONS)
+    run.trainer.precision, run.trainer.precision_reason = resolve_precision(run.trainer.precision, par.accelerator)
     _one_of("trainer.recompute", run.trainer.recompute, RECOMPUTE)
     _one_of("data.kind", run.data.kind, ("shakespeare", "files", "mock"))
     _one_of("moe.moe_router_load_balancing_type", moe.moe_router_load_balancing_type,

@@ -78,6 +78,8 @@ class MoEUpcycleFields:
     upcycle_non_expert: str = "base"  # attention, norms, embeddings: "base" or the sources' "average"
     # which layer spec: "auto" (TE + grouped GEMM where TE imports and CUDA is there), "te" or "local"
     spec_backend: str = "auto"
+    # the local spec's experts: "auto" / "batched" (engine.experts.BatchedMLP), "sequential" (Megatron's)
+    expert_backend: str = "auto"
     transformer_layer_spec: Union[object, Callable] = moe_layer_spec
     # the vocabulary before padding when ``vocab_size`` is padded (NeMo pads to make_vocab_size_divisible_by x TP:
     # ``engine.partial`` does it for the recipes): the logits of the padding rows are -inf, so the padded model is

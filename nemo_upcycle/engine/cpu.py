@@ -29,7 +29,7 @@ import sys
 import torch
 from torch.overrides import TorchFunctionMode
 
-from nemo_upcycle.engine import cpu_mixed
+from nemo_upcycle.engine import cpu_mixed, cpu_optim
 from nemo_upcycle.errors import UpcycleError
 
 PINNED = {"nemo-toolkit": ("nemo.package_info", "2.7.3"),
@@ -380,6 +380,7 @@ def enable_cpu_support() -> bool:
     for module, qualname, callees in cpu_mixed.MIXED_SCOPED:  # bf16-mixed / 16-mixed: engine/cpu_mixed.py
         _scope(module, qualname, callees)
     cpu_mixed.enable_mixed_precision_sites()
+    cpu_optim.enable_fused_adam()  # torch's fused CPU Adam instead of its for-loop (engine/cpu_optim.py)
     _ENABLED = True
     return True
 

@@ -24,6 +24,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -123,8 +124,15 @@ class UpcycleLifecycle(pl.Callback):
         finally:
             module.train(was)
 
-    def _dense_logits(self) -> torch.Tensor:
-        dense = dense_reference_model(self.dense_source)
+    def _dense_logits(self, rounded_to: Optional[torch.dtype] = None) -> torch.Tensor:
+        """transformers' dense model's logits (read once per check: ``self._dense`` until the check ends)."""
+        if getattr(self, "_dense", None) is None:
+            self._dense = dense_reference_model(self.dense_source)
+        dense = self._dense
+        if rounded_to is not None:  # the weights as a mixed-precision MoE holds them, computed in fp32; buffers
+            dense = copy.deepcopy(dense)  # (rotary frequencies) stay fp32 as in Megatron, which keeps them outside
+            for p in dense.parameters():  # its modules' buffers
+                p.data = p.data.to(rounded_to).float()
         with torch.no_grad():
             out = dense(self.check_ids).logits
         del dense
@@ -150,28 +158,28 @@ class UpcycleLifecycle(pl.Callback):
                 n = truncate_metrics(self.out_dir / self.metrics_file, step)
                 log.info("resumed at step %d%s", step, f"; dropped {n} metrics records past it" if n else "")
             return
-        layers = self._layer_check(trainer, pl_module)  # every rank: the MoE layers' forwards are collectives
-        if not is_rank0():
-            return
-        rec: dict = {"step": 0}
-        logits_skipped = None
-        if self.check_ids is None:
-            logits_skipped = "no validation windows (trainer.eval_windows=0)"
-        elif not self._one_rank():
-            logits_skipped = ("the model is split over ranks: the whole-model logits check needs one process "
-                              "(mode=verify runs it offline); the per-layer check covers every layout")
-        elif not self.dense_source or (Path(self.dense_source).is_dir()
-                                       and not (Path(self.dense_source) / "config.json").is_file()):
-            logits_skipped = "the dense source is not an HF directory or GGUF; run mode=verify on an HF copy"
-        else:
-            moe = self._logits(pl_module)
-            rec.update(compare_logits(moe, self._dense_logits(), self.check_ids))
-            rec["atol"] = self.step0_atol
-            rec["logits_passed"] = rec["max_abs_logit_diff"] <= self.step0_atol
-            rec["dense_ppl"], rec["moe_ppl"] = math.exp(rec["dense_loss"]), math.exp(rec["moe_loss"])
-            print(f"step-0 check: max |dlogit| {rec['max_abs_logit_diff']:.2e}, top-1 agreement "
-                  f"{rec['top1_agreement']:.4f}, validation loss dense {rec['dense_loss']:.4f} / MoE "
-                  f"{rec['moe_loss']:.4f}: {'PASS' if rec['logits_passed'] else 'FAIL'}", flush=True)
+        from nemo_upcycle.engine.step0 import in_fp32
+
+        roots = [pl_module] + ([trainer.model] if getattr(trainer, "model", None) is not None else [])
+        with in_fp32(roots) as low:  # mixed precision: the bf16 / fp16 weights checked on fp32 copies
+            layers = self._layer_check(trainer, pl_module, roots, low)  # every rank: the forwards are collectives
+            if not is_rank0():
+                return
+            rec: dict = {"step": 0}
+            logits_skipped = None
+            if self.check_ids is None:
+                logits_skipped = "no validation windows (trainer.eval_windows=0)"
+            elif not self._one_rank():
+                logits_skipped = ("the model is split over ranks: the whole-model logits check needs one process "
+                                  "(mode=verify runs it offline); the per-layer check covers every layout")
+            elif not self.dense_source or (Path(self.dense_source).is_dir()
+                                           and not (Path(self.dense_source) / "config.json").is_file()):
+                logits_skipped = "the dense source is not an HF directory or GGUF; run mode=verify on an HF copy"
+            else:
+                self._logits_check(rec, pl_module, low)
+        if low is not None and "max_abs_logit_diff" in rec:
+            self._as_trained(rec, pl_module, low)
+        self._dense = None
         verdicts = [v for v in (rec.get("logits_passed"), layers.get("passed") if "rows" in layers else None)
                     if v is not None]
         if verdicts:
@@ -183,7 +191,37 @@ class UpcycleLifecycle(pl.Callback):
         rec["layers"] = layers
         atomic_write_json(self.out_dir / "step0.json", rec)
 
-    def _layer_check(self, trainer, pl_module) -> dict:
+    def _logits_check(self, rec: dict, pl_module, low) -> None:
+        """The whole model's logits against transformers' dense model on the validation windows (rank 0, one rank);
+        under mixed precision both sides hold the weights rounded to ``low`` and compute in fp32."""
+        t0 = time.perf_counter()
+        moe = self._logits(pl_module)
+        dense = self._dense_logits(low)
+        rec.update(compare_logits(moe, dense, self.check_ids))
+        rec["seconds"] = round(time.perf_counter() - t0, 3)
+        rec["atol"] = self.step0_atol
+        rec["logits_passed"] = rec["max_abs_logit_diff"] <= self.step0_atol
+        rec["dense_ppl"], rec["moe_ppl"] = math.exp(rec["dense_loss"]), math.exp(rec["moe_loss"])
+        if low is not None:
+            rec["checked_in"] = (f"fp32, on the {str(low).removeprefix('torch.')} weights that train (the dense "
+                                 "reference's weights rounded alike)")
+        print(f"step-0 check: max |dlogit| {rec['max_abs_logit_diff']:.2e}, top-1 agreement "
+              f"{rec['top1_agreement']:.4f}, validation loss dense {rec['dense_loss']:.4f} / MoE "
+              f"{rec['moe_loss']:.4f}: {'PASS' if rec['logits_passed'] else 'FAIL'}", flush=True)
+
+    def _as_trained(self, rec: dict, pl_module, low) -> None:
+        """What the training precision itself costs at step 0 (information, not a verdict): the MoE as it trains
+        (bf16 / fp16 activations) against the fp32 dense model with the source's own weights."""
+        t0 = time.perf_counter()
+        d = compare_logits(self._logits(pl_module), self._dense_logits(None), self.check_ids)
+        name = str(low).removeprefix("torch.")
+        rec["as_trained"] = {"precision": name, "max_abs_logit_diff": d["max_abs_logit_diff"],
+                             "top1_agreement": d["top1_agreement"], "moe_loss": d["moe_loss"],
+                             "dense_loss": d["dense_loss"], "seconds": round(time.perf_counter() - t0, 3)}
+        print(f"step-0 in {name} as it trains (rounding, not upcycling): max |dlogit| {d['max_abs_logit_diff']:.2e} "
+              f"vs the fp32 dense model, top-1 agreement {d['top1_agreement']:.4f}", flush=True)
+
+    def _layer_check(self, trainer, pl_module, roots, low=None) -> dict:
         """The per-layer check (``engine.step0``) on every rank; its summary on rank 0 (``{}`` elsewhere)."""
         from nemo_upcycle.engine import step0
 
@@ -193,13 +231,12 @@ class UpcycleLifecycle(pl.Callback):
         if not getattr(pl_module, "upcycle_from", None) or not self.dense_source:
             return {"skipped": "the model was not upcycled online from a dense source"}
         opts = config.upcycle_options()
-        roots = [pl_module] + ([trainer.model] if getattr(trainer, "model", None) is not None else [])
         t0 = time.perf_counter()
         from nemo_upcycle.engine.calibrate import cached_plan
         from nemo_upcycle.formats.base import open_dense
 
         plan = cached_plan(config, open_dense(self.dense_source))  # the splits / routers the filler used
-        records = step0.gather(step0.run_checks(roots, opts, self.dense_source, plan))
+        records = step0.gather(step0.run_checks(roots, opts, self.dense_source, weights_dtype=low, plan=plan))
         if records is None:
             return {}
         summary = step0.summarize(records, opts)

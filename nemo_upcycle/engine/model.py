@@ -20,7 +20,7 @@ from nemo.collections.llm.gpt.model.base import GPTModel
 from nemo.lightning import io
 
 from nemo_upcycle.core.sources import MultiSourceExperts
-from nemo_upcycle.engine import nemo_source  # noqa: F401 -- registers the NeMo 2 checkpoint reader with open_dense
+from nemo_upcycle.engine import nemo_source, timing  # noqa: F401 -- nemo_source registers the NeMo 2 reader
 from nemo_upcycle.engine.calibrate import plan_for
 from nemo_upcycle.engine.config import UpcycledLlamaConfig
 from nemo_upcycle.engine.cpu import cpu_strategy_kwargs
@@ -114,9 +114,12 @@ class UpcycledLlamaModel(GPTModel):
             check_parallel_layout(self.config, ps.get_tensor_model_parallel_world_size(),
                                   ps.get_expert_model_parallel_world_size(), ps.get_expert_tensor_parallel_world_size(),
                                   ps.get_pipeline_model_parallel_world_size())
+        if fresh:
+            timing.mark("model_build_start")
         super().configure_model(vp_stage)
         if fresh and self.upcycle_from and not self._resuming():
             upcycle_into(self.module, self.config, self.upcycle_from)
+            timing.mark("upcycled")
 
     def _resuming(self) -> bool:
         trainer = getattr(self, "_trainer", None)

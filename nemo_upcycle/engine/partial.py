@@ -28,6 +28,7 @@ from nemo_upcycle.engine.data import CorpusData, MockTokens
 from nemo_upcycle.engine.lifecycle import UpcycleLifecycle
 from nemo_upcycle.engine.metrics import MetricsLogger
 from nemo_upcycle.engine.model import UpcycledLlamaModel
+from nemo_upcycle.engine.timing import PhaseTimer
 from nemo_upcycle.formats.keymap import FIELDS, model_values
 
 
@@ -124,11 +125,13 @@ def strategy(r: RunConfig) -> run.Config:
 
 
 def callbacks(r: RunConfig, out_dir: Path, source: Optional[str], tokenizer_dir: Optional[str]) -> list:
-    """The step-0 check / final eval / HF export first (its forwards are not training statistics), then metrics."""
+    """The phase timer first (its ``on_train_start`` precedes the step-0 check), the step-0 check / final eval / HF
+    export next (its forwards are not training statistics), then metrics."""
     from nemo_upcycle.config.translate import flops_for_run, peak_for_run
 
     peak, peak_name = peak_for_run(r)
-    return [run.Config(UpcycleLifecycle, out_dir=str(out_dir), eval_windows=r.trainer.eval_windows, dense_source=source,
+    return [run.Config(PhaseTimer, out_dir=str(out_dir)),
+            run.Config(UpcycleLifecycle, out_dir=str(out_dir), eval_windows=r.trainer.eval_windows, dense_source=source,
                        metrics_file=r.logging.metrics_file, export=r.logging.export_hf, tokenizer_dir=tokenizer_dir),
             run.Config(MetricsLogger, path=str(out_dir / r.logging.metrics_file),
                        tokens_per_step=r.data.global_batch_size * r.data.seq_length, flops_per_token=flops_for_run(r),

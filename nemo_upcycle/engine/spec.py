@@ -2,7 +2,8 @@
 
 ``te``:    Transformer Engine modules (fused layer-norm + linear, TE attention) and grouped GEMM experts
            (``TEGroupedMLP``) -- for H100-class GPUs.
-``local``: Megatron's plain modules (``SequentialMLP`` experts, torch attention) -- runs on the CPU.
+``local``: Megatron's plain modules (torch attention; experts: ``engine.experts.BatchedMLP``, a ``SequentialMLP``
+           computing the local experts in batched products, or ``SequentialMLP`` itself) -- runs on the CPU.
 ``auto`` picks ``te`` where Transformer Engine imports and CUDA is present, else ``local``. The choice is
 logged once and can be forced by the config field ``spec_backend`` or ``NEMO_UPCYCLE_SPEC=te|local``.
 Mixed dense / MoE stacks (``moe_layer_freq``) use Megatron's decoder-block spec, which reads the pattern.
@@ -86,27 +87,26 @@ class SequenceParallelTorchNorm:
         return norm
 
 
-def _swap_norms(spec, seen=None):
-    """Replace Megatron's ``WrappedTorchNorm`` by ``SequenceParallelTorchNorm`` everywhere in a (nested) spec."""
+def _swap(spec, table: dict, seen=None):
+    """Replace module classes (``table``: old -> new) everywhere in a (nested) spec."""
     from dataclasses import fields, is_dataclass
 
     from megatron.core.transformer.spec_utils import ModuleSpec
-    from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
-    if spec is WrappedTorchNorm:
-        return SequenceParallelTorchNorm
+    if isinstance(spec, type):
+        return table.get(spec, spec)
     seen = set() if seen is None else seen
-    if isinstance(spec, type) or id(spec) in seen:
+    if id(spec) in seen:
         return spec
     seen.add(id(spec))
     if isinstance(spec, (list, tuple)):
-        return type(spec)(_swap_norms(s, seen) for s in spec)
+        return type(spec)(_swap(s, table, seen) for s in spec)
     if isinstance(spec, ModuleSpec):
-        spec.module = _swap_norms(spec.module, seen)
-        spec.submodules = _swap_norms(spec.submodules, seen)
-    elif is_dataclass(spec) and not isinstance(spec, type):
+        spec.module = _swap(spec.module, table, seen)
+        spec.submodules = _swap(spec.submodules, table, seen)
+    elif is_dataclass(spec):
         for f in fields(spec):
-            setattr(spec, f.name, _swap_norms(getattr(spec, f.name), seen))
+            setattr(spec, f.name, _swap(getattr(spec, f.name), table, seen))
     return spec
 
 
@@ -144,4 +144,14 @@ def moe_layer_spec(config, vp_stage=None):
     kwargs = {"vp_stage": vp_stage} if vp_stage is not None else {}
     spec = get_gpt_decoder_block_spec(config, use_transformer_engine=backend == "te",
                                       normalization=config.normalization, **kwargs)
-    return _swap_norms(spec) if backend == "local" and config.sequence_parallel else spec
+    if backend == "te":
+        return spec
+    from megatron.core.transformer.moe.experts import SequentialMLP
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    from nemo_upcycle.engine import experts
+
+    table = {SequentialMLP: experts.experts_module(experts.resolve(getattr(config, "expert_backend", "auto")))}
+    if config.sequence_parallel:
+        table[WrappedTorchNorm] = SequenceParallelTorchNorm
+    return _swap(spec, table)

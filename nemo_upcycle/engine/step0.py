@@ -16,7 +16,8 @@ own layers; ``MoELayer.layer_number`` is global):
            ``EXPERT_TOKENS`` rows of x); under expert-tensor parallelism this rank's shard of the intermediate units
            (a partial sum, as ``formats.keymap.shard`` cuts it), so a wrong shard names its rank.
 
-The reference runs in fp32 on the module's device with the source weights rounded to the module's dtype. Each
+The reference runs in fp32 on the module's device with the source weights rounded to the module's dtype; a bf16 /
+fp16 module is checked on fp32 copies of its weights (``in_fp32``), so the fp32 tolerance applies to what trains. Each
 comparison passes when max |difference| <= ``rtol`` x max |reference| (``STEP0_MLP_RTOL`` by dtype; see there).
 Rank 0 gathers the per-rank records (``summarize``) into the ``layers`` block of ``step0.json``: one row per layer,
 and every failing (layer, expert, rank) under ``mismatches``.
@@ -24,6 +25,7 @@ and every failing (layer, expert, rank) under ``mismatches``.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Iterable, Optional
 
@@ -98,9 +100,10 @@ def _compare(got: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
 
 
 @torch.no_grad()
-def check_layer(moe, opts: UpcycleOptions, get, seed: int = 0, plan: Optional[UpcyclePlan] = None,
-                expert_gets: Optional[list] = None) -> dict:
+def check_layer(moe, opts: UpcycleOptions, get, seed: int = 0, weights_dtype: Optional[torch.dtype] = None,
+                plan: Optional[UpcyclePlan] = None, expert_gets: Optional[list] = None) -> dict:
     """This rank's record for one MoE layer (collective over its TP / EP / ETP groups: the layer's forward).
+    ``weights_dtype``: the dtype the weights were rounded to when the module runs on fp32 copies (``in_fp32``);
     ``plan``: the splits and routers upcycling learnt from data (``core.plan``), as the filler used them;
     ``expert_gets``: several dense sources (``core.sources``): each expert is checked against its own source's MLP."""
     plan = plan if plan is not None else UpcyclePlan()
@@ -110,6 +113,7 @@ def check_layer(moe, opts: UpcycleOptions, get, seed: int = 0, plan: Optional[Up
     config, layer = moe.config, moe.layer_number - 1
     p = next(moe.parameters())
     dev, dt = p.device, p.dtype
+    wdt = weights_dtype or dt
     cp_tp = ps.get_context_parallel_world_size() * ps.get_tensor_model_parallel_world_size()
     tokens = -(-CHECK_TOKENS // cp_tp) * cp_tp
     x_full = check_input(layer, config.hidden_size, get(POST_ATTN_NORM.key(layer)), config.layernorm_epsilon,
@@ -117,7 +121,7 @@ def check_layer(moe, opts: UpcycleOptions, get, seed: int = 0, plan: Optional[Up
     raw = read_dense_mlp(get, layer)  # the source's tensors, as the filler reads them
 
     def ref(t: torch.Tensor) -> torch.Tensor:  # a weight as the module holds it (its dtype), for an fp32 reference
-        return t.to(dt).to(dev).float()
+        return t.to(wdt).to(dev).float()
 
     x = local_rows(x_full, config)
     seen: list = []  # the experts' own inputs and outputs inside the layer's forward
@@ -134,7 +138,7 @@ def check_layer(moe, opts: UpcycleOptions, get, seed: int = 0, plan: Optional[Up
         moe.train(was)
     out = out[0] if isinstance(out, tuple) else out
     rec = {"layer": layer, "rank": _rank(), "tokens": tokens, "local_tokens": x.shape[0] * x.shape[1],
-           "dtype": str(dt).removeprefix("torch.")}
+           "dtype": str(dt).removeprefix("torch."), "weights_dtype": str(wdt).removeprefix("torch.")}
     rec["max_abs_diff"], rec["max_abs_dense"] = _compare(out, dense_mlp(x.float(), *(ref(t) for t in raw)))
 
     xr = x.reshape(-1, x.shape[-1]).float()
@@ -223,13 +227,43 @@ def _rank() -> int:
     return rank()
 
 
-def run_checks(roots, opts: UpcycleOptions, source: str, plan: Optional[UpcyclePlan] = None) -> list[dict]:
+def run_checks(roots, opts: UpcycleOptions, source: str, weights_dtype: Optional[torch.dtype] = None,
+               plan: Optional[UpcyclePlan] = None) -> list[dict]:
     """This rank's records for every MoE layer it holds, in global layer order (a collective: call on every rank)."""
     from nemo_upcycle.formats.sources import open_expert_sources
 
     src = open_dense(source)
     gets = [s.get for s in open_expert_sources(src, opts.expert_sources)] or None
-    return [check_layer(moe, opts, src.get, seed=opts.seed, plan=plan, expert_gets=gets) for moe in moe_layers(roots)]
+    return [check_layer(moe, opts, src.get, seed=opts.seed, weights_dtype=weights_dtype, plan=plan, expert_gets=gets)
+            for moe in moe_layers(roots)]
+
+
+@contextlib.contextmanager
+def in_fp32(roots: Iterable[torch.nn.Module]):
+    """bf16 / fp16 parameters and buffers under ``roots`` temporarily replaced, in their modules, by fp32 copies;
+    yields their dtype (None when all are fp32 already). The modules get their own tensors back after. Mixed-precision
+    runs check the freshly upcycled weights this way: exactly what trains, without the rounding of bf16 activations
+    (the fp32 ``STEP0_MLP_RTOL`` applies). The parameters themselves are never touched: changing a parameter's dtype
+    (``p.data = p.data.float()``) drops its gradient accumulator and with it the hooks DDP registered there
+    (torch's ``VariableHooks::set_data``), after which its gradients would never reach ``main_grad``."""
+    copies, swapped, low = {}, [], None
+    for root in roots:
+        for m in torch.nn.Module.modules(root):  # unbound: NeMo's MegatronParallel shadows some Module methods
+            for store in (m._parameters, m._buffers):
+                for k, t in store.items():
+                    if t is None or t.dtype not in (torch.bfloat16, torch.float16):
+                        continue
+                    low = t.dtype
+                    if id(t) not in copies:
+                        f = t.detach().float()
+                        copies[id(t)] = torch.nn.Parameter(f, requires_grad=False) if store is m._parameters else f
+                    swapped.append((store, k, t))
+                    store[k] = copies[id(t)]
+    try:
+        yield low
+    finally:
+        for store, k, t in reversed(swapped):
+            store[k] = t
 
 
 def gather(records: list[dict]) -> Optional[list[dict]]:
@@ -299,7 +333,8 @@ def summarize(records: list[dict], opts: UpcycleOptions) -> dict:
         row["tol"] = rtol * row["max_abs_dense"]
         row["passed"] = row["output_ok"] and row["router_ok"] and row["experts_ok"]
         table.append(row)
-    return {"rtol": rtol, "dtype": dtype, "tokens_per_layer": table[0]["tokens"]
+    weights = records[0].get("weights_dtype", dtype) if records else dtype
+    return {"rtol": rtol, "dtype": dtype, "weights_dtype": weights, "tokens_per_layer": table[0]["tokens"]
             if table else 0, "expert_tokens": EXPERT_TOKENS, "equivalent_by_construction": exact, "reason": reason,
             "ranks": len({r["rank"] for r in records}), "passed": all(r["passed"] for r in table) and bool(table),
             "seconds": round(max((_rank_seconds(records)).values(), default=0.0), 3),

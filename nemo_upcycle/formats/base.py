@@ -231,12 +231,30 @@ def is_nemo_checkpoint(path: Path) -> bool:
     return path.is_dir() and (path / "context").is_dir() and (path / "weights").is_dir()
 
 
+_OPENED: dict = {}  # single-file sources by (path, mtime, size): parsing a GGUF's metadata costs seconds
+_OPENED_MAX = 4
+
+
 def open_dense(path: str | Path) -> DenseSource:
-    """Open and check a dense Llama source with the first registered reader that matches it."""
+    """Open and check a dense Llama source with the first registered reader that matches it. A single-file source
+    (GGUF) is opened once per process while the file is unchanged (its readers are read-only and lazy): gguf-py
+    parses the tokenizer's metadata element by element (~5 s for SmolLM2's 49k tokens), and a training run opens its
+    source for the tokenizer, the online upcycling, the step-0 check and the dense reference."""
     p = locate(path)
+    key = None
+    if p.is_file():
+        st = p.stat()
+        key = (str(p.resolve()), st.st_mtime_ns, st.st_size)
+        if key in _OPENED:
+            return _OPENED[key]
     for reader in sorted(READERS.values(), key=lambda r: -r.priority):
         if reader.matches(p):
-            return reader.open(p).check()
+            src = reader.open(p).check()
+            if key is not None:
+                while len(_OPENED) >= _OPENED_MAX:
+                    _OPENED.pop(next(iter(_OPENED)))
+                _OPENED[key] = src
+            return src
     if is_nemo_checkpoint(p):
         raise UpcycleError(f"{p} is a NeMo 2 checkpoint, whose reader is part of the engine (NeMo); open it through "
                            "nemo-upcycle or train.py, or import nemo_upcycle.engine.nemo_source first.")

@@ -30,6 +30,7 @@ from nemo_upcycle.errors import UpcycleError
 
 MARK = ".nemo-upcycle"
 TOOL = "nemo-upcycle"
+TIMINGS_FILE = "timings.json"  # RUN/timings.json: engine.timing writes it, apps.report reads it
 
 
 # ---- the mark ---------------------------------------------------------------------------------------------------
