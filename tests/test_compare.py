@@ -84,7 +84,11 @@ def test_every_variant_composes_into_its_config(recipe):
     E, k = base.moe.num_moe_experts, base.moe.moe_router_topk
     ref = flops_for_run(compose(recipe, cmp.variant_overrides(cmp.BY_NAME["copy"], E, k)))
     for v in cmp.VARIANTS:
-        r = compose(recipe, cmp.variant_overrides(v, E, k))
+        from nemo_upcycle.apps.compare_data import calibration_overrides
+
+        data = calibration_overrides(base) if v.calibrated else []  # a mock-data recipe: Shakespeare calibration text
+        data += ["upcycle.router_prompts=PROMPTS"] if v.prompts else []  # written by compare_data when it runs
+        r = compose(recipe, cmp.variant_overrides(v, E, k) + data)
         assert (r.seed, r.data.seed, r.upcycle.seed) == (base.seed, base.data.seed, base.upcycle.seed)
         if v.dense:
             assert r.moe.num_moe_experts is None
@@ -95,7 +99,8 @@ def test_every_variant_composes_into_its_config(recipe):
             assert r.moe.moe_shared_expert_intermediate_size == r.model.ffn_hidden_size and r.moe.moe_shared_expert_gate
         elif v.granular:
             assert (r.moe.num_moe_experts, r.moe.moe_router_topk, r.upcycle.granularity) == (2 * E, 2 * k, 2)
-            assert r.upcycle.router_init == "virtual_group" and r.upcycle.scaling == v.name.split("_")[1]
+            assert r.upcycle.router_init == "virtual_group"
+            assert r.upcycle.scaling == (v.name.split("_")[1] if v.name.startswith("granular") else "exact")
         else:
             assert (r.moe.num_moe_experts, r.moe.moe_router_topk, r.upcycle.granularity) == (E, k, 1)
     assert compose(recipe, list(cmp.BY_NAME["copy_pre_softmax"].overrides)).moe.moe_router_pre_softmax

@@ -7,8 +7,10 @@ Each variant (``VARIANTS``, ``--list-variants``) is one ``python -m nemo_upcycle
 with its own run directory ``OUT/<variant>/``, one after the other, all from the same dense source, corpus and seeds:
 every run sees the same batches and the MoEs start from the same router draws. The methods: copy upcycling
 (Komatsuzaki et al., arXiv 2212.05055) routed top-k then softmax or softmax then top-k, granular upcycling G=2 with
-each weight scaling (He et al., arXiv 2410.07524), Drop-Upcycling (Nakamura et al., arXiv 2502.19261) and a zero
-router; against the dense model trained for the same tokens and for the MoE's training FLOPs.
+each weight scaling (He et al., arXiv 2410.07524), Drop-Upcycling (Nakamura et al., arXiv 2502.19261), a zero
+router, and the data-aware methods (issue 15: importance and clustering splits, kmeans and hidden routers;
+``apps.compare_data`` supplies their calibration text and prompts); against the dense model trained for the same tokens
+and for the MoE's training FLOPs.
 
 Read from each run: ``step0.json``, ``final_eval.json``, ``metrics.jsonl``, ``eval/eval.json`` (``compare_eval``).
 Written to OUT after every variant, by ``compare_out`` (which also says what compare may remove):
@@ -30,6 +32,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from nemo_upcycle.apps import run_dir as run_dirs
+from nemo_upcycle.apps.compare_data import data_overrides
 from nemo_upcycle.apps.compare_eval import read_downstream
 from nemo_upcycle.apps.compare_out import (
     MARKER,
@@ -61,6 +64,8 @@ class Variant:
     granular: bool = False  # E and k multiplied by GRANULARITY (same active / total parameters as copy)
     equal_flops: bool = False  # trained for the reference MoE's FLOPs instead of its tokens
     shared: bool = False  # E x G experts, top-(k-1) x G, and a shared expert of G expert sizes: the copy's FLOPs
+    calibrated: bool = False  # learns from calibration text (apps.compare_data)
+    prompts: bool = False  # needs one prompt file per expert (apps.compare_data)
 
     @property
     def dense(self) -> bool:
@@ -88,6 +93,16 @@ VARIANTS = (
     Variant("granular_shared", "granular G=2, 2E experts top-2(k-1), plus a shared expert (the dense MLP's size) "
             "behind Megatron's gate: shared and routed each carry half at step 0",
             ("upcycle=granular_g2", "upcycle.scaling=exact", "moe.moe_shared_expert_gate=true"), shared=True),
+    Variant("importance_split", "granular G=2, units dealt to the 2 experts of a copy by importance (mean |activation| "
+            "on calibration text), virtual-group router, 2E experts top-2k", ("upcycle=importance_g2",), granular=True,
+            calibrated=True),
+    Variant("clustering_split", "granular G=2, units grouped by co-activation on calibration text (balanced k-means), "
+            "virtual-group router, 2E experts top-2k", ("upcycle=clustering_g2",), granular=True, calibrated=True),
+    Variant("router_kmeans", "copy upcycling, router rows = k-means centroids of the hidden states entering each MoE "
+            "layer on calibration text", ("upcycle=kmeans_router",), calibrated=True),
+    Variant("router_hidden", "copy upcycling, router row e = mean hidden state on prompt file e (mergekit hidden; "
+            "compare writes one prompt per expert from the calibration text)", ("upcycle=hidden_router",),
+            prompts=True),
 )
 BY_NAME = {v.name: v for v in VARIANTS}
 
@@ -238,9 +253,9 @@ def _run_all(config_name: str, overrides: list, base, chosen: list, per_variant:
     plans = []
     for v in chosen:  # settle every variant's command first: a stale run directory stops before any training
         s = result["budget"]["dense_flops_steps"] if v.equal_flops else n_steps
-        args = _variant_args(v, E, k, s, max(1, n_steps // 3), common, overrides, per_variant.get(v.name, []),
-                             keep_checkpoints, export=bool(base.logging.eval_tasks) and not v.dense
-                             and base.data.kind != "mock")
+        args = _variant_args(v, E, k, s, max(1, n_steps // 3), common + data_overrides(v, base, out), overrides,
+                             per_variant.get(v.name, []), keep_checkpoints,
+                             export=bool(base.logging.eval_tasks) and not v.dense and base.data.kind != "mock")
         _check_stale(out / v.name, args)
         check_not_running(out / v.name)
         plans.append((v, s, args))

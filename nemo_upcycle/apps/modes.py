@@ -16,7 +16,14 @@ from pathlib import Path
 import torch
 
 from nemo_upcycle.apps.end_eval import check_eval_tasks
-from nemo_upcycle.apps.precheck import check_data, check_launcher, check_memory, check_source
+from nemo_upcycle.apps.precheck import (
+    check_calibration,
+    check_data,
+    check_expert_sources,
+    check_launcher,
+    check_memory,
+    check_source,
+)
 from nemo_upcycle.apps.run_dir import check_run_dir, claim
 from nemo_upcycle.config.schema import RunConfig
 from nemo_upcycle.config.translate import hf_llama_config, model_dims, parallel_layout, training_setup, upcycle_options
@@ -105,6 +112,8 @@ def preflight(run: RunConfig, config_name: str) -> None:
         check_gpu(run, config_name)
         check_source(run)
         check_data(run)
+        check_calibration(run)
+        check_expert_sources(run)
         check_memory(run)
         check_eval_tasks(run)
 

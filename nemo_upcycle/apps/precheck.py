@@ -104,6 +104,36 @@ def check_source(run: RunConfig) -> Optional[dict]:
     return c
 
 
+# ---- calibration (issue 15) --------------------------------------------------------------------------------------
+def check_calibration(run: RunConfig) -> None:
+    """The calibration text and router prompts of a data-aware split or router (``data.calibration.check_spec``:
+    missing, empty, not text, prompt count); the token minimum is checked when the engine tokenizes them."""
+    from nemo_upcycle.config.translate import calibration_spec, upcycle_options
+    from nemo_upcycle.data.calibration import check_spec
+
+    if run.moe.num_moe_experts is None or run.mode != "train":
+        return
+    opts = upcycle_options(run)
+    check_spec(calibration_spec(run), opts)
+    if (opts.needs_calibration or opts.router_init_resolved == "hidden") and run.model.source == "tiny" \
+            and not run.data.tokenizer:
+        raise UpcycleError(f"upcycle.expert_split={opts.expert_split} / upcycle.router_init={opts.router_init} reads "
+                           "calibration text, but model.source=tiny is a random model made by the run, without a "
+                           "tokenizer; set data.tokenizer=DIR (an HF tokenizer whose ids fit model.vocab_size).")
+
+
+def check_expert_sources(run: RunConfig) -> None:
+    """``model.expert_sources``: each opens as a dense Llama of the base's architecture and tokenizer
+    (``formats.sources``); a keyword base (``tiny``, ``smollm2``) is checked when training starts."""
+    from nemo_upcycle.formats.sources import open_expert_sources
+
+    if not run.model.expert_sources or run.mode != "train":
+        return
+    if run.model.source in KEYWORD_SOURCES or run.model.source is None:
+        return
+    open_expert_sources(open_dense(run.model.source), run.model.expert_sources)
+
+
 # ---- the corpus --------------------------------------------------------------------------------------------------
 def check_data(run: RunConfig) -> None:
     """The corpus files (each one's first ``data.text.PREFIX_BYTES`` decoded), a bound on their tokens against one

@@ -80,6 +80,10 @@ def _step0_layers(s: dict) -> list[str]:
         L += _table(["what", "layer", "expert", "rank", "max abs diff", "tolerance"],
                     [[m.get("what"), m.get("layer"), m.get("expert"), m.get("rank"), _num(m.get("max_abs_diff")),
                       _num(m.get("tol"))] for m in bad])
+    if s.get("calibration"):  # upcycling from data (issue 15): what the calibration pass measured and cost
+        from nemo_upcycle.data.calibration import describe
+
+        L += ["", f"Upcycling from data: {describe(s['calibration'])}."]
     return L
 
 

@@ -34,6 +34,10 @@ class ModelSchema:
     share_embeddings_and_output_weights: bool = False
     rope_scaling_factor: Optional[float] = None  # Llama 3.1 / 3.2 "llama3" rope scaling
     add_qkv_bias: bool = False  # Qwen2 / Qwen2.5: q/k/v biases (Megatron add_qkv_bias)
+    # several dense sources (Branch-Train-MiX): copy i of every MoE layer from expert_sources[i % n], each of the
+    # source's architecture and tokenizer; attention, norms and embeddings from the source ("base") or their "average"
+    expert_sources: List[str] = field(default_factory=list)
+    non_expert: str = "base"
 
 
 @dataclass
@@ -73,6 +77,10 @@ class UpcycleSchema:
     drop_ratio: float = 0.0
     seed: int = 1234
     online: bool = True  # make the MoE when training starts (no MoE checkpoint first)
+    expert_split: str = "contiguous"  # contiguous | random | importance | clustering (G > 1; core.split)
+    calibration: Optional[str] = None  # text for importance / clustering / kmeans; null: the training corpus
+    calibration_tokens: int = 4096  # the first N tokens of the calibration text (data.calibration)
+    router_prompts: Optional[str] = None  # router_init=hidden: a directory of prompt files, one per copy
 
 
 @dataclass

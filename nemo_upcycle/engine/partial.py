@@ -32,7 +32,7 @@ from nemo_upcycle.engine.timing import PhaseTimer
 from nemo_upcycle.formats.keymap import FIELDS, model_values
 
 
-def model_config(r: RunConfig) -> run.Config:
+def model_config(r: RunConfig, tokenizer_dir: Optional[str] = None) -> run.Config:
     """The NeMo Llama config of the recipe: the ``model.*`` sizes under their Megatron names (the key table's config
     fields; ``data.seq_length`` is the sequence trained on), the MoE and upcycling fields, precision and layout."""
     m, moe, up = r.model, r.moe, r.upcycle
@@ -66,6 +66,7 @@ def model_config(r: RunConfig) -> run.Config:
               upcycle_scaling=up.scaling,
               upcycle_router_init=up.router_init, upcycle_router_std=up.router_std, upcycle_noise_std=up.noise_std,
               upcycle_drop_ratio=up.drop_ratio, upcycle_seed=up.seed)
+    kw.update(calibration_fields(r, tokenizer_dir))
     if r.trainer.recompute != "none":
         kw.update(recompute_granularity=r.trainer.recompute,
                   recompute_method="uniform" if r.trainer.recompute == "full" else None,
@@ -79,6 +80,25 @@ def model_config(r: RunConfig) -> run.Config:
         cls = UpcycledLlama31Config
         kw.update(scale_factor=scale_factor)
     return run.Config(cls, **kw)
+
+
+def calibration_fields(r: RunConfig, tokenizer_dir: Optional[str]) -> dict:
+    """The split and, when upcycling learns from data, its calibration inputs (``config.translate.calibration_spec``:
+    ``upcycle.calibration`` or the corpus; the data's tokenizer, else the source's)."""
+    from nemo_upcycle.config.translate import calibration_spec, upcycle_options
+
+    out = dict(upcycle_expert_split=r.upcycle.expert_split, upcycle_non_expert=r.model.non_expert,
+               upcycle_expert_sources=list(r.model.expert_sources) or None)
+    if r.moe.num_moe_experts is None:
+        return out
+    opts = upcycle_options(r)
+    if opts.needs_calibration or opts.router_init_resolved == "hidden":
+        spec = calibration_spec(r)
+        out.update(upcycle_calibration=[str(f) for f in spec.files] or None,
+                   upcycle_calibration_tokens=spec.max_tokens,
+                   upcycle_router_prompts=None if spec.prompts is None else str(spec.prompts),
+                   upcycle_calibration_tokenizer=str(spec.tokenizer or tokenizer_dir or "") or None)
+    return out
 
 
 def vocab_padding(r: RunConfig) -> dict:
@@ -181,7 +201,7 @@ def train_partial(r: RunConfig, out_dir: Path, source: Optional[str] = None, tok
     """The ``run.Partial(llm.train, ...)`` for this recipe (``source``: the dense checkpoint for online upcycling;
     the callbacks run the step-0 check on the data module's first validation windows). ``resume_from``: a checkpoint
     directory to resume instead of the newest (``run_dir.resume_checkpoint``: the newest one is damaged)."""
-    model = run.Config(UpcycledLlamaModel, config=model_config(r),
+    model = run.Config(UpcycledLlamaModel, config=model_config(r, tokenizer_dir),
                        upcycle_from=source if r.upcycle.online else None)
     return run.Partial(llm.train, model=model, data=data_module(r, tokenizer_dir),
                        trainer=trainer(r, out_dir, source, tokenizer_dir),

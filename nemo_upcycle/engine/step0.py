@@ -33,7 +33,8 @@ import torch
 import torch.nn.functional as F
 
 from nemo_upcycle.core.options import UpcycleOptions, step0_report
-from nemo_upcycle.core.upcycle import expert_weights, router_weight
+from nemo_upcycle.core.plan import UpcyclePlan
+from nemo_upcycle.core.upcycle import expert_weights
 from nemo_upcycle.formats.base import open_dense, read_dense_mlp
 from nemo_upcycle.formats.keymap import POST_ATTN_NORM, shard
 
@@ -99,9 +100,13 @@ def _compare(got: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
 
 
 @torch.no_grad()
-def check_layer(moe, opts: UpcycleOptions, get, seed: int = 0, weights_dtype: Optional[torch.dtype] = None) -> dict:
+def check_layer(moe, opts: UpcycleOptions, get, seed: int = 0, weights_dtype: Optional[torch.dtype] = None,
+                plan: Optional[UpcyclePlan] = None, expert_gets: Optional[list] = None) -> dict:
     """This rank's record for one MoE layer (collective over its TP / EP / ETP groups: the layer's forward).
-    ``weights_dtype``: the dtype the weights were rounded to when the module runs on fp32 copies (``in_fp32``)."""
+    ``weights_dtype``: the dtype the weights were rounded to when the module runs on fp32 copies (``in_fp32``);
+    ``plan``: the splits and routers upcycling learnt from data (``core.plan``), as the filler used them;
+    ``expert_gets``: several dense sources (``core.sources``): each expert is checked against its own source's MLP."""
+    plan = plan if plan is not None else UpcyclePlan()
     from megatron.core import parallel_state as ps
 
     t0 = time.perf_counter()
@@ -138,7 +143,7 @@ def check_layer(moe, opts: UpcycleOptions, get, seed: int = 0, weights_dtype: Op
 
     xr = x.reshape(-1, x.shape[-1]).float()
     rec["router_max_abs_diff"], rec["router_max_abs"] = _compare(
-        F.linear(xr, moe.router.weight.float()), F.linear(xr, ref(router_weight(config.hidden_size, opts, layer))))
+        F.linear(xr, moe.router.weight.float()), F.linear(xr, ref(plan.router(config.hidden_size, opts, layer))))
 
     local = list(moe.local_expert_indices)
     per_expert = _split_expert_io(*seen[0], len(local)) if seen else [None] * len(local)
@@ -164,7 +169,19 @@ def check_layer(moe, opts: UpcycleOptions, get, seed: int = 0, weights_dtype: Op
     def shard_ref(w) -> list[torch.Tensor]:  # this rank's expert-tensor shard of an expert, as the module holds it
         return [ref(shard(t.to(dt), etp_rank, etp, dim)) for t, dim in ((w.gate, 0), (w.up, 0), (w.down, 1))]
 
-    wants = expert_references(raw, opts, layer, local, inputs, shard_ref)
+    if expert_gets:  # several dense sources: each expert against its source's MLP
+        from nemo_upcycle.core.sources import source_of
+
+        wants = [None] * len(local)
+        for i, g in enumerate(expert_gets):
+            js = [j for j, e in enumerate(local) if source_of(opts, e, len(expert_gets)) == i]
+            if js:
+                got_i = expert_references(read_dense_mlp(g, layer), opts, layer, [local[j] for j in js],
+                                          [inputs[j] for j in js], shard_ref, plan)
+                for j, w in zip(js, got_i):
+                    wants[j] = w
+    else:
+        wants = expert_references(raw, opts, layer, local, inputs, shard_ref, plan)
     experts = {}
     for j, (e, want, scale) in enumerate(zip(local, wants, scales)):
         got = per_expert[j][2]
@@ -174,14 +191,16 @@ def check_layer(moe, opts: UpcycleOptions, get, seed: int = 0, weights_dtype: Op
     return rec
 
 
-def expert_references(raw, opts: UpcycleOptions, layer: int, experts: list[int], inputs: list, weights) -> list:
+def expert_references(raw, opts: UpcycleOptions, layer: int, experts: list[int], inputs: list, weights,
+                      plan: Optional[UpcyclePlan] = None) -> list:
     """``dense_mlp`` of each expert (``core.upcycle.expert_weights``, then ``weights(w)``: this rank's shard, as the
     module holds it) on its input rows. Experts whose weights are views of the dense tensors (plain copies, unscaled
     granular shards) share one GEMM per distinct view; built ones (scaled, noise, Drop-Upcycling) go one at a time."""
     out: list = [None] * len(experts)
     shared: dict = {}
     for j, e in enumerate(experts):
-        w = expert_weights(*raw, opts, layer, e)
+        units = plan.units(opts, layer, e, raw[0].shape[0]) if plan is not None else None
+        w = expert_weights(*raw, opts, layer, e, units=units)
         if all(t.untyped_storage().data_ptr() == r.untyped_storage().data_ptr() for t, r in zip(w, raw)):
             key = tuple((t.data_ptr(), tuple(t.shape), t.stride()) for t in w)
             shared.setdefault(key, (w, []))[1].append(j)
@@ -208,10 +227,15 @@ def _rank() -> int:
     return rank()
 
 
-def run_checks(roots, opts: UpcycleOptions, source: str, weights_dtype: Optional[torch.dtype] = None) -> list[dict]:
+def run_checks(roots, opts: UpcycleOptions, source: str, weights_dtype: Optional[torch.dtype] = None,
+               plan: Optional[UpcyclePlan] = None) -> list[dict]:
     """This rank's records for every MoE layer it holds, in global layer order (a collective: call on every rank)."""
+    from nemo_upcycle.formats.sources import open_expert_sources
+
     src = open_dense(source)
-    return [check_layer(moe, opts, src.get, seed=opts.seed, weights_dtype=weights_dtype) for moe in moe_layers(roots)]
+    gets = [s.get for s in open_expert_sources(src, opts.expert_sources)] or None
+    return [check_layer(moe, opts, src.get, seed=opts.seed, weights_dtype=weights_dtype, plan=plan, expert_gets=gets)
+            for moe in moe_layers(roots)]
 
 
 @contextlib.contextmanager

@@ -19,18 +19,21 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 
 from nemo_upcycle.core.options import UpcycleOptions, resolve_moe_layers
+from nemo_upcycle.core.plan import UpcyclePlan
 from nemo_upcycle.core.shared import GATE_AT_INIT, shared_expert_weights, shared_gate_weight, shared_intermediate_size
-from nemo_upcycle.core.upcycle import LayerExperts, router_weight
+from nemo_upcycle.core.sources import MultiSourceExperts
+from nemo_upcycle.core.upcycle import LayerExperts
 from nemo_upcycle.errors import FieldError, UpcycleError
 from nemo_upcycle.formats.base import DenseSource, locate, open_dense, read_dense_mlp
 from nemo_upcycle.formats.hf_moe import FORMATS, HFMoEFormat, choose
 from nemo_upcycle.formats.moe_dir import is_upcycled_mixtral_dir
 from nemo_upcycle.formats.safetensors_stream import ShardedWriter
+from nemo_upcycle.formats.sources import SourceSet, open_expert_sources
 from nemo_upcycle.system.files import check_not_protected, check_replaceable, check_writable, publish, staging
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -81,12 +84,15 @@ def peak_memory_bytes(cfg: dict, opts: UpcycleOptions, out_dtype: torch.dtype, s
     cast) and the router (fp32 draw, scaled copy, virtual-group repeat, cast), and the per-tensor bookkeeping."""
     D, F, V, E = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"], opts.num_moe_experts
     Fe, o, s = F // opts.granularity, out_dtype.itemsize, src_dtype.itemsize
-    new_expert = opts.noise_std > 0 or opts.drop_ratio > 0 or opts.scale_factor() != 1.0
+    new_expert = (opts.noise_std > 0 or opts.drop_ratio > 0 or opts.scale_factor() != 1.0
+                  or opts.expert_split != "contiguous")  # a split gathers the expert's units into new tensors
     expert = (3 * Fe * D * (8 + o) + (F * D * 4 if opts.drop_ratio > 0 else 0)) if new_expert else Fe * D * o
     embed, router = V * D * (s + o), E * D * (12 + o)
     shared = 3 * shared_intermediate_size(opts, F) * D * (4 + o)  # the shared expert, built once per layer
-    return (fmt.num_output_tensors(cfg, opts) * BYTES_PER_TENSOR + 3 * F * D * s + expert + max(embed, router)
-            + shared)
+    sources = max(1, len(opts.expert_sources))  # one dense MLP per expert source; averaging reads one more tensor
+    embed *= 2 if opts.non_expert == "average" else 1
+    return (fmt.num_output_tensors(cfg, opts) * BYTES_PER_TENSOR + 3 * F * D * s * sources + expert
+            + max(embed, router) + shared)
 
 
 def check_fits(cfg: dict, opts: UpcycleOptions, out_dtype: torch.dtype, src_dtype: torch.dtype, where: Path,
@@ -107,9 +113,14 @@ def check_fits(cfg: dict, opts: UpcycleOptions, out_dtype: torch.dtype, src_dtyp
 
 
 def convert(src_path, out_dir, opts: UpcycleOptions, *, dtype: Optional[str] = None, overwrite: bool = False,
-            max_shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool = True, fmt: str = "auto") -> ConvertResult:
+            max_shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool = True, fmt: str = "auto",
+            make_plan: Optional[Callable[[DenseSource], UpcyclePlan]] = None) -> ConvertResult:
     """Upcycle ``src_path`` into an HF MoE directory ``out_dir`` (``fmt``: ``formats.hf_moe.choose``). See the
-    module docstring."""
+    module docstring.
+
+    ``make_plan(src)``: what the experts and routers learn from data (``data.calibration.calibrate``: splits by
+    importance or clustering, kmeans / hidden routers), run on the opened source after every cheap check and before
+    anything is written; its record lands in ``config.json`` under ``upcycling.calibration``."""
     from tqdm.auto import tqdm
 
     out = Path(out_dir).expanduser().absolute()
@@ -122,21 +133,26 @@ def convert(src_path, out_dir, opts: UpcycleOptions, *, dtype: Optional[str] = N
     form = choose(cfg, opts, fmt)
     out_dtype = resolve_dtype(dtype, src)
     needed = check_fits(cfg, opts, out_dtype, src.dtype("model.embed_tokens.weight"), out.parent, form)
+    sources = SourceSet(src, open_expert_sources(src, opts.expert_sources), opts.non_expert)  # checked up front
+    data_plan = make_plan(src) if make_plan is not None else UpcyclePlan()
     plan = form.layout(cfg, opts, out_dtype)
     specs = [spec for spec, _ in plan]
     with staging(out, needed) as tmp:
         writer = ShardedWriter(tmp, specs, max_shard_bytes)
         consumed: list[str] = []
-        experts = LayerExperts(lambda i: read_dense_mlp(src.get, i), opts)
+        experts = (MultiSourceExperts(sources.mlp_readers(), opts, plan=data_plan) if sources.experts
+                   else LayerExperts(lambda i: read_dense_mlp(src.get, i), opts, plan=data_plan))
         with tqdm(total=sum(s.nbytes for s in specs), unit="B", unit_scale=True, desc="upcycle",
                   disable=not progress) as bar:
             for spec, recipe in plan:
                 consumed += form.source_keys(recipe)
-                writer.write(spec.name, _produce(src, recipe, opts, experts, spec.dtype))
+                writer.write(spec.name, _produce(sources, recipe, opts, experts, spec.dtype, data_plan))
                 bar.update(spec.nbytes)
         writer.close()
         _check_consumed(src, consumed)
         config = form.config(cfg, opts, out_dtype, source=str(src.path))
+        if data_plan.record:
+            config["upcycling"]["calibration"] = data_plan.record
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         src.save_tokenizer(tmp)
         if out.exists() and not overwrite:  # made by someone else while this ran
@@ -146,17 +162,17 @@ def convert(src_path, out_dir, opts: UpcycleOptions, *, dtype: Optional[str] = N
     return ConvertResult(out, writer.bytes_written, len(specs), config)
 
 
-def _produce(src: DenseSource, recipe: tuple, opts: UpcycleOptions, experts: LayerExperts,
-             dtype: torch.dtype) -> torch.Tensor:
+def _produce(src: SourceSet, recipe: tuple, opts: UpcycleOptions, experts, dtype: torch.dtype,
+             plan: UpcyclePlan) -> torch.Tensor:
     kind = recipe[0]
     if kind == "copy":
-        return src.get(recipe[1])
+        return src.get(recipe[1])  # the base's, or the mean of the expert sources' (--non-expert)
     if kind == "router":
-        return router_weight(src.config["hidden_size"], opts, recipe[1], dtype)
+        return plan.router(src.base.config["hidden_size"], opts, recipe[1], dtype)
     if kind == "shared":  # HF Qwen2-MoE: the gate is always there, zero at step 0 (formats.qwen2_moe)
         _, layer, which = recipe
         if which == "expert_gate":
-            return shared_gate_weight(src.config["hidden_size"], dtype)
+            return shared_gate_weight(src.base.config["hidden_size"], dtype)
         dense = experts.dense(layer)
         return getattr(shared_expert_weights(*dense, opts, gamma=GATE_AT_INIT), which)
     _, layer, e, which = recipe

@@ -19,7 +19,7 @@ far training moved the MoE from the dense model.
 from __future__ import annotations
 
 import types
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -49,6 +49,7 @@ class VerifyResult:
     tokens: int
     note: str
     token_source: str = ""
+    sources: list = field(default_factory=list)  # a MoE of several dense sources: per source (offline.verify_sources)
 
     def passed(self, atol: float = STEP0_ATOL, min_top1: float = 1.0) -> bool:
         return self.max_abs <= atol and self.top1 >= min_top1
@@ -207,8 +208,14 @@ def verify(dense_path, moe_path, text: Optional[str] = None, max_tokens: int = 2
         raise UpcycleError(f"the {where} gives token id {ids.max().item()}, outside the models' vocabulary of "
                            f"{moe.config.vocab_size}; the tokenizer does not belong to these models.")
     mx, mean, top1 = compare(dense, moe, ids)
-    note = (getattr(moe.config, "upcycling", None) or {}).get("step0_note", "no upcycling record in config.json")
-    return VerifyResult(mx, mean, top1, ids.numel(), note, where)
+    rec = getattr(moe.config, "upcycling", None) or {}
+    note = rec.get("step0_note", "no upcycling record in config.json")
+    sources = []
+    if rec.get("expert_sources"):
+        from nemo_upcycle.offline.verify_sources import per_source
+
+        sources = per_source(moe_path, ids, load_moe, load_dense, logit_stats)
+    return VerifyResult(mx, mean, top1, ids.numel(), note, where, sources)
 
 
 def load_reference(path: Path) -> tuple[torch.Tensor, torch.Tensor, dict]:
