@@ -16,6 +16,7 @@ reference logits from the live ranks. Checked per layout:
 - ``nemo-upcycle verify DENSE RUN/hf_mixtral`` passes (transformers reproduces the live ranks' logits);
 - negative control: the checkpoint with one stored expert chunk tampered (one element, rewritten in place of the
   saved one) streams into an export that differs in exactly that HF tensor and fails verify.
+The same at EP2 with a gated shared expert and MoE on every other layer: the run exports HF Qwen2-MoE.
 """
 
 from __future__ import annotations
@@ -186,6 +187,8 @@ LAYOUTS = {
     "ep2": ["parallel.expert_model_parallel_size=2"],
     "pp2_vp2": ["parallel.pipeline_model_parallel_size=2", "parallel.virtual_pipeline_model_parallel_size=2"],
     "tp2_sp": ["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true", "model.vocab_size=100"],
+    "ep2_shared_mixed": ["parallel.expert_model_parallel_size=2", "moe.moe_shared_expert_intermediate_size=44",
+                         "moe.moe_shared_expert_gate=true", "moe.moe_layer_freq=2"],
 }
 COMMON = ["model.num_layers=4", "trainer.max_steps=2", "trainer.checkpoint_every_n_steps=2",
           "trainer.val_check_interval=2", "logging.report=false", "logging.tensorboard=false"]
@@ -227,9 +230,10 @@ def final_checkpoint(run: Path) -> Path:
     return last.resolve()
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_streamed_export_at_the_end_of_training(megatron_world, runs, layout, tmp_path, capsys):
+def _same_export_three_ways(run: Path, layout: str, tmp_path: Path, capsys) -> tuple:
+    """The end-of-training streamed export of ``run`` against the same checkpoint exported by one process holding the
+    whole model and by the CLI's streamed export (every tensor equal), the live ranks' reference logits against the
+    1-rank model's, and verify passing. Returns (streamed tensors, checkpoint, dense config, reference)."""
     from nemo_upcycle.apps.cli import main
     from nemo_upcycle.engine.export import (
         export_checkpoint,
@@ -239,7 +243,6 @@ def test_streamed_export_at_the_end_of_training(megatron_world, runs, layout, tm
         reference_logits,
     )
 
-    run = runs(layout)
     hf_dir, dense = run / "hf_mixtral", run / "dense_tiny"
     dense_cfg = json.loads((dense / "config.json").read_text())
     ckpt = final_checkpoint(run)
@@ -256,23 +259,54 @@ def test_streamed_export_at_the_end_of_training(megatron_world, runs, layout, tm
     assert diff < LOGIT_ATOL, f"{layout}: live ranks vs one rank: max |dlogit| {diff:.2e}"
     cli = export_checkpoint(ckpt, tmp_path / "cli", hf_llama_config=dense_cfg, progress=False)
     streamed, a, b = hf_tensors(hf_dir), hf_tensors(one), hf_tensors(cli)
-    assert streamed.keys() == a.keys() == b.keys() and len(streamed) == 3 + 4 * (7 + 3 * 4)  # untied
+    assert streamed.keys() == a.keys() == b.keys()
     assert [k for k in streamed if not (torch.equal(streamed[k], a[k]) and torch.equal(streamed[k], b[k]))] == []
     assert not (cli / "nemo_reference.safetensors").exists()  # no model at hand: no reference
     assert main(["verify", str(dense), str(hf_dir)]) == 0
     assert "PASS" in capsys.readouterr().out
-    # negative control: one element of one stored expert chunk changed
-    key = "module.decoder.layers.mlp.experts.experts.linear_fc1.weight"
-    bad = tamper(ckpt, tmp_path / ckpt.name, key, (1, 2, 0, 0))
+    return streamed, ckpt, dense_cfg, (ids, live, torch.float32)
+
+
+def _tampered_export_differs(streamed: dict, ckpt: Path, dense_cfg: dict, reference: tuple, run: Path,
+                             tmp_path: Path, capsys) -> list[str]:
+    """Negative control: one element of one stored expert chunk changed; the HF tensors that then differ (verify
+    must fail)."""
+    from nemo_upcycle.apps.cli import main
     from nemo_upcycle.engine.export_stream import stream_export
 
-    out = stream_export(bad, tmp_path / "bad", hf_llama_config=dense_cfg, progress=False,
-                        reference=(ids, live, torch.float32))
+    key = "module.decoder.layers.mlp.experts.experts.linear_fc1.weight"
+    bad = tamper(ckpt, tmp_path / ckpt.name, key, (1, 2, 0, 0))
+    out = stream_export(bad, tmp_path / "bad", hf_llama_config=dense_cfg, progress=False, reference=reference)
     tampered = hf_tensors(out)
-    assert [k for k in streamed if not torch.equal(streamed[k], tampered[k])] == \
-        ["model.layers.1.block_sparse_moe.experts.2.w1.weight"]
-    assert main(["verify", str(dense), str(out)]) == 1
+    assert main(["verify", str(run / "dense_tiny"), str(out)]) == 1
     assert "FAIL" in capsys.readouterr().out
+    return [k for k in streamed if not torch.equal(streamed[k], tampered[k])]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", [n for n in LAYOUTS if n != "ep2_shared_mixed"])
+def test_streamed_export_at_the_end_of_training(megatron_world, runs, layout, tmp_path, capsys):
+    run = runs(layout)
+    streamed, ckpt, dense_cfg, ref = _same_export_three_ways(run, layout, tmp_path, capsys)
+    assert len(streamed) == 3 + 4 * (7 + 3 * 4)  # untied Mixtral: 4 layers of 7 + 4 experts x 3
+    assert _tampered_export_differs(streamed, ckpt, dense_cfg, ref, run, tmp_path, capsys) == \
+        ["model.layers.1.block_sparse_moe.experts.2.w1.weight"]
+
+
+@pytest.mark.slow
+def test_streamed_qwen2_moe_export_with_shared_experts_and_dense_layers(megatron_world, runs, tmp_path, capsys):
+    """EP2, a gated shared expert and MoE on layers 0 and 2 only: the run exports HF Qwen2-MoE (``auto``: Mixtral
+    cannot hold it), streamed from the checkpoint exactly as one process exports it; transformers reproduces the live
+    ranks' logits."""
+    run = runs("ep2_shared_mixed")
+    streamed, ckpt, dense_cfg, ref = _same_export_three_ways(run, "ep2_shared_mixed", tmp_path, capsys)
+    cfg = json.loads((run / "hf_mixtral" / "config.json").read_text())
+    assert cfg["model_type"] == "qwen2_moe" and cfg["mlp_only_layers"] == [1, 3]
+    assert cfg["shared_expert_intermediate_size"] == 44
+    assert "model.layers.0.mlp.shared_expert_gate.weight" in streamed and "model.layers.1.mlp.gate_proj.weight" in \
+        streamed
+    diff = _tampered_export_differs(streamed, ckpt, dense_cfg, ref, run, tmp_path, capsys)
+    assert len(diff) == 1 and diff[0] in {f"model.layers.{i}.mlp.experts.2.gate_proj.weight" for i in (0, 2)}, diff
 
 
 def tamper(ckpt: Path, dst: Path, key: str, offsets: tuple) -> Path:

@@ -1,6 +1,7 @@
 """The step-0 check with shared experts at the CPU layouts of the scale issue that split them: the tiny recipe trained
 one step under torchrun (``tests/dist_step0.py``) with a shared expert (Megatron's ``SharedExpertMLP``, tensor-parallel
-like the dense MLP) at TP2 + SP (gated), EP2, ETP2 (gated) and PP2 with a mixed dense / MoE stack: every
+like the dense MLP) at DP2, TP2 + SP (gated), EP2, ETP2 (gated), PP2 with a mixed dense / MoE stack and PP2 x VP2
+(2 ranks), and TP2 + SP x EP2 (gated) and PP2 x EP2 (4 ranks): every
 MoE layer's output (routed + shared) on the ranks that hold it equals the dense MLP, and every routed expert equals what
 upcycling builds (``engine/step0.py``). Negative control: the same check catches a perturbed routed expert next to a
 shared expert.
@@ -12,30 +13,38 @@ import json
 
 import pytest
 
-from test_step0_layouts import PP2, TP2SP, run, step0_of, torchrun
+from test_step0_layouts import PP2, TP2SP, VP2, run, step0_of, torchrun
 
 SHARED = ("moe.moe_shared_expert_intermediate_size=44",)
 GATE = "moe.moe_shared_expert_gate=true"
-PLAN = [run("tp2sp_shared", *TP2SP, *SHARED, GATE),
+EP2 = "parallel.expert_model_parallel_size=2"
+PLAN = [run("dp2_shared", *SHARED),
+        run("tp2sp_shared", *TP2SP, *SHARED, GATE),
         run("ep2_shared", "parallel.expert_model_parallel_size=2", *SHARED),
         run("etp2_shared", "parallel.expert_tensor_parallel_size=2", "moe.moe_shared_expert_intermediate_size=88",
             GATE),
         run("pp2_mixed_shared", *PP2, "moe.moe_layer_freq=2", *SHARED),
+        run("pp2vp2_shared", *VP2, *SHARED),
         run("ep2_shared_bad", "parallel.expert_model_parallel_size=2", *SHARED, bad=(1, 3, 1))]
+PLAN_4 = [run("tp2sp_ep2_shared", *TP2SP, EP2, *SHARED, GATE), run("pp2_ep2_shared", *PP2, EP2, *SHARED)]
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    work = torchrun(2, PLAN, tmp_path_factory.mktemp("shared_x2"))
-    return {r["name"]: work / r["name"] for r in PLAN}
+    out = {}
+    for nproc, plan in ((2, PLAN), (4, PLAN_4)):
+        work = torchrun(nproc, plan, tmp_path_factory.mktemp(f"shared_x{nproc}"))
+        out.update({r["name"]: work / r["name"] for r in plan})
+    return out
 
 
 @pytest.mark.slow
 def test_shared_experts_pass_step0_at_every_split(runs):
-    for r in PLAN:
+    for r in PLAN + PLAN_4:
         s = step0_of(runs, r["name"])
         layers = s["layers"]
-        want = [0, 2] if "mixed" in r["name"] else [0, 1, 2]
+        four = any(o == "model.num_layers=4" for o in r["overrides"])
+        want = [0, 2] if "mixed" in r["name"] else [0, 1, 2, 3] if four else [0, 1, 2]
         assert [row["layer"] for row in layers["rows"]] == want, r["name"]
         if "perturb" in r:
             assert not s["passed"] and [(m["layer"], m["expert"], m["rank"]) for m in layers["mismatches"]
