@@ -16,7 +16,8 @@ reference logits from the live ranks. Checked per layout:
 - ``nemo-upcycle verify DENSE RUN/hf_mixtral`` passes (transformers reproduces the live ranks' logits);
 - negative control: the checkpoint with one stored expert chunk tampered (one element, rewritten in place of the
   saved one) streams into an export that differs in exactly that HF tensor and fails verify.
-The same at EP2 with a gated shared expert and MoE on every other layer: the run exports HF Qwen2-MoE.
+The same at EP2 with a gated shared expert and MoE on every other layer: the run exports HF Qwen2-MoE, and the
+checkpoint stores its layers one by one (Megatron does not stack heterogeneous layers).
 """
 
 from __future__ import annotations
@@ -268,14 +269,14 @@ def _same_export_three_ways(run: Path, layout: str, tmp_path: Path, capsys) -> t
 
 
 def _tampered_export_differs(streamed: dict, ckpt: Path, dense_cfg: dict, reference: tuple, run: Path,
-                             tmp_path: Path, capsys) -> list[str]:
-    """Negative control: one element of one stored expert chunk changed; the HF tensors that then differ (verify
-    must fail)."""
+                             tmp_path: Path, capsys, key: str = "module.decoder.layers.mlp.experts.experts.linear_fc1."
+                             "weight", offsets: tuple = (1, 2, 0, 0)) -> list[str]:
+    """Negative control: one element of one stored expert chunk changed (default: layer 1, expert 2 of a stack stored
+    over the layers); the HF tensors that then differ (verify must fail)."""
     from nemo_upcycle.apps.cli import main
     from nemo_upcycle.engine.export_stream import stream_export
 
-    key = "module.decoder.layers.mlp.experts.experts.linear_fc1.weight"
-    bad = tamper(ckpt, tmp_path / ckpt.name, key, (1, 2, 0, 0))
+    bad = tamper(ckpt, tmp_path / ckpt.name, key, offsets)
     out = stream_export(bad, tmp_path / "bad", hf_llama_config=dense_cfg, progress=False, reference=reference)
     tampered = hf_tensors(out)
     assert main(["verify", str(run / "dense_tiny"), str(out)]) == 1
@@ -305,8 +306,10 @@ def test_streamed_qwen2_moe_export_with_shared_experts_and_dense_layers(megatron
     assert cfg["shared_expert_intermediate_size"] == 44
     assert "model.layers.0.mlp.shared_expert_gate.weight" in streamed and "model.layers.1.mlp.gate_proj.weight" in \
         streamed
-    diff = _tampered_export_differs(streamed, ckpt, dense_cfg, ref, run, tmp_path, capsys)
-    assert len(diff) == 1 and diff[0] in {f"model.layers.{i}.mlp.experts.2.gate_proj.weight" for i in (0, 2)}, diff
+    # a mixed stack is stored layer by layer (Megatron saves heterogeneous layers unstacked): layer 2's expert 2
+    diff = _tampered_export_differs(streamed, ckpt, dense_cfg, ref, run, tmp_path, capsys,
+                                    "module.decoder.layers.2.mlp.experts.experts.linear_fc1.weight", (2, 0, 0))
+    assert diff == ["model.layers.2.mlp.experts.2.gate_proj.weight"], diff
 
 
 def tamper(ckpt: Path, dst: Path, key: str, offsets: tuple) -> Path:

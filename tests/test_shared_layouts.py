@@ -1,7 +1,7 @@
 """The step-0 check with shared experts at the CPU layouts of the scale issue that split them: the tiny recipe trained
 one step under torchrun (``tests/dist_step0.py``) with a shared expert (Megatron's ``SharedExpertMLP``, tensor-parallel
 like the dense MLP) at DP2, TP2 + SP (gated), EP2, ETP2 (gated), PP2 with a mixed dense / MoE stack and PP2 x VP2
-(2 ranks), and TP2 + SP x EP2 (gated) and PP2 x EP2 (4 ranks): every
+(2 ranks), and TP2 + SP x EP2 (gated) and PP2 x EP2 (4 ranks), and at EP2 with an importance split: every
 MoE layer's output (routed + shared) on the ranks that hold it equals the dense MLP, and every routed expert equals what
 upcycling builds (``engine/step0.py``). Negative control: the same check catches a perturbed routed expert next to a
 shared expert.
@@ -25,14 +25,23 @@ PLAN = [run("dp2_shared", *SHARED),
             GATE),
         run("pp2_mixed_shared", *PP2, "moe.moe_layer_freq=2", *SHARED),
         run("pp2vp2_shared", *VP2, *SHARED),
+        # issue 15 with 14: units dealt by importance on calibration text, S = 2 shared slots of the G = 2 shards
+        run("ep2_shared_importance", EP2, "upcycle=importance_g2", "moe.moe_shared_expert_intermediate_size=44",
+            "upcycle.calibration={calib}", "upcycle.calibration_tokens=512", "data.tokenizer={tok}"),
         run("ep2_shared_bad", "parallel.expert_model_parallel_size=2", *SHARED, bad=(1, 3, 1))]
 PLAN_4 = [run("tp2sp_ep2_shared", *TP2SP, EP2, *SHARED, GATE), run("pp2_ep2_shared", *PP2, EP2, *SHARED)]
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
+    from helpers import add_tokenizer, shakespeare_text
+
+    data = tmp_path_factory.mktemp("calibration")
+    (data / "calib.txt").write_text(shakespeare_text(20_000, start=300_000))
+    paths = {"calib": data / "calib.txt", "tok": add_tokenizer(data / "tok", 100, shakespeare_text(100_000))}
     out = {}
     for nproc, plan in ((2, PLAN), (4, PLAN_4)):
+        plan = [{**r, "overrides": [o.format(**paths) for o in r["overrides"]]} for r in plan]
         work = torchrun(nproc, plan, tmp_path_factory.mktemp(f"shared_x{nproc}"))
         out.update({r["name"]: work / r["name"] for r in plan})
     return out
@@ -54,3 +63,5 @@ def test_shared_experts_pass_step0_at_every_split(runs):
         assert all(row["max_abs_diff"] <= 1e-6 * row["max_abs_dense"] for row in layers["rows"]), r["name"]
         rec = json.loads((runs[r["name"]] / "run_identity.json").read_text())
         assert "shared" in json.dumps(rec), r["name"]
+        if "importance" in r["name"]:  # the split really came from the calibration pass
+            assert rec["upcycle.expert_split"] == "importance" and layers["calibration"]["tokens"] == 512

@@ -1,4 +1,5 @@
-"""A NeMo 2 checkpoint of an upcycled MoE -> an HF Mixtral directory, streamed tensor by tensor (any size, any layout).
+"""A NeMo 2 checkpoint of an upcycled MoE -> an HF MoE directory (Mixtral or Qwen2-MoE), streamed tensor by tensor (any
+size, any layout).
 
 Megatron saves every parameter as a global tensor whatever the run's layout (``megatron/core/dist_checkpointing``:
 ``ShardedTensor`` with global offsets; each rank writes its chunks): checkpoints of the tiny recipe saved at 1 rank,
@@ -6,6 +7,7 @@ EP2, PP2 (x VP2) and TP2 + SP hold the same keys with the same global shapes; on
 keys (NeMo's ``module.`` prefix), from ``transformer_layer.py`` / ``moe/experts.py``'s ``sharded_state_dict``:
   per-layer parameters, stacked over the layers   decoder.layers.self_attention.linear_qkv.weight       [L, ...]
   experts, stacked over layers and experts        decoder.layers.mlp.experts.experts.linear_fc1.weight [L, E, 2F, D]
+  (a mixed dense / MoE stack is not stacked: decoder.layers.<i>.self_attention.linear_qkv.weight, [E, 2F, D] experts)
   the local spec's norms under Transformer Engine names (``sharded_state_dict_keys_map``), which the key table lists
   as alternatives: decoder.layers.self_attention.linear_qkv.layer_norm_weight, ...mlp.linear_fc1.layer_norm_weight.
 A gated fc1 is saved as [gate; up] of the whole tensor (``apply_swiglu_sharded_factory``) and a qkv by query groups,
@@ -52,6 +54,17 @@ def stored_location(name: str) -> tuple[str, int]:
     elif _GROUPED.search(name):
         name, axes = _GROUPED.sub(r"mlp.experts.experts.\1", name), axes + 1
     return name, axes
+
+
+def _stored_candidates(name: str, layer: Optional[int], expert: Optional[int]) -> list[tuple[str, tuple]]:
+    """(stored key, index on its stacked axes) where a key-table name may be stored: stacked over the layers (every
+    layer alike), or per layer (a mixed dense / MoE stack: Megatron's block saves heterogeneous layers unstacked)."""
+    key, axes = stored_location(name)
+    out = [(key, tuple(i for i in (layer, expert)[:axes] if i is not None))]
+    if "{layer}." in name and layer is not None:
+        key, axes = stored_location(name.replace("{layer}.", f"{layer}."))
+        out.append((key, (expert,) if axes and expert is not None else ()))
+    return out
 
 
 class _Slice(io.RawIOBase):
@@ -172,12 +185,12 @@ class CheckpointTensors:
             hit = self.keymap.hf(hf_key)
         except KeyError:
             raise KeyError(f"no Megatron source for {hf_key}") from None
-        found = [(k, axes) for k, axes in map(stored_location, hit.row.megatron) if k in self.meta]
+        found = [(k, index) for name in hit.row.megatron for k, index in _stored_candidates(name, hit.layer, hit.expert)
+                 if k in self.meta]
         if not found:
             raise UpcycleError(f"the checkpoint has no {stored_location(hit.row.megatron[0])[0]} (for {hf_key}); "
                                "pass a NeMo 2 checkpoint of an upcycled MoE.")
-        key, axes = found[0]
-        index = tuple(i for i in (hit.layer, hit.expert)[:axes] if i is not None)
+        key, index = found[0]
         if self._last[0] != (key, index):  # q, k, v (and w1, w3) come from one region: read it once
             self._last = ((key, index), hit.row.to_hf(self.region(key, index), self.sizes))
         return self._last[1][hit.part]
