@@ -233,3 +233,39 @@ def test_a_task_without_data_on_disk_or_unknown_names_include_path():
     with pytest.raises(UpcycleError) as e:  # logging.eval_tasks: refused before training, one line
         check_eval_tasks(compose("smollm2_135m_upcycle", ["logging.eval_tasks=[no_such_task]"]))
     assert str(e.value).startswith("logging.eval_tasks: task(s) no_such_task unknown")
+
+
+@pytest.mark.slow
+def test_end_of_training_eval_in_a_real_run_equals_the_eval_command(tmp_path):
+    """``python train.py`` (tiny recipe, 3 steps on a text file, a BPE tokenizer of its vocabulary) with
+    ``logging.eval_tasks``: after the export, the run scores the dense source and the export in a process of its own;
+    ``RUN/eval/eval.json`` holds what ``nemo-upcycle eval`` gives on the same two models afterwards, and report.md
+    shows it. Negative control: the trained MoE's column differs from the dense source's."""
+    from helpers import add_tokenizer, shakespeare_text
+
+    text = shakespeare_text(60_000)
+    (tmp_path / "corpus.txt").write_text(text)
+    tok = add_tokenizer(tmp_path / "tok", 99, text)
+    run = tmp_path / "run"
+    task = "shakespeare_next_line"
+    cmd = [sys.executable, "train.py", "--config-name=tiny_llama_upcycle", "data=text_files",
+           f"data.paths=[{tmp_path / 'corpus.txt'}]", f"data.tokenizer={tok}", "data.seq_length=64",
+           "trainer.max_steps=3", "trainer.checkpoint_every_n_steps=0", "trainer.val_check_interval=3",
+           f"logging.eval_tasks=[{task}]", "logging.eval_limit=16", "optim.lr=0.05", f"hydra.run.dir={run}"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error",
+           "NEMO_UPCYCLE_DATA_CACHE": str(tmp_path / "cache")}
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
+    assert "evaluating the dense source and the export" in p.stdout
+    end = json.loads((run / "eval" / "eval.json").read_text())
+    again = tmp_path / "again"
+    assert main(["eval", str(run / "dense_tiny"), str(run / "hf_mixtral"), "--tasks", task, "--names", "dense,moe",
+                 "--tokenizer", str(tok), "--limit", "16", "--out", str(again), "--no-samples"]) == 0
+    ref = json.loads((again / "eval.json").read_text())
+    assert [m["name"] for m in end["models"]] == ["dense", "moe"]
+    for a, b in zip(end["models"], ref["models"]):
+        assert a["metrics"] == b["metrics"] and a["task_hashes"] == b["task_hashes"], (a["name"], a["metrics"])
+    dense, moe = (m["metrics"][task] for m in end["models"])
+    assert any(dense[k][0] != moe[k][0] for k in dense), (dense, moe)  # trained: not the dense model any more
+    report = (run / "report.md").read_text()
+    assert "## Downstream (lm-eval, end of training)" in report and f"{moe['acc'][0]:.4f}" in report
