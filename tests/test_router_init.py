@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import add_tokenizer, load_llama, load_mixtral, make_llama, max_logit_diff, shakespeare_text
+from helpers import llama_with_tokenizer, load_llama, load_mixtral, max_logit_diff, shakespeare_text
 from nemo_upcycle.apps.cli import main
 from nemo_upcycle.core import router_init as ri
 
@@ -19,8 +19,7 @@ V = 300
 
 @pytest.fixture(scope="module")
 def dense_tok(tmp_path_factory) -> Path:
-    d = make_llama(tmp_path_factory.mktemp("router") / "dense", vocab_size=V)
-    return add_tokenizer(d, V, shakespeare_text(100_000))
+    return llama_with_tokenizer(tmp_path_factory.mktemp("router") / "dense", V)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import add_tokenizer, load_llama, make_llama, shakespeare_text
+from helpers import add_tokenizer, llama_with_tokenizer, load_llama, make_llama, perturbed_mlp_copy, shakespeare_text
 from nemo_upcycle.apps.cli import main
 
 V = 300
@@ -23,17 +23,10 @@ V = 300
 @pytest.fixture(scope="module")
 def family(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("sources")
-    base = add_tokenizer(make_llama(root / "base", vocab_size=V), V, shakespeare_text(100_000))
+    base = llama_with_tokenizer(root / "base", V)
     out = {"base": base}
     for name, seed in (("mlp_a", 1), ("mlp_b", 2)):  # MLP-only perturbations: attention stays the base's
-        m = load_llama(base)
-        g = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for n, p in m.named_parameters():
-                if ".mlp." in n:
-                    p.add_(torch.randn(p.shape, generator=g) * 0.05)
-        m.save_pretrained(root / name)
-        out[name] = root / name
+        out[name] = perturbed_mlp_copy(base, root / name, seed)
     m = load_llama(base).train()  # fine-tuned a few steps on other text: every weight moves
     from transformers import AutoTokenizer
 

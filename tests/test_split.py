@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import add_tokenizer, load_llama, load_mixtral, make_llama, max_logit_diff, shakespeare_text
+from helpers import calibration_file, llama_with_tokenizer, load_llama, load_mixtral, max_logit_diff, mlp_inputs
 from nemo_upcycle.apps.cli import main
 from nemo_upcycle.core.options import UpcycleOptions
 from nemo_upcycle.core.split import (
@@ -27,15 +27,12 @@ V = 300  # the tiny models' vocabulary here: a BPE tokenizer of 300 ids trained 
 
 @pytest.fixture(scope="module")
 def dense_tok(tmp_path_factory) -> Path:
-    d = make_llama(tmp_path_factory.mktemp("split") / "dense", vocab_size=V)
-    return add_tokenizer(d, V, shakespeare_text(100_000))
+    return llama_with_tokenizer(tmp_path_factory.mktemp("split") / "dense", V)
 
 
 @pytest.fixture(scope="module")
 def calib(tmp_path_factory) -> Path:
-    f = tmp_path_factory.mktemp("calib") / "calib.txt"
-    f.write_text(shakespeare_text(12_000, start=300_000))
-    return f
+    return calibration_file(tmp_path_factory.mktemp("calib") / "calib.txt")
 
 
 @pytest.fixture(scope="module")
@@ -100,19 +97,13 @@ def test_calibration_pass_matches_transformers(dense_tok):
     src = open_dense(dense_tok)
     model = load_llama(dense_tok)
     segs = [torch.randint(0, V, (n,), generator=torch.Generator().manual_seed(n)) for n in (17, 9)]
-    want: dict = {}
-    hooks = [layer.post_attention_layernorm.register_forward_hook(
-        lambda m, a, out, i=i: want.setdefault(i, []).append(out[0])) for i, layer in enumerate(model.model.layers)]
-    for s in segs:
-        model(s[None])
-    for h in hooks:
-        h.remove()
+    want = mlp_inputs(model, segs)
     got = {li.layer: li.x for li in layer_inputs(src, segs, [0, 2], progress=False)}
     assert sorted(got) == [0, 2]
     for i in (0, 2):
-        ref = torch.cat(want[i])
+        ref = want[i]
         assert (got[i] - ref).abs().max() < 1e-5 * ref.abs().max()
-    assert (got[0] - torch.cat(want[1])).abs().max() > 0.1
+    assert (got[0] - want[1]).abs().max() > 0.1
 
 
 SPLITS = [("contiguous", None), ("random", None), ("importance", None), ("clustering", None),

@@ -11,22 +11,26 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import add_tokenizer, load_llama, make_llama, shakespeare_text
+from helpers import (
+    add_tokenizer,
+    calibration_file,
+    llama_with_tokenizer,
+    load_llama,
+    perturbed_mlp_copy,
+    shakespeare_text,
+)
 
 pytestmark = pytest.mark.slow  # imports NeMo
 
 
 @pytest.fixture(scope="module")
 def calib(tmp_path_factory) -> Path:
-    f = tmp_path_factory.mktemp("calib") / "calib.txt"
-    f.write_text(shakespeare_text(12_000, start=300_000))
-    return f
+    return calibration_file(tmp_path_factory.mktemp("calib") / "calib.txt")
 
 
 @pytest.fixture(scope="module")
 def dense_tok(tmp_path_factory) -> Path:
-    d = make_llama(tmp_path_factory.mktemp("eng") / "dense", vocab_size=300)
-    return add_tokenizer(d, 300, shakespeare_text(100_000))
+    return llama_with_tokenizer(tmp_path_factory.mktemp("eng") / "dense", 300)
 
 
 def build(dense, **moe):
@@ -108,13 +112,7 @@ def test_online_expert_sources(megatron_world, dense_tok, tmp_path):
 
     sources = []
     for seed in (1, 2):
-        m = load_llama(dense_tok)
-        g = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for n, p in m.named_parameters():
-                if ".mlp." in n:
-                    p.add_(torch.randn(p.shape, generator=g) * 0.05)
-        m.save_pretrained(tmp_path / f"s{seed}")
+        perturbed_mlp_copy(dense_tok, tmp_path / f"s{seed}", seed)
         for f in dense_tok.glob("tokenizer*"):
             shutil.copy2(f, tmp_path / f"s{seed}" / f.name)
         sources.append(str(tmp_path / f"s{seed}"))

@@ -8,7 +8,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import add_tokenizer, make_llama, make_qwen2, max_logit_diff, shakespeare_text
+from helpers import (
+    add_tokenizer,
+    calibration_file,
+    llama_with_tokenizer,
+    make_qwen2,
+    max_logit_diff,
+    mlp_inputs,
+    shakespeare_text,
+)
 from nemo_upcycle.core import UpcycleOptions
 from nemo_upcycle.errors import FieldError
 from nemo_upcycle.offline.convert import convert
@@ -26,8 +34,7 @@ def qwen2_tok(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def llama_tok(tmp_path_factory):
-    d = make_llama(tmp_path_factory.mktemp("llama") / "dense", vocab_size=V)
-    return add_tokenizer(d, V, shakespeare_text(100_000))
+    return llama_with_tokenizer(tmp_path_factory.mktemp("llama") / "dense", V)
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +46,7 @@ def _plan(tmp_path, opts):
     """The calibration plan convert uses (``data.calibration.calibrate``) on 1024 tokens of Shakespeare."""
     from nemo_upcycle.data.calibration import CalibrationSpec, calibrate
 
-    f = tmp_path / "calib.txt"
-    f.write_text(shakespeare_text(12_000, start=300_000))
+    f = calibration_file(tmp_path / "calib.txt")
     return lambda src: calibrate(src, opts, CalibrationSpec(files=[f], max_tokens=1024), progress=False)
 
 
@@ -54,18 +60,12 @@ def test_calibration_pass_matches_transformers_qwen2(qwen2_tok):
     model = load_dense(qwen2_tok).eval()
     assert type(model).__name__ == "Qwen2ForCausalLM"
     segs = [torch.randint(0, V, (n,), generator=torch.Generator().manual_seed(n)) for n in (15, 8)]
-    want: dict = {}
-    hooks = [layer.post_attention_layernorm.register_forward_hook(
-        lambda m, a, out, i=i: want.setdefault(i, []).append(out[0])) for i, layer in enumerate(model.model.layers)]
-    for s in segs:
-        model(s[None])
-    for h in hooks:
-        h.remove()
+    want = mlp_inputs(model, segs)
     got = {li.layer: li.x for li in layer_inputs(open_dense(qwen2_tok), segs, [1, 2], progress=False)}
     for i in (1, 2):
-        ref = torch.cat(want[i])
+        ref = want[i]
         assert (got[i] - ref).abs().max() < 1e-5 * ref.abs().max()
-    assert (got[1] - torch.cat(want[2])).abs().max() > 0.1
+    assert (got[1] - want[2]).abs().max() > 0.1
 
 
 def test_importance_split_with_shared_experts_keeps_step0(llama_tok, ids, tmp_path):

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from nemo_upcycle.config.translate import corpus_paths
 from nemo_upcycle.data.resources import bpe_tokenizer, shakespeare_texts
+from nemo_upcycle.data.sources import write_tokenizer_dir
 
 PROMPT_CHARS, PROMPT_STRIDE = 2000, 20000
 TOKENIZER_TEXT_CHARS = 200_000  # what the tiny source's tokenizer learns from
@@ -50,14 +51,11 @@ def write_prompts(base, out: Path, n: int) -> Path:
 def write_tokenizer(base, out: Path) -> Path:
     """The tiny source's calibration tokenizer (module docstring) under ``out/tokenizer_<V>`` (kept when there)."""
     V = base.model.vocab_size
-    d = out / f"tokenizer_{V}"
-    if not (d / "tokenizer.json").is_file():
+
+    def save(tmp: Path) -> None:
         with open(calibration_files(base)[0], encoding="utf-8", errors="replace") as f:
-            text = f.read(TOKENIZER_TEXT_CHARS)
-        tmp = out / f".tokenizer_{V}.tmp"
-        bpe_tokenizer(text, V).save_pretrained(str(tmp))
-        tmp.replace(d)
-    return d
+            bpe_tokenizer(f.read(TOKENIZER_TEXT_CHARS), V).save_pretrained(str(tmp))
+    return write_tokenizer_dir(out / f"tokenizer_{V}", save)
 
 
 def data_overrides(v, base, out: Path) -> list[str]:

@@ -6,7 +6,7 @@ data (the source's own, or one written from a GGUF). Files are written through s
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -62,17 +62,23 @@ def tokenizer_dir(source: Path, out_dir: Path) -> str:
     copies every file of it (``export.copy_tokenizer``), and nothing ever replaces it."""
     if source.is_dir() and ((source / "tokenizer.json").is_file() or (source / "tokenizer.model").is_file()):
         return str(source)
-    tok = out_dir / "tokenizer"
+    return str(write_tokenizer_dir(out_dir / "tokenizer", lambda tmp: open_dense(source).save_tokenizer(tmp)))
+
+
+def write_tokenizer_dir(tok: Path, save: Callable[[Path], object]) -> Path:
+    """``tok`` as it is when it holds files, else written by ``save(tmp)`` into a staging directory that a failure
+    removes and published unmarked (an HF export copies every file of it); when several processes write it, the
+    first one's stays."""
     if not (tok.is_dir() and any(tok.iterdir())):
         tok.parent.mkdir(parents=True, exist_ok=True)
         try:
             with staging(tok) as tmp:
-                open_dense(source).save_tokenizer(tmp)
+                save(tmp)
                 if tok.is_dir() and any(tok.iterdir()):
-                    raise FileExistsError(tok)  # another rank was first: drop this copy (the staging cleanup)
+                    raise FileExistsError(tok)  # another process was first: drop this copy (the staging cleanup)
                 publish(tmp, tok, "tokenizer")
             (tok / MARK).unlink(missing_ok=True)
         except OSError:
             if not (tok.is_dir() and any(tok.iterdir())):
                 raise
-    return str(tok)
+    return tok

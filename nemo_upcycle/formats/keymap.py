@@ -50,6 +50,17 @@ class HFTensor:
     def shape_for(self, dims: dict[str, int]) -> tuple[int, ...]:
         return tuple(dims[s] for s in self.shape)
 
+    def recipe(self, layer: Optional[int] = None, expert: Optional[int] = None) -> tuple:
+        """How an HF MoE writer (``formats.mixtral`` / ``formats.qwen2_moe``) makes this tensor: ``copy`` a dense key,
+        a new ``router``, a ``shared`` expert's part, or a routed ``expert``'s part."""
+        if self.made_from is None:
+            return ("copy", self.key(layer))
+        if self.made_from == "router":
+            return ("router", layer)
+        if self.made_from.startswith("shared_"):
+            return ("shared", layer, self.made_from.removeprefix("shared_"))
+        return ("expert", layer, expert, self.made_from)
+
 
 _L = "model.layers.{layer}."
 EMBED = HFTensor("model.embed_tokens.weight", ("V", "D"))

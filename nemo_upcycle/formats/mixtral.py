@@ -74,14 +74,6 @@ def copied_config(llama: dict) -> dict:
     return cfg
 
 
-def _recipe(t: HFTensor, layer: Optional[int] = None, expert: Optional[int] = None) -> tuple:
-    if t.made_from is None:
-        return ("copy", t.key(layer))
-    if t.made_from == "router":
-        return ("router", layer)
-    return ("expert", layer, expert, t.made_from)
-
-
 def layout(llama: dict, opts: UpcycleOptions, dtype: torch.dtype) -> list[tuple[TensorSpec, tuple]]:
     """Every output tensor, in write order (layer by layer), with its recipe."""
     dims = tensor_dims(llama, llama["intermediate_size"] // opts.granularity, opts.num_moe_experts)
@@ -89,7 +81,7 @@ def layout(llama: dict, opts: UpcycleOptions, dtype: torch.dtype) -> list[tuple[
     shapes = {t: t.shape_for(dims) for t in (EMBED, NORM, LM_HEAD, ROUTER) + ATTENTION + MIXTRAL_EXPERT}  # shared
 
     def spec(t: HFTensor, layer=None, expert=None):
-        return TensorSpec(t.key(layer, expert), shapes[t], dtype), _recipe(t, layer, expert)
+        return TensorSpec(t.key(layer, expert), shapes[t], dtype), t.recipe(layer, expert)
 
     out = [spec(EMBED)]
     for i in range(llama["num_hidden_layers"]):

@@ -81,16 +81,6 @@ def hf_shared_down(down: torch.Tensor, megatron_gate: bool) -> torch.Tensor:
     return down if megatron_gate else (down.float() / GATE_AT_INIT).to(down.dtype)
 
 
-def _recipe(t: HFTensor, layer: int, expert: Optional[int] = None) -> tuple:
-    if t.made_from is None:
-        return ("copy", t.key(layer))
-    if t.made_from == "router":
-        return ("router", layer)
-    if t.made_from.startswith("shared_"):
-        return ("shared", layer, t.made_from.removeprefix("shared_"))
-    return ("expert", layer, expert, t.made_from)
-
-
 def layout(dense: dict, opts: UpcycleOptions, dtype: torch.dtype) -> list[tuple[TensorSpec, tuple]]:
     """Every output tensor, in write order (layer by layer), with its recipe."""
     F = dense["intermediate_size"]
@@ -100,8 +90,7 @@ def layout(dense: dict, opts: UpcycleOptions, dtype: torch.dtype) -> list[tuple[
     attention = ATTENTION + (QKV_BIAS if has_qkv_bias(dense) else ())
 
     def spec(t: HFTensor, layer=None, expert=None):
-        recipe = ("copy", t.key(layer)) if layer is None else _recipe(t, layer, expert)
-        return TensorSpec(t.key(layer, expert), t.shape_for(dims), dtype), recipe
+        return TensorSpec(t.key(layer, expert), t.shape_for(dims), dtype), t.recipe(layer, expert)
 
     out = [spec(EMBED)]
     for i in range(L):
