@@ -212,7 +212,7 @@ def run_convert(a: argparse.Namespace) -> int:
                            max_tokens=a.calibration_tokens, prompts=a.router_prompts)
     check_spec(spec, opts)
     make_plan = None
-    if opts.needs_calibration or opts.router_init_resolved == "hidden":
+    if opts.reads_text:
         def make_plan(src):
             from nemo_upcycle.data.calibration import calibrate, describe
 

@@ -115,8 +115,7 @@ def check_calibration(run: RunConfig) -> None:
         return
     opts = upcycle_options(run)
     check_spec(calibration_spec(run), opts)
-    if (opts.needs_calibration or opts.router_init_resolved == "hidden") and run.model.source == "tiny" \
-            and not run.data.tokenizer:
+    if opts.reads_text and run.model.source == "tiny" and not run.data.tokenizer:
         raise UpcycleError(f"upcycle.expert_split={opts.expert_split} / upcycle.router_init={opts.router_init} reads "
                            "calibration text, but model.source=tiny is a random model made by the run, without a "
                            "tokenizer; set data.tokenizer=DIR (an HF tokenizer whose ids fit model.vocab_size).")

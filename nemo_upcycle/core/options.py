@@ -96,6 +96,11 @@ class UpcycleOptions:
         return self.expert_split in CALIBRATED_SPLITS or self.router_init_resolved == "kmeans"
 
     @property
+    def reads_text(self) -> bool:
+        """Whether upcycling runs the dense model on text: calibration text, or a hidden router's prompts."""
+        return self.needs_calibration or self.router_init_resolved == "hidden"
+
+    @property
     def grouped_router(self) -> bool:
         """Whether the G experts of a copy share one router row (a virtual-group router): virtual_group, hidden
         (one prompt file per copy), kmeans (one centroid per copy) unless a clustering split gives every expert its

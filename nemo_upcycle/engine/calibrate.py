@@ -48,7 +48,7 @@ def cached_plan(config, src: DenseSource) -> Optional[UpcyclePlan]:
 def plan_for(config, src: DenseSource, progress: bool = True) -> UpcyclePlan:
     """The run's plan (module docstring); a collective over the default process group when data is needed."""
     opts = config.upcycle_options()
-    if not (opts.needs_calibration or opts.router_init_resolved == "hidden"):
+    if not opts.reads_text:
         return UpcyclePlan()
     key = _key(config, src)
     if key in _PLANS:

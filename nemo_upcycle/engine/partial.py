@@ -92,7 +92,7 @@ def calibration_fields(r: RunConfig, tokenizer_dir: Optional[str]) -> dict:
     if r.moe.num_moe_experts is None:
         return out
     opts = upcycle_options(r)
-    if opts.needs_calibration or opts.router_init_resolved == "hidden":
+    if opts.reads_text:
         spec = calibration_spec(r)
         out.update(upcycle_calibration=[str(f) for f in spec.files] or None,
                    upcycle_calibration_tokens=spec.max_tokens,
